@@ -1,0 +1,22 @@
+"""timm_ortho: orthonormality regularization and backward error modulation for deep plain CNNs.
+
+Importing the package registers the plain-CNN family with timm (``timm.list_models("plain_cnn*")``).
+"""
+
+from . import models  # noqa: F401  (registers the architectures with timm)
+from .optim import OrthoModulated, param_groups_for_ortho
+from .ortho import mean_abs_cosine, orthonormal_, orthonormality_grad, orthonormality_penalty
+from .targets import FilterBank, find_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FilterBank",
+    "OrthoModulated",
+    "find_targets",
+    "mean_abs_cosine",
+    "orthonormal_",
+    "orthonormality_grad",
+    "orthonormality_penalty",
+    "param_groups_for_ortho",
+]

@@ -1,0 +1,130 @@
+"""The regularizer's gradient for many layers at once: one batched matmul pair per matrix shape.
+
+For every filter bank the optimizer step needs ``(Wg Wg^T - I) Wg`` for each orthonormalized group
+``Wg`` (see :mod:`timm_ortho.ortho`). Looping over layers launches two small matmuls per layer; a deep
+plain net has dozens of layers of only a few distinct shapes. Here groups of equal shape
+``(size, f_in)`` from all layers are stacked into one ``(B, size, f_in)`` batch and go through
+
+    R = baddbmm(-I, W, W^T)        # W W^T - I, one kernel
+    U = bmm(R, W)
+
+so the cost is two kernels per distinct shape plus the copies that stack and unstack the weights.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .ortho import GroupLayout, compute_dtype, group_layout
+from .targets import FilterBank
+
+__all__ = ["BatchedOrthonormality"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    bank: FilterBank
+    layout: GroupLayout
+
+    @property
+    def blocks(self) -> int:
+        return self.bank.conv_groups * self.layout.groups
+
+
+class BatchedOrthonormality:
+    """Batched ``(Wg Wg^T - I) Wg`` and ``||Wg Wg^T - I||_F^2`` over a fixed list of filter banks.
+
+    Banks are bucketed by group shape ``(size, f_in)`` and compute dtype once; the device is read at
+    call time, so the model may be moved (``model.to``, ``accelerator.prepare``) after construction.
+    """
+
+    def __init__(self, banks: Sequence[FilterBank]) -> None:
+        self.entries = [_Entry(b, group_layout(b.f_out, b.f_in)) for b in banks]
+        buckets: dict[tuple[int, int, torch.dtype], list[int]] = defaultdict(list)
+        for i, e in enumerate(self.entries):
+            buckets[(e.layout.size, e.bank.f_in, compute_dtype(e.bank.param.dtype))].append(i)
+        self.buckets = list(buckets.items())
+        self._index_cache: dict[tuple[int, str, torch.device], Tensor] = {}
+
+    def _index(self, i: int, kind: str, device: torch.device) -> Tensor:
+        key = (i, kind, device)
+        if key not in self._index_cache:
+            layout = self.entries[i].layout
+            values = layout.gather if kind == "gather" else layout.scatter
+            self._index_cache[key] = torch.tensor(values, device=device)
+        return self._index_cache[key]
+
+    def _blocks(self, i: int) -> Tensor:
+        """Bank ``i``'s weight as ``(blocks, size, f_in)``, zero rows padding uneven groups."""
+        e = self.entries[i]
+        w = e.bank.matrix(e.bank.param.detach())
+        if e.layout.gather is not None:
+            w = torch.cat([w, w.new_zeros(w.shape[0], 1, w.shape[2])], dim=1)
+            w = w.index_select(1, self._index(i, "gather", w.device))
+        return w.reshape(e.blocks, e.layout.size, e.bank.f_in)
+
+    def _unblock(self, i: int, u: Tensor) -> Tensor:
+        e = self.entries[i]
+        u = u.reshape(e.bank.conv_groups, e.layout.groups * e.layout.size, e.bank.f_in)
+        if e.layout.scatter is not None:
+            u = u.index_select(1, self._index(i, "scatter", u.device))
+        return u.reshape(e.bank.param.shape)
+
+    def _stacked(self, members: list[int], dtype: torch.dtype) -> Tensor:
+        blocks = [self._blocks(i) for i in members]
+        w = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        return w.to(dtype)
+
+    def _groups_of(self, selected: Sequence[int] | None):
+        """Yield ``(members, dtype)`` per bucket and device, restricted to ``selected`` banks."""
+        chosen = None if selected is None else set(selected)
+        for (_size, _f_in, dtype), members in self.buckets:
+            by_device: dict[torch.device, list[int]] = defaultdict(list)
+            for i in members:
+                if chosen is None or i in chosen:
+                    by_device[self.entries[i].bank.param.device].append(i)
+            for dev_members in by_device.values():
+                yield dev_members, dtype
+
+    @torch.no_grad()
+    def residual_products(self, selected: Sequence[int] | None = None) -> dict[int, Tensor]:
+        """``{bank index: (Wg Wg^T - I) Wg}`` shaped like the bank's weight, in the compute dtype.
+
+        Multiply by ``2 * lambda`` to get ``dR/dW``. ``selected`` limits the work to some banks.
+        """
+        out: dict[int, Tensor] = {}
+        for members, dtype in self._groups_of(selected):
+            w = self._stacked(members, dtype)
+            # Autocast would run these matmuls in half precision; the method wants float32.
+            with torch.autocast(w.device.type, enabled=False):
+                neg_eye = -torch.eye(w.shape[1], dtype=dtype, device=w.device)
+                residual = torch.baddbmm(neg_eye, w, w.transpose(1, 2))
+                u = torch.bmm(residual, w)
+            sizes = [self.entries[i].blocks for i in members]
+            for i, part in zip(members, u.split(sizes), strict=True):
+                out[i] = self._unblock(i, part)
+        return out
+
+    @torch.no_grad()
+    def squared_residuals(self) -> Tensor:
+        """``||Wg Wg^T - I||_F^2`` summed over each bank's groups, one value per bank (float32).
+
+        The penalty of bank ``i`` is ``lambda / 2`` times entry ``i``. Padding rows are removed.
+        """
+        values: list[Tensor | None] = [None] * len(self.entries)
+        for members, dtype in self._groups_of(None):
+            w = self._stacked(members, dtype)
+            with torch.autocast(w.device.type, enabled=False):
+                eye = torch.eye(w.shape[1], dtype=dtype, device=w.device)
+                per_block = (w @ w.transpose(1, 2) - eye).square().sum(dim=(1, 2))
+            sizes = [self.entries[i].blocks for i in members]
+            for i, part in zip(members, per_block.split(sizes), strict=True):
+                values[i] = part.sum() - self.entries[i].layout.pad
+        devices = {v.device for v in values if v is not None}
+        device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+        return torch.stack([v.to(device=device, dtype=torch.float32) for v in values])

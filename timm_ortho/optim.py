@@ -1,0 +1,374 @@
+"""``OrthoModulated``: the optimizer wrapper that applies the method to a model.
+
+It wraps any ``torch.optim.Optimizer`` and, inside ``step()``, adds the orthonormality gradient
+
+    dR/dW = 2 * ortho_decay * (Wg Wg^T - I) Wg          (per orthonormalized group Wg)
+
+to every target weight's gradient ("coupled", for SGD-like optimizers) or applies it to the weight
+itself scaled by the learning rate before the base update ("decoupled", for adaptive optimizers, the
+way AdamW decouples weight decay):
+
+    W <- W - lr * 2 * ortho_decay * (Wg Wg^T - I) Wg
+
+Optionally it owns an :class:`~timm_ortho.modulation.ErrorModulation` whose hooks rescale the
+backward error, and drives its schedule with the number of real updates.
+
+Because every change to a gradient happens inside ``step()``, the wrapper composes with
+``GradScaler.step`` (it sees unscaled gradients and never runs on a skipped step), with clipping
+after ``unscale_``, with ``accelerator.prepare`` and with ``accelerator.accumulate``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .batched import BatchedOrthonormality
+from .targets import FilterBank, find_targets
+
+__all__ = ["OrthoModulated", "param_groups_for_ortho"]
+
+Form = Literal["auto", "coupled", "decoupled"]
+
+DEFAULT_ORTHO_DECAY = 1e-4
+
+
+class OrthoModulated(Optimizer):
+    """Orthonormality regularizer (replacing L2 weight decay) and error modulation for a model.
+
+    Args:
+        optimizer: the base optimizer; it must own every trainable target weight.
+        model: the model whose Conv/Linear weights are regularized (see :func:`find_targets`).
+        ortho_decay: ``lambda`` of ``R = lambda/2 * sum ||Wg Wg^T - I||_F^2``. Stored as the
+            param-group field ``"ortho_decay"`` so schedulers and per-group settings can change it.
+        form: ``"coupled"`` adds ``dR/dW`` to the gradient; ``"decoupled"`` applies it to the weight
+            scaled by the lr. ``"auto"`` picks decoupled for optimizers with ``betas`` (the Adam
+            family and its relatives) and coupled otherwise (SGD, RMSprop, ...).
+        weight_decay_policy: target weights must not also receive L2 decay. ``"split"`` moves them
+            into sibling param groups with ``weight_decay=0`` and warns; ``"error"`` raises instead.
+        include, exclude, skip_stem, skip_classifier, include_depthwise: which weights are targets,
+            see :func:`~timm_ortho.targets.find_targets`.
+        modulation: ``False`` (default), ``True``, a dict of
+            :class:`~timm_ortho.modulation.ErrorModulation` options, or an ``ErrorModulation``.
+
+    Target weights with ``requires_grad=False`` are ignored.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        model: nn.Module,
+        *,
+        ortho_decay: float = DEFAULT_ORTHO_DECAY,
+        form: Form = "auto",
+        weight_decay_policy: Literal["split", "error"] = "split",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        skip_stem: bool = False,
+        skip_classifier: bool = False,
+        include_depthwise: bool = False,
+        modulation: bool | dict[str, Any] | Any = False,
+    ) -> None:
+        # super().__init__() is not called on purpose: params, groups and state stay the base's.
+        if isinstance(optimizer, OrthoModulated):
+            raise ValueError(
+                "the optimizer is already wrapped by OrthoModulated; wrap the base optimizer once"
+            )
+        if type(optimizer).__module__.startswith("accelerate"):
+            raise ValueError(
+                "the optimizer was already passed through accelerator.prepare(); wrap the bare optimizer "
+                "first, then prepare the wrapper: accelerator.prepare(model, OrthoModulated(opt, model), ...)"
+            )
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _check_decay(ortho_decay)
+        if form not in ("auto", "coupled", "decoupled"):
+            raise ValueError(f"form must be 'auto', 'coupled' or 'decoupled', got {form!r}")
+        if weight_decay_policy not in ("split", "error"):
+            raise ValueError(f"weight_decay_policy must be 'split' or 'error', got {weight_decay_policy!r}")
+
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+        self.base_optimizer = optimizer
+
+        found = find_targets(
+            model,
+            include=include,
+            exclude=exclude,
+            skip_stem=skip_stem,
+            skip_classifier=skip_classifier,
+            include_depthwise=include_depthwise,
+        )
+        self.targets: list[FilterBank] = [t for t in found if t.param.requires_grad]
+        if not self.targets:
+            raise ValueError(
+                f"{type(model).__name__} has no trainable Conv/Linear weight to regularize"
+                + (" after include/exclude/skip filters" if found or include or exclude else "")
+                + "; check the model and the include/exclude patterns."
+            )
+        self._check_owned()
+        self._target_index = {id(t.param): i for i, t in enumerate(self.targets)}
+        self.form: Literal["coupled", "decoupled"] = (
+            form if form != "auto" else ("decoupled" if "betas" in optimizer.defaults else "coupled")
+        )
+        self._separate_weight_decay(weight_decay_policy)
+
+        self.defaults.update(ortho_decay=ortho_decay, ortho_step=0)
+        for group in self.param_groups:
+            group.setdefault("ortho_decay", ortho_decay)
+            group.setdefault("ortho_step", 0)
+        self._batched = BatchedOrthonormality(self.targets)
+        self.modulation = self._make_modulation(model, modulation)
+        self._sync_modulation_step()
+
+    # -- sharing the base optimizer's containers ------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.base_optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.base_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.base_optimizer.defaults = value
+
+    # -- construction helpers -------------------------------------------------------------------
+    def _check_owned(self) -> None:
+        owned = {id(p) for g in self.base_optimizer.param_groups for p in g["params"]}
+        missing = [t.name for t in self.targets if id(t.param) not in owned]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(
+                f"the optimizer does not own {len(missing)} target weight(s) of the model: {shown}. Build "
+                "the optimizer from this model's parameters, or leave these weights out with exclude=[...]."
+            )
+
+    def _separate_weight_decay(self, policy: str) -> None:
+        """Make sure no target weight also gets L2 decay from the base optimizer."""
+        groups = self.base_optimizer.param_groups
+        rebuilt: list[dict[str, Any]] = []
+        changed: list[str] = []
+        for gi, group in enumerate(groups):
+            targets = [p for p in group["params"] if id(p) in self._target_index]
+            if not targets or not group.get("weight_decay", 0.0):
+                rebuilt.append(group)
+                continue
+            if policy == "error":
+                raise ValueError(
+                    f"param group {gi} applies weight_decay={group['weight_decay']} to {len(targets)} target "
+                    "weight(s); the orthonormality term replaces weight decay on them. Set weight_decay=0 "
+                    "for those weights (timm_ortho.param_groups_for_ortho builds such groups), or use "
+                    "weight_decay_policy='split'."
+                )
+            others = [p for p in group["params"] if id(p) not in self._target_index]
+            changed.append(f"group {gi} ({len(targets)} weights, weight_decay={group['weight_decay']})")
+            if others:
+                group["params"] = others
+                rebuilt.extend([group, {**group, "params": targets, "weight_decay": 0.0}])
+            else:
+                group["weight_decay"] = 0.0
+                rebuilt.append(group)
+        if changed:
+            groups[:] = rebuilt  # in place: anything holding the list sees the new groups
+            warnings.warn(
+                "OrthoModulated: the orthonormality term replaces weight decay on its target weights, so "
+                "their weight_decay was set to 0 in: " + "; ".join(changed) + ". Other parameters keep "
+                "their weight decay. Create LR schedulers after wrapping.",
+                stacklevel=3,
+            )
+
+    def _make_modulation(self, model: nn.Module, modulation: bool | dict[str, Any] | Any):
+        if modulation is False or modulation is None:
+            return None
+        from .modulation import ErrorModulation
+
+        if isinstance(modulation, ErrorModulation):
+            return modulation
+        if modulation is True:
+            return ErrorModulation(model, targets=self.targets)
+        if isinstance(modulation, dict):
+            return ErrorModulation(model, targets=self.targets, **modulation)
+        raise TypeError(
+            f"modulation must be a bool, a dict of ErrorModulation options or an ErrorModulation, "
+            f"got {type(modulation).__name__}"
+        )
+
+    def _sync_modulation_step(self) -> None:
+        if self.modulation is not None:
+            self.modulation.set_step(self.ortho_step)
+
+    # -- the step -------------------------------------------------------------------------------
+    @property
+    def ortho_step(self) -> int:
+        """Number of real updates done (steps skipped by a GradScaler do not count)."""
+        return self.param_groups[0]["ortho_step"] if self.param_groups else 0
+
+    @torch.no_grad()
+    def apply_orthonormality(self) -> None:
+        """Add the orthonormality term to the grads (coupled) or weights (decoupled); called by step()."""
+        selected: list[int] = []
+        coefficients: list[float] = []
+        for group in self.param_groups:
+            decay = group["ortho_decay"]
+            if decay == 0:
+                continue
+            # Decoupled: W <- W - lr * dR/dW; coupled: grad <- grad + dR/dW.
+            coefficient = -2.0 * decay * float(group["lr"]) if self.form == "decoupled" else 2.0 * decay
+            for p in group["params"]:
+                i = self._target_index.get(id(p))
+                if i is not None and p.grad is not None:
+                    selected.append(i)
+                    coefficients.append(coefficient)
+        if not selected:
+            return
+        params = [self.targets[i].param for i in selected]
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError("OrthoModulated does not support sparse gradients on target weights")
+        products = self._batched.residual_products(selected)
+        updates = [products[i] for i in selected]
+        torch._foreach_mul_(updates, coefficients)
+        # float32 updates into half-precision grads or weights: foreach casts on the way in.
+        destinations = params if self.form == "decoupled" else [p.grad for p in params]
+        torch._foreach_add_(destinations, updates)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+        """Apply the orthonormality term, then the base optimizer's update."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.apply_orthonormality()
+        self.base_optimizer.step()
+        for group in self.param_groups:
+            group["ortho_step"] = group.get("ortho_step", 0) + 1
+        self._sync_modulation_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.base_optimizer.add_param_group(param_group)
+        added = self.param_groups[-1]
+        added.setdefault("ortho_decay", self.defaults["ortho_decay"])
+        added.setdefault("ortho_step", self.ortho_step if len(self.param_groups) > 1 else 0)
+        _check_decay(added["ortho_decay"])
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict; the wrapper's own fields live in its param groups."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = self.base_optimizer.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            state = post_hook(self, state) or state
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved with or without the wrapper."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
+        self.base_optimizer.load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("ortho_decay", self.defaults["ortho_decay"])
+            group.setdefault("ortho_step", 0)
+            _check_decay(group["ortho_decay"])
+        self._sync_modulation_step()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # -- what users read ------------------------------------------------------------------------
+    @torch.no_grad()
+    def penalty(self) -> torch.Tensor:
+        """``R = sum_l ortho_decay_l / 2 * ||Wg Wg^T - I||_F^2`` over all targets, a 0-d tensor.
+
+        Computed from scratch (two matmuls per shape); no host sync, call it when logging.
+        """
+        squared = self._batched.squared_residuals()
+        decay = torch.zeros(len(self.targets), dtype=squared.dtype)
+        for group in self.param_groups:
+            for p in group["params"]:
+                i = self._target_index.get(id(p))
+                if i is not None:
+                    decay[i] = group["ortho_decay"]
+        return 0.5 * (squared * decay.to(squared.device)).sum()
+
+    def layer_residuals(self) -> torch.Tensor:
+        """Per-target ``||Wg Wg^T - I||_F^2`` (without lambda), aligned with ``self.targets``."""
+        return self._batched.squared_residuals()
+
+    def remove_hooks(self) -> None:
+        """Remove the modulation hooks from the model (the regularizer keeps working)."""
+        if self.modulation is not None:
+            self.modulation.remove()
+
+    @property
+    def is_second_order(self) -> bool:
+        return getattr(self.base_optimizer, "is_second_order", False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        base = "\n".join("    " + line for line in repr(self.base_optimizer).splitlines())
+        decays = sorted({g["ortho_decay"] for g in self.param_groups})
+        return (
+            f"{type(self).__name__} (\n{base}\n    targets: {len(self.targets)} weights, form: {self.form}, "
+            f"ortho_decay: {decays[0] if len(decays) == 1 else decays}, "
+            f"modulation: {self.modulation!r}\n)"
+        )
+
+
+def _check_decay(value: float) -> None:
+    if not isinstance(value, (int, float)) or value != value or value < 0:
+        raise ValueError(f"ortho_decay must be a non-negative number, got {value!r}")
+
+
+def param_groups_for_ortho(
+    model: nn.Module,
+    weight_decay: float = 0.0,
+    targets: Iterable[FilterBank] | None = None,
+    **target_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Param groups for a base optimizer: target weights without weight decay, the rest with it.
+
+    ``weight_decay`` goes to the non-target parameters only (e.g. biases and norm parameters if
+    wanted; timm usually decays none of them, so the default is 0).
+    """
+    banks = list(targets) if targets is not None else find_targets(model, **target_kwargs)
+    ids = {id(t.param) for t in banks}
+    ortho = [t.param for t in banks if t.param.requires_grad]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": ortho, "weight_decay": 0.0}]
+    if rest:
+        groups.append({"params": rest, "weight_decay": weight_decay})
+    return groups

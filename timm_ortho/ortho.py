@@ -1,0 +1,171 @@
+"""The orthonormality regularizer as pure tensor math (no modules, no hooks).
+
+A parametric layer's weight is read as a *filter matrix* ``Wm`` of shape ``(f_out, f_in)``: one row
+per filter, ``f_in = C * kh * kw`` inputs per filter. The regularizer of Xie, Xiong & Pu (CVPR 2017,
+Eq. 3) is
+
+    R(Wm) = (lambda / 2) * || Wm Wm^T - I ||_F^2,        dR/dWm = 2 * lambda * (Wm Wm^T - I) Wm.
+
+The diagonal of the Gram matrix pushes every filter to unit norm, the off-diagonal pushes filters of
+one layer to be mutually orthogonal.
+
+*Fat* matrices (``f_out > f_in``) cannot have orthonormal rows. They are split into
+``ceil(f_out / f_in)`` consecutive groups of balanced size (the sizes of ``torch.tensor_split``:
+they differ by at most one, the larger ones first), and each group's Gram matrix is penalized on its
+own. To batch unequal groups, every group is padded to the common size with zero rows. A zero row
+adds exactly ``1`` to ``||G - I||_F^2`` (its diagonal entry) and nothing to the gradient of the
+other rows (its Gram row and column are zero), so padding is exact once that constant is removed.
+
+Every function here works on a leading batch dimension and computes in float32 (or float64 if the
+input is float64), whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+__all__ = [
+    "GroupLayout",
+    "compute_dtype",
+    "group_layout",
+    "mean_abs_cosine",
+    "orthonormal_",
+    "orthonormality_grad",
+    "orthonormality_penalty",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the regularizer's math runs in: float64 stays exact, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """How ``f_out`` filters of ``f_in`` inputs are cut into orthonormalizable groups.
+
+    ``groups`` groups of ``size`` rows each after padding; ``pad`` zero rows were added in total.
+    ``gather`` maps each padded row to a source row (``f_out`` points at the appended zero row);
+    ``scatter`` maps each real filter back to its padded position. Both are None when no padding is
+    needed (the thin case, or a fat case that divides evenly).
+    """
+
+    f_out: int
+    f_in: int
+    groups: int
+    size: int
+    pad: int
+    gather: tuple[int, ...] | None
+    scatter: tuple[int, ...] | None
+
+
+@cache
+def group_layout(f_out: int, f_in: int) -> GroupLayout:
+    """The group-wise rule: ``ceil(f_out / f_in)`` consecutive groups of balanced size."""
+    if f_out < 1 or f_in < 1:
+        raise ValueError(f"a filter matrix needs f_out >= 1 and f_in >= 1, got ({f_out}, {f_in})")
+    groups = math.ceil(f_out / f_in)
+    size = math.ceil(f_out / groups)
+    pad = groups * size - f_out
+    if pad == 0:
+        return GroupLayout(f_out, f_in, groups, size, 0, None, None)
+    # tensor_split sizes: the first (f_out % groups) groups hold `size` rows, the rest `size - 1`.
+    full = f_out % groups
+    gather: list[int] = []
+    scatter: list[int] = []
+    row = 0
+    for g in range(groups):
+        n = size if g < full else size - 1
+        scatter.extend(range(len(gather), len(gather) + n))
+        gather.extend(range(row, row + n))
+        gather.extend([f_out] * (size - n))
+        row += n
+    return GroupLayout(f_out, f_in, groups, size, pad, tuple(gather), tuple(scatter))
+
+
+def _grouped(wm: Tensor) -> tuple[Tensor, GroupLayout]:
+    """``(..., f_out, f_in)`` -> ``(..., groups, size, f_in)`` in the compute dtype, zero-padded."""
+    f_out, f_in = wm.shape[-2:]
+    layout = group_layout(f_out, f_in)
+    w = wm.to(compute_dtype(wm.dtype))
+    if layout.gather is not None:
+        w = torch.cat([w, w.new_zeros(*w.shape[:-2], 1, f_in)], dim=-2)
+        w = w.index_select(-2, torch.tensor(layout.gather, device=w.device))
+    return rearrange(w, "... (g s) d -> ... g s d", g=layout.groups), layout
+
+
+def _gram_residual(wg: Tensor) -> Tensor:
+    """``W W^T - I`` for a batch of group matrices ``(..., s, d)``."""
+    eye = torch.eye(wg.shape[-2], dtype=wg.dtype, device=wg.device)
+    return wg @ wg.transpose(-1, -2) - eye
+
+
+def orthonormality_penalty(wm: Tensor, decay: float = 1.0) -> Tensor:
+    """``(decay / 2) * sum_groups ||Wg Wg^T - I||_F^2`` for ``wm`` of shape ``(..., f_out, f_in)``.
+
+    Returns one value per leading batch index (a 0-d tensor for a single matrix).
+    """
+    wg, layout = _grouped(wm)
+    residual = _gram_residual(wg)
+    total = residual.square().sum(dim=(-1, -2, -3)) - layout.pad
+    return 0.5 * decay * total
+
+
+def orthonormality_grad(wm: Tensor, decay: float = 1.0) -> Tensor:
+    """Closed-form ``dR/dWm = 2 * decay * (Wg Wg^T - I) Wg`` per group, shaped like ``wm``.
+
+    Returned in the compute dtype (float32, or float64 for float64 input).
+    """
+    wg, layout = _grouped(wm)
+    grad = 2.0 * decay * (_gram_residual(wg) @ wg)
+    grad = rearrange(grad, "... g s d -> ... (g s) d")
+    if layout.scatter is not None:
+        grad = grad.index_select(-2, torch.tensor(layout.scatter, device=grad.device))
+    return grad
+
+
+@torch.no_grad()
+def orthonormal_(weight: Tensor, conv_groups: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    """Fill ``weight`` in place with orthonormal filters, group-wise where the matrix is fat.
+
+    ``weight`` has the layout of a conv or linear weight, ``(out, in / conv_groups, *kernel)``. Each
+    conv group's filter matrix is cut as in :func:`group_layout` and every group gets unit-norm,
+    mutually orthogonal rows: the Q factor of a Gaussian matrix, sign-corrected so that it is
+    Haar-distributed (the distribution of Gram-Schmidt on Gaussian filters).
+    """
+    out = weight.shape[0]
+    if out % conv_groups:
+        raise ValueError(f"weight with {out} filters cannot be split into {conv_groups} conv groups")
+    f_out, f_in = out // conv_groups, weight[0].numel()
+    layout = group_layout(f_out, f_in)
+    blocks = conv_groups * layout.groups
+    gauss = torch.randn(blocks, f_in, layout.size, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    rows = rearrange(q, "(c g) d s -> c (g s) d", c=conv_groups)
+    if layout.scatter is not None:
+        rows = rows.index_select(1, torch.tensor(layout.scatter))
+    weight.copy_(rows.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
+    return weight
+
+
+def mean_abs_cosine(wm: Tensor) -> Tensor:
+    """Mean absolute cosine between distinct filters (rows) of ``wm`` ``(..., f_out, f_in)``.
+
+    The paper's filter-correlation measure (its Fig. 2); computed over all pairs of the layer, not
+    per group. Zero filters count as cosine 0. Returns one value per leading batch index.
+    """
+    w = wm.to(compute_dtype(wm.dtype))
+    unit = w / w.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    cos = unit @ unit.transpose(-1, -2)
+    n = w.shape[-2]
+    if n < 2:
+        return cos.new_zeros(cos.shape[:-2])
+    off_diag = cos.abs().sum(dim=(-1, -2)) - cos.diagonal(dim1=-2, dim2=-1).abs().sum(-1)
+    return off_diag / (n * (n - 1))
