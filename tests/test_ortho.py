@@ -186,6 +186,11 @@ def test_batched_engine_equals_per_layer_closed_form(seed):
     partial = engine.residual_products([1, 4])
     assert sorted(partial) == [1, 4]
     torch.testing.assert_close(partial[4], products[4])
+    scaled = engine.residual_products([1, 2, 5], [3.0, -0.5, 2.0], reuse_buffers=True)
+    for i, c in zip([1, 2, 5], [3.0, -0.5, 2.0], strict=True):
+        torch.testing.assert_close(scaled[i], c * products[i], rtol=1e-10, atol=1e-12)
+    uniform = engine.residual_products([1, 2], [0.25, 0.25])
+    torch.testing.assert_close(uniform[2], 0.25 * products[2], rtol=1e-10, atol=1e-12)
 
 
 def test_mean_abs_cosine_against_a_pairwise_loop():

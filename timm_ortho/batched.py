@@ -50,6 +50,8 @@ class BatchedOrthonormality:
             buckets[(e.layout.size, e.bank.f_in, compute_dtype(e.bank.param.dtype))].append(i)
         self.buckets = list(buckets.items())
         self._index_cache: dict[tuple[int, str, torch.device], Tensor] = {}
+        self._eye_cache: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        self._workspaces: dict[tuple, dict[str, Tensor]] = {}
 
     def _index(self, i: int, kind: str, device: torch.device) -> Tensor:
         key = (i, kind, device)
@@ -75,37 +77,83 @@ class BatchedOrthonormality:
             u = u.index_select(1, self._index(i, "scatter", u.device))
         return u.reshape(e.bank.param.shape)
 
-    def _stacked(self, members: list[int], dtype: torch.dtype) -> Tensor:
+    def _stacked(self, members: list[int], dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         blocks = [self._blocks(i) for i in members]
-        w = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-        return w.to(dtype)
+        if len(blocks) == 1:  # a lone weight is its own stack: no copy
+            return blocks[0].to(dtype)
+        if out is not None and all(b.dtype == dtype for b in blocks):
+            return torch.cat(blocks, out=out)
+        return torch.cat(blocks).to(dtype)
+
+    def _eye(self, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (n, dtype, device)
+        if key not in self._eye_cache:
+            self._eye_cache[key] = torch.eye(n, dtype=dtype, device=device)
+        return self._eye_cache[key]
+
+    def _workspace(self, members: list[int], dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        """Persistent stack/Gram/product buffers for one bucket, on the CPU only.
+
+        On the CPU every large temporary is a fresh mapping whose pages fault in on first touch,
+        which costs as much as the matmul's own memory traffic; CUDA's caching allocator already
+        reuses blocks, so there the buffers would only pin memory.
+        """
+        key = (tuple(members), dtype, device)
+        if key not in self._workspaces:
+            e = self.entries[members[0]]
+            b, s, d = sum(self.entries[i].blocks for i in members), e.layout.size, e.bank.f_in
+            self._workspaces[key] = {
+                "w": torch.empty(b, s, d, dtype=dtype, device=device),
+                "r": torch.empty(b, s, s, dtype=dtype, device=device),
+                "u": torch.empty(b, s, d, dtype=dtype, device=device),
+            }
+        return self._workspaces[key]
 
     def _groups_of(self, selected: Sequence[int] | None):
-        """Yield ``(members, dtype)`` per bucket and device, restricted to ``selected`` banks."""
+        """Yield ``(members, dtype, device)`` per bucket and device, restricted to ``selected``."""
         chosen = None if selected is None else set(selected)
         for (_size, _f_in, dtype), members in self.buckets:
             by_device: dict[torch.device, list[int]] = defaultdict(list)
             for i in members:
                 if chosen is None or i in chosen:
                     by_device[self.entries[i].bank.param.device].append(i)
-            for dev_members in by_device.values():
-                yield dev_members, dtype
+            for device, dev_members in by_device.items():
+                yield dev_members, dtype, device
 
     @torch.no_grad()
-    def residual_products(self, selected: Sequence[int] | None = None) -> dict[int, Tensor]:
-        """``{bank index: (Wg Wg^T - I) Wg}`` shaped like the bank's weight, in the compute dtype.
+    def residual_products(
+        self,
+        selected: Sequence[int] | None = None,
+        coefficients: Sequence[float] | None = None,
+        reuse_buffers: bool = False,
+    ) -> dict[int, Tensor]:
+        """``{i: c_i * (Wg Wg^T - I) Wg}`` shaped like bank ``i``'s weight, in the compute dtype.
 
-        Multiply by ``2 * lambda`` to get ``dR/dW``. ``selected`` limits the work to some banks.
+        With ``c_i = 2 * lambda`` this is ``dR/dW``. ``selected`` limits the work to some banks and
+        ``coefficients`` (aligned with ``selected``, default 1) scale each bank's result. The
+        coefficient is folded into the Gram residual ``c * (W W^T - I)``, an ``s x s`` matrix, so it
+        costs nothing on the ``s x f_in`` product. With ``reuse_buffers`` (the optimizer step) the
+        results are views of persistent CPU buffers, valid until the next call.
         """
+        coefficient = {} if coefficients is None else dict(zip(selected, coefficients, strict=True))
         out: dict[int, Tensor] = {}
-        for members, dtype in self._groups_of(selected):
-            w = self._stacked(members, dtype)
-            # Autocast would run these matmuls in half precision; the method wants float32.
-            with torch.autocast(w.device.type, enabled=False):
-                neg_eye = -torch.eye(w.shape[1], dtype=dtype, device=w.device)
-                residual = torch.baddbmm(neg_eye, w, w.transpose(1, 2))
-                u = torch.bmm(residual, w)
+        for members, dtype, device in self._groups_of(selected):
+            ws = self._workspace(members, dtype, device) if reuse_buffers and device.type == "cpu" else {}
+            w = self._stacked(members, dtype, ws.get("w"))
             sizes = [self.entries[i].blocks for i in members]
+            cs = [coefficient.get(i, 1.0) for i in members]
+            eye = self._eye(w.shape[1], dtype, device)
+            # Autocast would run these matmuls in half precision; the method wants float32.
+            with torch.autocast(device.type, enabled=False):
+                uniform = all(c == cs[0] for c in cs)
+                c0 = cs[0] if uniform else 1.0
+                # beta * I + alpha * W W^T with beta = -c, alpha = c: c * (W W^T - I) in one kernel.
+                r_out = {"out": ws["r"]} if ws else {}
+                residual = torch.baddbmm(eye, w, w.transpose(1, 2), beta=-c0, alpha=c0, **r_out)
+                if not uniform:
+                    for part, c in zip(residual.split(sizes), cs, strict=True):
+                        part.mul_(c)
+                u = torch.bmm(residual, w, **({"out": ws["u"]} if ws else {}))
             for i, part in zip(members, u.split(sizes), strict=True):
                 out[i] = self._unblock(i, part)
         return out
@@ -117,10 +165,10 @@ class BatchedOrthonormality:
         The penalty of bank ``i`` is ``lambda / 2`` times entry ``i``. Padding rows are removed.
         """
         values: list[Tensor | None] = [None] * len(self.entries)
-        for members, dtype in self._groups_of(None):
+        for members, dtype, device in self._groups_of(None):
             w = self._stacked(members, dtype)
-            with torch.autocast(w.device.type, enabled=False):
-                eye = torch.eye(w.shape[1], dtype=dtype, device=w.device)
+            with torch.autocast(device.type, enabled=False):
+                eye = self._eye(w.shape[1], dtype, device)
                 per_block = (w @ w.transpose(1, 2) - eye).square().sum(dim=(1, 2))
             sizes = [self.entries[i].blocks for i in members]
             for i, part in zip(members, per_block.split(sizes), strict=True):

@@ -249,9 +249,8 @@ class OrthoModulated(Optimizer):
         params = [self.targets[i].param for i in selected]
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("OrthoModulated does not support sparse gradients on target weights")
-        products = self._batched.residual_products(selected)
+        products = self._batched.residual_products(selected, coefficients, reuse_buffers=True)
         updates = [products[i] for i in selected]
-        torch._foreach_mul_(updates, coefficients)
         # float32 updates into half-precision grads or weights: foreach casts on the way in.
         destinations = params if self.form == "decoupled" else [p.grad for p in params]
         torch._foreach_add_(destinations, updates)

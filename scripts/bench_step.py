@@ -1,0 +1,193 @@
+"""Cost of the method per training iteration, as ratios against baselines measured in the same run.
+
+    python scripts/bench_step.py              # all sections (several minutes on a 2-core CPU)
+    python scripts/bench_step.py --quick      # fewer repetitions, smaller batches: a smoke run
+
+Sections:
+  1. regularizer vs floor: ``OrthoModulated.apply_orthonormality`` on timm resnet50's weights against
+     the same Gram products done as one pre-stacked float32 ``baddbmm`` + ``bmm`` per weight shape.
+  2. full iteration (forward, backward, step) with ``OrthoModulated(SGD)`` against plain SGD with
+     weight decay, on plain_cnn56 at batch 64, 32 px.
+  3. the regularizer's share of a resnet50 iteration at batch 8, 64 and 256, from the measured
+     regularizer time and the measured per-image cost of forward + backward.
+  4. full iteration with ``OrthoModulated(SGD, modulation=True)`` against plain SGD, on a deep
+     CIFAR-sized plain net and on resnet50.
+
+Every timing is the median of interleaved repetitions (A, B, A, B, ...), so that load from other
+processes hits both sides alike. Nothing here is asserted: read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import timm_ortho
+from timm_ortho.batched import BatchedOrthonormality
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, run in alternation."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def regularizer_flops(opt: timm_ortho.OrthoModulated) -> float:
+    """Multiply-adds x2 of the two products per group: 2*s*s*d (Gram) + 2*s*s*d (times W)."""
+    total = 0.0
+    for entry in opt._batched.entries:
+        total += entry.blocks * 4.0 * entry.layout.size**2 * entry.bank.f_in
+    return total
+
+
+def make_floor(opt: timm_ortho.OrthoModulated) -> Callable[[], None]:
+    """Pre-stacked weights and preallocated outputs per group shape: the least work that computes
+    the same products (no stacking, no scatter back, no accumulation into the gradients)."""
+    engine: BatchedOrthonormality = opt._batched
+    stacks = []
+    for _key, members in engine.buckets:
+        w = torch.cat([engine._blocks(i) for i in members]).float().contiguous()
+        b, s, _ = w.shape
+        stacks.append((w, torch.eye(s), torch.empty(b, s, s), torch.empty_like(w)))
+
+    def floor() -> None:
+        for w, eye, r, u in stacks:
+            torch.baddbmm(eye, w, w.transpose(1, 2), beta=-1.0, out=r)
+            torch.bmm(r, w, out=u)
+
+    return floor
+
+
+def with_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+
+
+def section_regularizer(repeats: int) -> float:
+    model = timm.create_model("resnet50")
+    opt = timm_ortho.OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with_grads(model)
+    flops = regularizer_flops(opt)
+    t = interleaved({"ours": opt.apply_orthonormality, "floor": make_floor(opt)}, repeats)
+    print("\n[1] regularizer on resnet50's weights vs its floor")
+    shapes, ratio = len(opt._batched.buckets), t["ours"] / t["floor"]
+    print(f"    {len(opt.targets)} weights in {shapes} group shapes, {flops / 1e9:.1f} GFLOP/step")
+    print(f"    ours {t['ours'] * 1e3:.1f} ms, floor {t['floor'] * 1e3:.1f} ms, ratio {ratio:.3f}")
+    print(f"    ({flops / t['floor'] / 1e9:.0f} GFLOP/s at the floor)")
+    return t["ours"]
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return run
+
+
+def pair(name: str, batch: int, size: int, modulation: bool, **kwargs):
+    """Two identical models: plain SGD + weight decay, and OrthoModulated(SGD)."""
+    torch.manual_seed(0)
+    base_model = timm.create_model(name, **kwargs)
+    ortho_model = timm.create_model(name, **kwargs)
+    ortho_model.load_state_dict(base_model.state_dict())
+    base = torch.optim.SGD(base_model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    ours = timm_ortho.OrthoModulated(
+        torch.optim.SGD(timm_ortho.param_groups_for_ortho(ortho_model), lr=0.01, momentum=0.9),
+        ortho_model,
+        modulation=modulation,
+    )
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, base_model.num_classes, (batch,))
+    return {"sgd+wd": train_step(base_model, base, x, y), "ortho": train_step(ortho_model, ours, x, y)}
+
+
+def section_iteration(repeats: int, batch: int, depth_model: str) -> None:
+    t = interleaved(pair(depth_model, batch, 32, modulation=False), repeats)
+    print(f"\n[2] full iteration, {depth_model}, batch {batch}, 32 px: OrthoModulated(SGD) vs SGD + wd")
+    ratio = t["ortho"] / t["sgd+wd"]
+    print(f"    sgd+wd {t['sgd+wd'] * 1e3:.0f} ms, ortho {t['ortho'] * 1e3:.0f} ms, ratio {ratio:.3f}")
+
+
+def section_share(repeats: int, reg_seconds: float, image_size: int, probe_batch: int) -> None:
+    model = timm.create_model("resnet50")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    per_batch = {}
+    for b in (probe_batch, 2 * probe_batch):
+        x, y = torch.randn(b, 3, image_size, image_size), torch.randint(0, 1000, (b,))
+        per_batch[b] = interleaved({"it": train_step(model, opt, x, y)}, repeats)["it"]
+    # t(B) = fixed + B * per_image, from two batch sizes.
+    per_image = (per_batch[2 * probe_batch] - per_batch[probe_batch]) / probe_batch
+    fixed = max(per_batch[probe_batch] - probe_batch * per_image, 0.0)
+    print(f"\n[3] regularizer share of a resnet50 iteration at {image_size} px")
+    print(
+        f"    measured: iteration at batch {probe_batch} {per_batch[probe_batch]:.2f} s, "
+        f"at {2 * probe_batch} {per_batch[2 * probe_batch]:.2f} s -> {per_image * 1e3:.0f} ms/image "
+        f"+ {fixed * 1e3:.0f} ms fixed; regularizer {reg_seconds * 1e3:.0f} ms/step"
+    )
+    print(f"    regularizer = {reg_seconds / per_image:.1f} images of forward+backward")
+    for b in (8, 64, 256):
+        total = fixed + b * per_image + reg_seconds
+        print(f"    batch {b:3d}: share {reg_seconds / total:6.2%}  (= {reg_seconds:.3f} / {total:.2f} s)")
+
+
+def section_modulation(
+    repeats: int, batch: int, depth_model: str, resnet_batch: int, resnet_size: int
+) -> None:
+    print("\n[4] full iteration with OrthoModulated(SGD, modulation=True) vs SGD + wd")
+    for name, b, size in ((depth_model, batch, 32), ("resnet50", resnet_batch, resnet_size)):
+        t = interleaved(pair(name, b, size, modulation=True), repeats)
+        print(
+            f"    {name}, batch {b}, {size} px: sgd+wd {t['sgd+wd'] * 1e3:.0f} ms, "
+            f"ortho+modulation {t['ortho'] * 1e3:.0f} ms, ratio {t['ortho'] / t['sgd+wd']:.3f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="few repetitions and small batches")
+    parser.add_argument("--sections", default="1234", help="which sections to run, e.g. 12")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = 3 if args.quick else 9
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    plain = "plain_cnn56" if "plain_cnn56" in timm.list_models("plain_cnn*") else "resnet18"
+    reg_seconds = None
+    if "1" in args.sections or "3" in args.sections:
+        reg_seconds = section_regularizer(repeats)
+    if "2" in args.sections:
+        section_iteration(repeats, 16 if args.quick else 64, plain)
+    if "3" in args.sections:
+        section_share(
+            max(3, repeats // 3), reg_seconds, 224 if not args.quick else 64, 4 if args.quick else 8
+        )
+    if "4" in args.sections:
+        section_modulation(
+            repeats, 16 if args.quick else 64, plain, 4 if args.quick else 8, 64 if args.quick else 128
+        )
+
+
+if __name__ == "__main__":
+    main()
