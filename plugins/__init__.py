@@ -1,0 +1,1 @@
+"""Adapters that bring OrthoModulated into other training loops (importable from the repo root)."""
