@@ -1,0 +1,287 @@
+"""Data sets of the training scripts: synthetic, CIFAR-10 pickles, ImageFolder, seeding, errors."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from timm_ortho.data import (
+    CIFAR_LAYOUT,
+    Cifar10,
+    DataConfig,
+    DataError,
+    EpochShuffleSampler,
+    SeededTransform,
+    SyntheticImages,
+    build_datasets,
+    build_loader,
+    build_transforms,
+    detect_dataset,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers that write data in the real on-disk formats
+# ----------------------------------------------------------------------------------------------
+def write_cifar(root: Path, per_batch: int = 4, test: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
+    """A tiny ``cifar-10-batches-py`` in the release's format: python-2 style bytes keys, channel-major rows.
+
+    Returns the images (N, 32, 32, 3) and labels of the train and test splits.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
+    with (folder / "batches.meta").open("wb") as f:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}, f)
+    out: dict[str, list[np.ndarray]] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
+    for name, n, split in [
+        *[(f"data_batch_{i}", per_batch, "train") for i in range(1, 6)],
+        ("test_batch", test, "test"),
+    ]:
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        rows = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # R plane, G plane, B plane
+        with (folder / name).open("wb") as f:
+            pickle.dump(
+                {b"batch_label": name.encode(), b"labels": labels, b"data": rows, b"filenames": []}, f
+            )
+        out[f"{split}_x"].append(images)
+        out[f"{split}_y"].append(np.asarray(labels))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "emu"), per_class: int = 3, size: int = 20) -> Path:
+    """``root/train/<class>/*.png|jpg`` and ``root/val/<class>/*``: a tiny ImageNet-layout tree."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for ci, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+                pixels[..., ci % 3] = 255  # a class-coloured channel
+                ext = "png" if i % 2 == 0 else "jpg"
+                Image.fromarray(pixels).save(d / f"{split}_{name}_{i}.{ext}")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic
+# ----------------------------------------------------------------------------------------------
+def test_synthetic_is_deterministic_and_splits_differ():
+    a = SyntheticImages(20, 5, 16, seed=7, split=0)
+    b = SyntheticImages(20, 5, 16, seed=7, split=0)
+    for i in (0, 3, 19):
+        assert np.array_equal(a.render(i), b.render(i))
+    # Reading out of order changes nothing: every sample is a function of (seed, split, index).
+    assert np.array_equal(a.render(3), SyntheticImages(20, 5, 16, seed=7).render(3))
+    assert not np.array_equal(a.render(3), SyntheticImages(20, 5, 16, seed=8).render(3))
+    assert not np.array_equal(a.render(3), SyntheticImages(20, 5, 16, seed=7, split=1).render(3))
+    image, label = a[6]
+    assert isinstance(image, Image.Image) and image.size == (16, 16) and image.mode == "RGB"
+    assert label == 6 % 5
+
+
+@pytest.mark.parametrize(("size", "classes"), [(8, 2), (17, 3), (64, 1000)])
+def test_synthetic_any_size_and_class_count(size, classes):
+    ds = SyntheticImages(2 * classes, classes, size, seed=0)
+    x = ds.render(len(ds) - 1)
+    assert x.shape == (size, size, 3) and x.dtype == np.uint8
+    assert np.bincount(ds.targets, minlength=classes).tolist() == [2] * classes
+    assert x.std() > 5  # not a flat image
+
+
+def test_synthetic_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_classes"):
+        SyntheticImages(10, 1, 16)
+    with pytest.raises(ValueError, match="img_size"):
+        SyntheticImages(10, 3, 2)
+    with pytest.raises(IndexError):
+        SyntheticImages(10, 3, 8).render(10)
+
+
+def test_synthetic_is_learnable_by_an_independent_linear_classifier():
+    """Class structure, not noise: ridge regression on raw pixels beats chance (10%) by far."""
+    n, size, classes = 400, 16, 10
+    train = SyntheticImages(n, classes, size, seed=3, split=0)
+    val = SyntheticImages(200, classes, size, seed=3, split=1)
+    x = np.stack([train.render(i) for i in range(n)]).reshape(n, -1) / 255.0
+    xv = np.stack([val.render(i) for i in range(len(val))]).reshape(len(val), -1) / 255.0
+    x, xv = np.c_[x, np.ones(len(x))], np.c_[xv, np.ones(len(xv))]
+    w = np.linalg.solve(x.T @ x + 0.1 * np.eye(x.shape[1]), x.T @ np.eye(classes)[train.targets])
+    accuracy = (np.argmax(xv @ w, 1) == np.asarray(val.targets)).mean()
+    assert accuracy > 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 pickles
+# ----------------------------------------------------------------------------------------------
+def test_cifar_reads_the_release_format(tmp_path):
+    truth = write_cifar(tmp_path)
+    for root in (tmp_path, tmp_path / "cifar-10-batches-py"):  # the parent or the folder itself
+        train, test = Cifar10(root, train=True), Cifar10(root, train=False)
+        assert len(train) == 20 and len(test) == 6
+        assert train.classes[0] == "airplane" and len(train.classes) == 10
+        for i in (0, 7, 19):
+            image, label = train[i]
+            assert np.array_equal(np.asarray(image), truth["train_x"][i])
+            assert label == truth["train_y"][i]
+        assert np.array_equal(np.asarray(test[5][0]), truth["test_x"][5])
+    assert detect_dataset(tmp_path) == "cifar10"
+    ds = build_datasets(DataConfig(data_dir=str(tmp_path), img_size=32))
+    assert ds.kind == "cifar10" and ds.num_classes == 10 and ds.native_size == 32
+
+
+def test_cifar_errors_name_the_path_and_layout(tmp_path):
+    with pytest.raises(DataError) as e:
+        Cifar10(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(e.value) and "data_batch_1" in str(e.value)
+
+    write_cifar(tmp_path)
+    with pytest.raises(DataError, match="10 classes"):
+        build_datasets(DataConfig(data_dir=str(tmp_path), dataset="cifar10", num_classes=100))
+    folder = tmp_path / "cifar-10-batches-py"
+    (folder / "test_batch").unlink()
+    with pytest.raises(DataError, match="missing test_batch"):
+        Cifar10(tmp_path)
+
+    with (folder / "test_batch").open("wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
+    with pytest.raises(DataError, match=r"\[N, 3072\]"):
+        Cifar10(tmp_path, train=False)
+
+    (folder / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError) as e:
+        Cifar10(tmp_path, train=False)
+    assert str(folder / "test_batch") in str(e.value) and CIFAR_LAYOUT.splitlines()[0].strip() in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder
+# ----------------------------------------------------------------------------------------------
+def test_image_folder_through_timm(tmp_path):
+    write_image_folder(tmp_path)
+    assert detect_dataset(tmp_path) == "imagefolder"
+    cfg = DataConfig(data_dir=str(tmp_path), img_size=16, aa="rand-m9-mstd0.5", reprob=0.5)
+    ds = build_datasets(cfg)
+    assert ds.kind == "imagefolder" and ds.class_names == ["cat", "dog", "emu"]
+    assert len(ds.train) == 9 and len(ds.val) == 9 and ds.native_size is None
+    image, label = ds.train[4]
+    assert isinstance(image, Image.Image) and label == 1
+    train_tf, eval_tf = build_transforms(cfg, ds.mean, ds.std, ds.native_size)
+    assert train_tf(image).shape == (3, 16, 16) and eval_tf(image).shape == (3, 16, 16)
+
+
+def test_image_folder_errors_name_the_path_and_layout(tmp_path):
+    with pytest.raises(DataError) as e:
+        build_datasets(DataConfig(data_dir=str(tmp_path / "missing")))
+    assert str(tmp_path / "missing") in str(e.value) and "<data-dir>/train/<class name>" in str(e.value)
+
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError) as e:
+        build_datasets(DataConfig(data_dir=str(tmp_path)))
+    assert "has no class folders" in str(e.value) and str(tmp_path / "train") in str(e.value)
+
+    write_image_folder(tmp_path / "two")
+    (tmp_path / "two" / "val" / "emu").rename(tmp_path / "two" / "val" / "yak")
+    with pytest.raises(DataError, match="different class folders"):
+        build_datasets(DataConfig(data_dir=str(tmp_path / "two")))
+
+    write_image_folder(tmp_path / "three")
+    with pytest.raises(DataError) as e:
+        build_datasets(DataConfig(data_dir=str(tmp_path / "three"), val_split="validation"))
+    assert str(tmp_path / "three" / "validation") in str(e.value)
+
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "val" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="images"):
+        build_datasets(DataConfig(data_dir=str(empty)))
+
+
+# ----------------------------------------------------------------------------------------------
+# transforms, seeding and order
+# ----------------------------------------------------------------------------------------------
+def test_cifar_pipeline_normalizes_like_an_independent_computation():
+    cfg = DataConfig(img_size=8, augment="none", mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    _, eval_tf = build_transforms(cfg, cfg.mean, cfg.std, native_size=8)
+    expected = (pixels.astype(np.float32) / 255.0 - np.array(cfg.mean)) / np.array(cfg.std)
+    got = eval_tf(Image.fromarray(pixels)).numpy().transpose(1, 2, 0)
+    assert np.allclose(got, expected, atol=1e-6)
+
+
+def test_seeded_transform_depends_only_on_seed_epoch_index():
+    base = SyntheticImages(6, 3, 16, seed=0)
+    cfg = DataConfig(img_size=12, aa="rand-m9-mstd0.5", reprob=0.5)
+    train_tf, _ = build_transforms(cfg, (0.5,) * 3, (0.25,) * 3, native_size=16)
+    a, b = SeededTransform(base, train_tf, seed=1), SeededTransform(base, train_tf, seed=1)
+    first = [a[i][0] for i in range(6)]
+    torch.manual_seed(123)
+    random.seed(5)
+    second = [b[i][0] for i in reversed(range(6))][::-1]  # other order, other global RNG state
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+    b.set_epoch(1)
+    assert not torch.equal(b[0][0], first[0])  # a new epoch draws new augmentations
+
+    # The caller's RNG streams are left exactly where they were.
+    torch.manual_seed(9)
+    random.seed(9)
+    np.random.seed(9)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(9)
+    random.seed(9)
+    np.random.seed(9)
+    a[2]
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_epoch_shuffle_sampler():
+    s = EpochShuffleSampler(50, seed=3)
+    e0 = list(s)
+    assert sorted(e0) == list(range(50)) and e0 != list(range(50))
+    assert list(EpochShuffleSampler(50, seed=3)) == e0
+    s.set_epoch(1)
+    assert list(s) != e0
+    assert list(EpochShuffleSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_loader_leaves_the_global_rng_alone():
+    ds = SeededTransform(
+        SyntheticImages(16, 2, 8), build_transforms(DataConfig(img_size=8), (0.5,) * 3, (0.25,) * 3)[0]
+    )
+    loader = build_loader(ds, 4, train=True, seed=0)
+    torch.manual_seed(0)
+    expected = torch.rand(2)
+    torch.manual_seed(0)
+    batches = list(loader)
+    assert len(batches) == 4 and batches[0][0].shape == (4, 3, 8, 8)
+    assert torch.equal(torch.rand(2), expected)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        build_loader(ds, 32, train=True)
+
+
+def test_synthetic_is_the_default():
+    ds = build_datasets(DataConfig(img_size=8, synthetic_size=12, synthetic_val_size=4, num_classes=3))
+    assert ds.synthetic and "SYNTHETIC" in ds.description and ds.num_classes == 3
+    assert len(ds.train) == 12 and len(ds.val) == 4
+    assert detect_dataset(None) == "synthetic"

@@ -1,0 +1,571 @@
+"""Data sets and loaders for the training scripts.
+
+Three sources, one interface (a map-style data set of ``(PIL image, label)`` pairs and a transform
+applied on top):
+
+- an ImageNet-style ``ImageFolder`` tree (``<root>/train/<class>/*.jpg`` and ``<root>/val/...``),
+  read and augmented through timm's data pipeline (``timm.data.create_transform``: random resized
+  crop, flips, colour jitter, RandAugment via ``auto_augment``, random erasing);
+- CIFAR-10 from a local ``cifar-10-batches-py`` directory (the python pickle release: ``data_batch_1``
+  .. ``data_batch_5``, ``test_batch``, ``batches.meta``); nothing is downloaded;
+- an embedded synthetic set, :class:`SyntheticImages`: procedurally generated, deterministic from a
+  seed, learnable (each class has its own oriented grating, colours and blob), at any image size and
+  number of classes. It is what the scripts train on when no data directory is given, so that every
+  command in the docs runs on a fresh machine.
+
+Exact resume needs data that depend only on ``(seed, epoch, index)``, not on which worker process
+loaded a sample or how many batches were skipped: :class:`EpochShuffleSampler` draws the order of an
+epoch from ``(seed, epoch)`` and :class:`SeededTransform` runs each sample's random augmentation
+under an RNG seeded from ``(seed, epoch, index)``.
+
+A missing or malformed data directory raises :class:`DataError` naming the path and the layout
+that was expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR_LAYOUT",
+    "IMAGEFOLDER_LAYOUT",
+    "Cifar10",
+    "DataConfig",
+    "DataError",
+    "Datasets",
+    "EpochShuffleSampler",
+    "SeededTransform",
+    "SyntheticImages",
+    "build_datasets",
+    "build_loader",
+    "build_transforms",
+    "detect_dataset",
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# The synthetic images are built around mid-grey with colours spread over [0, 1].
+SYNTHETIC_MEAN = (0.5, 0.5, 0.5)
+SYNTHETIC_STD = (0.25, 0.25, 0.25)
+
+IMAGEFOLDER_LAYOUT = """\
+  <data-dir>/train/<class name>/<image>.jpg|.jpeg|.png|...   (one folder per class)
+  <data-dir>/val/<class name>/<image>.jpg|...                (the same class folders)"""
+
+CIFAR_LAYOUT = """\
+  <data-dir>/cifar-10-batches-py/   (or <data-dir> itself), the CIFAR-10 python version:
+      data_batch_1 ... data_batch_5, test_batch, batches.meta
+  (pickled dicts with b'data' uint8 [N, 3072] and b'labels'; from cifar-10-python.tar.gz)"""
+
+_CIFAR_DIRNAME = "cifar-10-batches-py"
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_TEST = "test_batch"
+_CIFAR_META = "batches.meta"
+
+DatasetKind = Literal["auto", "imagefolder", "cifar10", "synthetic"]
+AugmentKind = Literal["timm", "cifar", "none"]
+
+
+class DataError(ValueError):
+    """A data directory that is missing or does not have the expected layout."""
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    """Everything that decides which images a run sees and how they are augmented."""
+
+    data_dir: str | None = None
+    """Root of the data; ``None`` selects the embedded synthetic set."""
+    dataset: DatasetKind = "auto"
+    """``auto`` reads the layout of ``data_dir`` (a CIFAR pickle directory or an ImageFolder tree)."""
+    train_split: str = "train"
+    val_split: str = "val"
+    img_size: int = 224
+    num_classes: int | None = None
+    """Checked against the data on disk; chooses the class count of the synthetic set (default 10)."""
+    synthetic_size: int = 5000
+    synthetic_val_size: int = 1000
+    augment: AugmentKind = "timm"
+    """``timm``: timm's training transform (random resized crop, flip, colour jitter, ...);
+    ``cifar``: pad-and-crop plus horizontal flip (He et al.'s CIFAR augmentation); ``none``."""
+    aa: str | None = None
+    """timm auto-augment policy, e.g. ``rand-m9-mstd0.5-inc1`` (RandAugment)."""
+    reprob: float = 0.0
+    remode: str = "pixel"
+    recount: int = 1
+    hflip: float = 0.5
+    color_jitter: float = 0.4
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    interpolation: str = "bilinear"
+    crop_pct: float | None = None
+    mean: tuple[float, float, float] | None = None
+    """Normalization; ``None`` picks the data set's own (ImageNet, CIFAR-10 or synthetic)."""
+    std: tuple[float, float, float] | None = None
+    seed: int = 42
+
+
+@dataclass
+class Datasets:
+    """The two splits, untransformed (samples are ``(PIL image, label)``), and what they are."""
+
+    train: Dataset
+    val: Dataset
+    kind: Literal["imagefolder", "cifar10", "synthetic"]
+    num_classes: int
+    class_names: list[str]
+    description: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    native_size: int | None
+    """Side of every stored image when they all share one (CIFAR, synthetic), else ``None``."""
+
+    @property
+    def synthetic(self) -> bool:
+        return self.kind == "synthetic"
+
+
+# ----------------------------------------------------------------------------------------------
+# the synthetic set
+# ----------------------------------------------------------------------------------------------
+class SyntheticImages(Dataset):
+    """Procedural images with class-dependent structure, deterministic from ``(seed, split, index)``.
+
+    Every class owns a prototype drawn once from ``seed``: a sinusoidal grating (orientation and
+    spatial frequency) between two colours, and a soft blob (position, radius and colour). A sample
+    renders its class prototype with per-sample jitter of every parameter, a random grating phase,
+    contrast and brightness changes and pixel noise. Colour, orientation and layout all carry the
+    label, so a small CNN learns the set in a few epochs, yet no single pixel does.
+
+    Args:
+        num_samples: length of the split.
+        num_classes: classes; labels are ``index % num_classes`` (balanced).
+        img_size: square image side in pixels; the prototypes are defined in relative coordinates,
+            so the same seed gives the same classes at every size.
+        seed: chooses the class prototypes and, with ``split``, every sample.
+        split: samples of different splits never coincide (``0`` train, ``1`` validation).
+    """
+
+    def __init__(self, num_samples: int, num_classes: int, img_size: int, seed: int = 0, split: int = 0):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if img_size < 4:
+            raise ValueError(f"img_size must be at least 4 pixels, got {img_size}")
+        self.num_samples, self.num_classes, self.img_size = num_samples, num_classes, img_size
+        self.seed, self.split = seed, split
+        proto = np.random.default_rng([seed, 0x5EED, num_classes])
+        self._theta = proto.uniform(0.0, np.pi, num_classes)
+        self._freq = proto.uniform(1.5, 5.0, num_classes)  # cycles per image side
+        self._colour_a = proto.uniform(0.0, 1.0, (num_classes, 3))
+        self._colour_b = proto.uniform(0.0, 1.0, (num_classes, 3))
+        self._blob_xy = proto.uniform(0.25, 0.75, (num_classes, 2))
+        self._blob_r = proto.uniform(0.10, 0.22, num_classes)
+        self._blob_colour = proto.uniform(0.0, 1.0, (num_classes, 3))
+        coords = (np.arange(img_size, dtype=np.float32) + 0.5) / img_size
+        self._yy, self._xx = np.meshgrid(coords, coords, indexing="ij")
+        self.classes = [f"synthetic_{c:04d}" for c in range(num_classes)]
+        self.targets = [i % num_classes for i in range(num_samples)]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def render(self, index: int) -> np.ndarray:
+        """Sample ``index`` as a ``(img_size, img_size, 3)`` uint8 array."""
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        c = index % self.num_classes
+        rng = np.random.default_rng([self.seed, self.split, index])
+        theta = self._theta[c] + rng.normal(0.0, 0.12)
+        freq = self._freq[c] * np.exp(rng.normal(0.0, 0.12))
+        phase = rng.uniform(0.0, 2.0 * np.pi)
+        u = self._xx * np.cos(theta) + self._yy * np.sin(theta)
+        g = (0.5 + 0.5 * np.sin(2.0 * np.pi * freq * u + phase))[..., None]
+        colour_a = np.clip(self._colour_a[c] + rng.normal(0.0, 0.2, 3), 0.0, 1.0)
+        colour_b = np.clip(self._colour_b[c] + rng.normal(0.0, 0.2, 3), 0.0, 1.0)
+        img = colour_b * (1.0 - g) + colour_a * g
+        cx, cy = self._blob_xy[c] + rng.normal(0.0, 0.06, 2)
+        radius = self._blob_r[c] * np.exp(rng.normal(0.0, 0.15))
+        blob = np.exp(-((self._xx - cx) ** 2 + (self._yy - cy) ** 2) / (2.0 * radius**2))[..., None]
+        img = img * (1.0 - blob) + self._blob_colour[c] * blob
+        img = (img - 0.5) * rng.uniform(0.6, 1.0) + 0.5 + rng.normal(0.0, 0.05)
+        img = img + rng.normal(0.0, 0.10, img.shape)
+        return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.render(index)), self.targets[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 from the python pickle release
+# ----------------------------------------------------------------------------------------------
+def _cifar_dir(root: Path) -> Path:
+    """The directory that holds the batch files: ``root`` itself or ``root/cifar-10-batches-py``."""
+    if (root / _CIFAR_DIRNAME).is_dir():
+        return root / _CIFAR_DIRNAME
+    return root
+
+
+def _load_pickle(path: Path) -> dict[Any, Any]:
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as e:  # a truncated or foreign file: say which and what was expected
+        raise DataError(f"cannot read CIFAR-10 batch {path} ({e}). Expected layout:\n{CIFAR_LAYOUT}") from e
+
+
+def _decode_key(d: dict[Any, Any], key: str) -> Any:
+    # The release was pickled by python 2: keys are bytes when loaded with encoding="bytes".
+    if key.encode() in d:
+        return d[key.encode()]
+    if key in d:
+        return d[key]
+    raise KeyError(key)
+
+
+class Cifar10(Dataset):
+    """CIFAR-10 read from the local python pickle release; samples are ``(PIL image, label)``."""
+
+    def __init__(self, root: str | Path, train: bool = True):
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"CIFAR-10 directory {root} does not exist. Expected layout:\n{CIFAR_LAYOUT}")
+        folder = _cifar_dir(root)
+        names = (*_CIFAR_TRAIN, _CIFAR_TEST, _CIFAR_META)
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise DataError(
+                f"{folder} is not a CIFAR-10 pickle directory: missing {', '.join(missing)}. "
+                f"Expected layout:\n{CIFAR_LAYOUT}"
+            )
+        meta = _load_pickle(folder / _CIFAR_META)
+        try:
+            self.classes = [
+                n.decode() if isinstance(n, bytes) else str(n) for n in _decode_key(meta, "label_names")
+            ]
+        except KeyError as e:
+            raise DataError(
+                f"{folder / _CIFAR_META} has no 'label_names'. Expected layout:\n{CIFAR_LAYOUT}"
+            ) from e
+        images, labels = [], []
+        for name in _CIFAR_TRAIN if train else (_CIFAR_TEST,):
+            batch = _load_pickle(folder / name)
+            try:
+                data = np.asarray(_decode_key(batch, "data"), dtype=np.uint8)
+                lab = np.asarray(_decode_key(batch, "labels"), dtype=np.int64)
+            except KeyError as e:
+                raise DataError(
+                    f"{folder / name} lacks {e.args[0]!r}. Expected layout:\n{CIFAR_LAYOUT}"
+                ) from e
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(lab) != len(data):
+                raise DataError(
+                    f"{folder / name}: data has shape {data.shape} and {len(lab)} labels, expected "
+                    f"[N, 3072] uint8 and N labels. Expected layout:\n{CIFAR_LAYOUT}"
+                )
+            images.append(data)
+            labels.append(lab)
+        # Rows are channel-major (1024 red, 1024 green, 1024 blue); PIL wants height, width, channel.
+        self.data = np.concatenate(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+        self.targets = np.concatenate(labels).tolist()
+        if self.targets and not 0 <= min(self.targets) <= max(self.targets) < len(self.classes):
+            raise DataError(f"{folder}: labels outside 0..{len(self.classes) - 1} of batches.meta")
+        self.root = folder
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.data[index]), self.targets[index]
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder through timm
+# ----------------------------------------------------------------------------------------------
+def _image_folder(root: Path, split: str) -> Dataset:
+    from timm.data import ImageDataset
+
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(
+            f"ImageFolder split {folder} does not exist (data dir {root}). "
+            f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+        )
+    if not any(p.is_dir() for p in folder.iterdir()):
+        raise DataError(f"{folder} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+    try:
+        dataset = ImageDataset(str(folder))
+    except Exception as e:  # timm raises a bare RuntimeError when a tree holds no image
+        raise DataError(
+            f"cannot read images under {folder} ({e}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+        ) from e
+    if len(dataset) == 0:
+        raise DataError(f"no images found under {folder}. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+    return dataset
+
+
+def _folder_classes(dataset: Dataset) -> list[str]:
+    mapping = dataset.reader.class_to_idx
+    return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+
+
+# ----------------------------------------------------------------------------------------------
+# choosing a source
+# ----------------------------------------------------------------------------------------------
+def detect_dataset(data_dir: str | Path | None) -> Literal["imagefolder", "cifar10", "synthetic"]:
+    """The kind of data under ``data_dir``: ``synthetic`` when none is given."""
+    if data_dir is None or str(data_dir) == "":
+        return "synthetic"
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data directory {root} does not exist. Expected either an ImageFolder tree:\n"
+            f"{IMAGEFOLDER_LAYOUT}\nor a CIFAR-10 directory:\n{CIFAR_LAYOUT}"
+        )
+    if root.name == _CIFAR_DIRNAME or (root / _CIFAR_DIRNAME).is_dir() or (root / _CIFAR_META).is_file():
+        return "cifar10"
+    return "imagefolder"
+
+
+def build_datasets(cfg: DataConfig) -> Datasets:
+    """Open (or generate) the train and validation splits described by ``cfg``."""
+    kind = detect_dataset(cfg.data_dir) if cfg.dataset == "auto" else cfg.dataset
+    if kind != "synthetic" and cfg.data_dir is None:
+        raise DataError(f"dataset {kind!r} needs --data-dir")
+    if kind == "synthetic":
+        num_classes = cfg.num_classes or 10
+        train = SyntheticImages(cfg.synthetic_size, num_classes, cfg.img_size, cfg.seed, split=0)
+        val = SyntheticImages(cfg.synthetic_val_size, num_classes, cfg.img_size, cfg.seed, split=1)
+        description = (
+            f"EMBEDDED SYNTHETIC data set: {num_classes} classes of procedural gratings and blobs, "
+            f"{cfg.img_size}x{cfg.img_size} px, {len(train)} train / {len(val)} val images, seed {cfg.seed}"
+        )
+        classes = train.classes
+        mean, std = SYNTHETIC_MEAN, SYNTHETIC_STD
+        native: int | None = cfg.img_size
+    elif kind == "cifar10":
+        train, val = Cifar10(cfg.data_dir, train=True), Cifar10(cfg.data_dir, train=False)
+        classes = train.classes
+        description = f"CIFAR-10 from {train.root}: {len(train)} train / {len(val)} test images"
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+        native = 32
+    elif kind == "imagefolder":
+        root = Path(cfg.data_dir).expanduser()
+        train, val = _image_folder(root, cfg.train_split), _image_folder(root, cfg.val_split)
+        classes = _folder_classes(train)
+        if _folder_classes(val) != classes:
+            raise DataError(
+                f"{root / cfg.train_split} and {root / cfg.val_split} have different class folders "
+                f"({len(classes)} vs {len(_folder_classes(val))}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            )
+        description = (
+            f"ImageFolder {root}: {len(classes)} classes, {len(train)} train / {len(val)} val images"
+        )
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        native = None
+    else:
+        raise ValueError(f"unknown dataset {kind!r}; choose auto, imagefolder, cifar10 or synthetic")
+    if kind != "synthetic" and cfg.num_classes is not None and cfg.num_classes != len(classes):
+        raise DataError(f"--num-classes {cfg.num_classes} but {cfg.data_dir} holds {len(classes)} classes")
+    return Datasets(
+        train=train,
+        val=val,
+        kind=kind,
+        num_classes=len(classes),
+        class_names=list(classes),
+        description=description,
+        mean=tuple(cfg.mean or mean),
+        std=tuple(cfg.std or std),
+        native_size=native,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# transforms
+# ----------------------------------------------------------------------------------------------
+def build_transforms(
+    cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...], native_size: int | None = None
+) -> tuple[Callable[[Image.Image], torch.Tensor], Callable[[Image.Image], torch.Tensor]]:
+    """``(train_transform, eval_transform)`` for PIL images, both ending in a normalized tensor.
+
+    ``native_size`` is the side of the stored images when known; the ``cifar`` and ``none``
+    pipelines resize only when it differs from ``cfg.img_size``.
+    """
+    from timm.data import create_transform
+
+    if cfg.augment not in ("timm", "cifar", "none"):
+        raise ValueError(f"augment must be 'timm', 'cifar' or 'none', got {cfg.augment!r}")
+    size = cfg.img_size
+    if cfg.augment == "timm":
+        eval_tf = create_transform(
+            size,
+            is_training=False,
+            interpolation=cfg.interpolation,
+            mean=mean,
+            std=std,
+            crop_pct=cfg.crop_pct,
+        )
+        train_tf = create_transform(
+            size,
+            is_training=True,
+            scale=cfg.scale,
+            ratio=cfg.ratio,
+            hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter,
+            auto_augment=cfg.aa,
+            interpolation=cfg.interpolation,
+            mean=mean,
+            std=std,
+            re_prob=cfg.reprob,
+            re_mode=cfg.remode,
+            re_count=cfg.recount,
+        )
+        return train_tf, eval_tf
+
+    from torchvision import transforms as T
+
+    # These pipelines keep the whole image: resize only when the run asks for another size.
+    resize = [] if native_size == size else [T.Resize(size)]
+    tail = [T.ToTensor(), T.Normalize(mean, std)]
+    eval_tf = T.Compose([*resize, T.CenterCrop(size), *tail])
+    if cfg.augment == "none":
+        return eval_tf, eval_tf
+    ops: list[Any] = [*resize, T.RandomCrop(size, padding=max(1, size // 8))]
+    if cfg.hflip > 0:
+        ops.append(T.RandomHorizontalFlip(cfg.hflip))
+    if cfg.aa:
+        from timm.data.auto_augment import rand_augment_transform
+
+        if not cfg.aa.startswith("rand"):
+            raise ValueError(
+                f"the cifar pipeline supports RandAugment policies ('rand-...') only, got {cfg.aa!r}"
+            )
+        ops.append(rand_augment_transform(cfg.aa, {"translate_const": int(size * 0.45)}))
+    ops += tail
+    if cfg.reprob > 0:
+        from timm.data.random_erasing import RandomErasing
+
+        ops.append(RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device="cpu"))
+    return T.Compose(ops), eval_tf
+
+
+@contextlib.contextmanager
+def _seeded_rngs(seed: int, *key: int) -> Iterator[None]:
+    """Run a block under RNGs seeded from ``(seed, *key)``; the caller's RNG states are restored.
+
+    Augmentations draw from three generators: torch's CPU generator (torchvision), python's
+    ``random`` and numpy's global generator (timm's auto-augment and random erasing).
+    """
+    words = np.random.SeedSequence([seed & 0xFFFFFFFF, *key]).generate_state(2)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(int(words[0]) << 32 | int(words[1]))
+        random.seed(int(words[0]))
+        np.random.seed(int(words[1]))
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class SeededTransform(Dataset):
+    """Applies ``transform`` to ``dataset``'s images with an RNG keyed by ``(seed, epoch, index)``.
+
+    The augmentation a sample receives therefore does not depend on the worker that loads it, on
+    the number of workers, or on how many batches a resumed run skipped. Call :meth:`set_epoch` before
+    each epoch (before the loader's iterator is created, so workers see the new value).
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any] | None, seed: int = 0):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, target = self.dataset[index]
+        if self.transform is None:
+            return image, target
+        with _seeded_rngs(self.seed, self.epoch, int(index)):
+            return self.transform(image), target
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``, the same on every process.
+
+    Accelerate shards the batches of this sampler across processes; because every process draws
+    the same permutation, the shards are disjoint. ``shuffle=False`` gives ``0..n-1``.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            yield from range(self.n)
+            return
+        g = torch.Generator()
+        g.manual_seed(int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch]).generate_state(1)[0]))
+        yield from torch.randperm(self.n, generator=g).tolist()
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A plain ``DataLoader`` for ``accelerator.prepare``: shuffled per epoch and full batches in training.
+
+    The loader gets its own generator so that creating an iterator draws nothing from the global
+    RNG (whose state a checkpoint saves and a resume restores).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    if train and len(dataset) < batch_size:
+        raise DataError(f"the training split has {len(dataset)} images, fewer than one batch of {batch_size}")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(dataset), seed=seed, shuffle=train),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=train,
+        generator=generator,
+        persistent_workers=False,  # workers must see each epoch's SeededTransform.set_epoch
+    )
