@@ -1,0 +1,592 @@
+"""Backward error modulation (Xie, Xiong & Pu, CVPR 2017, Sec. 3.3) through tensor hooks.
+
+During backward, the error ``e_l = dL/dy_l`` at the output ``y_l`` of every target layer (the
+parametric layers of :func:`~timm_ortho.targets.find_targets`, the classifier left out by default) is
+measured by its second moment and rescaled where consecutive layers' magnitudes mismatch:
+
+    q_l   = ||e_l||^2                      ("total", default)  or  ||e_l||^2 / numel(e_l)  ("mean")
+    r_l   = q_ref / q_l                    q_ref: the rescaled moment of the layer above
+                                           (reference="previous", the paper) or of the top ("top")
+    s_l^2 = r_l / clamp(r_l, A^-2, A^2)    ("clamp": back onto the edge of the band)
+    s_l^2 = r_l  if r_l outside [A^-2, A^2] else 1      ("match": the paper's rule, to equality)
+    s_l   = clamp(s_l, 1/max_scale, max_scale)           (optional)
+    e_l  <- s_l * e_l,   q_ref <- s_l^2 * q_l  (reference="previous")
+
+The first layer to fire in a backward (the top of the chain) only sets the reference. Because the
+backward pass is linear in the error once the forward pass is fixed, rescaling ``e_l`` by ``s_l``
+rescales every error below it by ``s_l`` too; on a plain chain the weight gradient of layer ``l``
+gets the factor ``prod_{k <= l} s_k`` (``k`` counted from the top).
+
+The scale is computed from log-moments, ``log s^2 = log r - clamp(log r, -2 log A, 2 log A)``, which
+makes it branch-free and exact where nothing changes (``x - x == 0`` and ``exp(0) == 1``). A zero,
+infinite or NaN moment (or reference) gives ``log r`` = +-inf or NaN, which is mapped to
+``s = 1`` exactly, and such a moment never becomes the reference. Ratios of moments do not change
+when the loss is multiplied by ``c`` (every error scales by ``c``, every moment by ``c^2``).
+
+Pure math (:func:`scale_factor`, :func:`simulate_chain`) is kept apart from the hook glue
+(:class:`ErrorModulation`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import Variable
+from torch.utils.hooks import RemovableHandle
+
+from .ortho import compute_dtype
+from .targets import FilterBank, find_targets
+
+__all__ = [
+    "ErrorModulation",
+    "Mode",
+    "ModulationStats",
+    "Reference",
+    "Schedule",
+    "Statistic",
+    "scale_factor",
+    "simulate_chain",
+]
+
+Mode = Literal["clamp", "match"]
+Statistic = Literal["total", "mean"]
+Reference = Literal["previous", "top"]
+Schedule = int | Callable[[int], bool] | None
+
+_MODES = ("clamp", "match")
+_STATISTICS = ("total", "mean")
+_REFERENCES = ("previous", "top")
+
+
+# -- pure math -----------------------------------------------------------------------------------
+
+
+def _check_rule(band: float, mode: str, max_scale: float | None) -> None:
+    """Validate the rule's options with errors that say how to fix them."""
+    if isinstance(band, bool) or not isinstance(band, (int, float)) or not band >= 1.0:
+        raise ValueError(
+            f"band must be a number >= 1 (the quasi-isometry constant A; ratios inside "
+            f"[A^-2, A^2] are left alone), got {band!r}"
+        )
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if max_scale is not None and (
+        isinstance(max_scale, bool) or not isinstance(max_scale, (int, float)) or not max_scale >= 1.0
+    ):
+        raise ValueError(
+            f"max_scale must be None or a number >= 1 (scales are bounded to [1/max_scale, max_scale]), "
+            f"got {max_scale!r}"
+        )
+
+
+def _log_scale_sq(log_q: Tensor, log_ref: Tensor, band: float, mode: str, max_scale: float | None) -> Tensor:
+    """``log s^2`` for a layer of log-moment ``log_q`` under reference ``log_ref``; see module docstring.
+
+    Branch-free: every non-finite intermediate (a zero, infinite or NaN moment or reference) ends as
+    ``log s^2 = 0`` exactly, so ``s = exp(0) = 1`` exactly.
+    """
+    log_r = log_ref - log_q
+    edge = 2.0 * math.log(band)  # log(A^2); inf for A = inf (never modulate)
+    if mode == "clamp":
+        # Inside the band clamp() returns log_r itself, and log_r - log_r == 0 exactly.
+        log_s2 = log_r - log_r.clamp(-edge, edge)
+    else:
+        # abs(nan) > edge is False -> 0; +-inf -> +-inf, removed by nan_to_num below.
+        log_s2 = torch.where(log_r.abs() > edge, log_r, 0.0)
+    log_s2 = torch.nan_to_num(log_s2, nan=0.0, posinf=0.0, neginf=0.0)
+    if max_scale is not None:
+        bound = 2.0 * math.log(max_scale)
+        log_s2 = log_s2.clamp(-bound, bound)
+    return log_s2
+
+
+def _check_reference(reference: str) -> None:
+    if reference not in _REFERENCES:
+        raise ValueError(f"reference must be one of {_REFERENCES}, got {reference!r}")
+
+
+def _next_log_ref(log_after: Tensor, log_ref: Tensor, reference: str) -> Tensor:
+    """The reference for the next layer down.
+
+    ``"previous"``: this layer's rescaled moment (the paper's consecutive rule). ``"top"``: the first
+    valid moment of the chain, kept. Either way a zero or non-finite moment never becomes the
+    reference (its log is +-inf or NaN).
+    """
+    if reference == "previous":
+        return torch.where(torch.isfinite(log_after), log_after, log_ref)
+    return torch.where(torch.isfinite(log_ref), log_ref, log_after)
+
+
+def _as_float(t: Tensor | float) -> Tensor:
+    t = torch.as_tensor(t)
+    if not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    return t.to(compute_dtype(t.dtype))
+
+
+def scale_factor(
+    q: Tensor | float,
+    ref: Tensor | float,
+    band: float = 2.0,
+    mode: Mode = "clamp",
+    max_scale: float | None = None,
+) -> Tensor:
+    """The factor ``s`` that rescales an error of second moment ``q`` under reference moment ``ref``.
+
+    With ``r = ref / q`` and ``A = band``:
+
+    - ``A^-2 <= r <= A^2``: ``s = 1`` exactly;
+    - outside, ``"clamp"``: ``s^2 = r / clamp(r, A^-2, A^2)`` (the ratio lands on the band's edge),
+      ``"match"``: ``s^2 = r`` (the moments become equal);
+    - ``max_scale``: ``s`` is then bounded to ``[1/max_scale, max_scale]``;
+    - ``q`` or ``ref`` zero, negative, infinite or NaN: ``s = 1`` exactly.
+
+    Elementwise over broadcastable ``q`` and ``ref``; computed in float32 (float64 inputs stay
+    float64), no host-device synchronization.
+    """
+    _check_rule(band, mode, max_scale)
+    q, ref = _as_float(q), _as_float(ref)
+    dtype = torch.promote_types(q.dtype, ref.dtype)
+    log_s2 = _log_scale_sq(q.to(dtype).log(), ref.to(dtype).log(), band, mode, max_scale)
+    return log_s2.mul(0.5).exp()
+
+
+def simulate_chain(
+    q_unmodulated: Tensor,
+    band: float = 2.0,
+    mode: Mode = "clamp",
+    max_scale: float | None = None,
+    reference: Reference = "previous",
+) -> tuple[Tensor, Tensor]:
+    """What the hooks do on a chain whose *unmodulated* error moments are ``q_unmodulated``.
+
+    ``q_unmodulated[..., l]`` is the second moment at layer ``l`` (``0`` = top, the first to fire in
+    backward) that the backward pass would give without any modulation. Rescaling layer ``k``'s
+    error by ``s_k`` rescales every error below it, so layer ``l`` receives the moment
+    ``q_l * prod_{k<l} s_k^2``; its own factor ``s_l`` follows from :func:`scale_factor` against the
+    reference, the rescaled moment of the nearest valid layer above (none for the top layer, which
+    therefore keeps ``s = 1``). Zero and non-finite moments get ``s = 1`` and never become the
+    reference.
+
+    With ``reference="top"`` the reference stays the moment of the first valid layer instead.
+
+    Returns ``(scales, q_after)`` of the shape of ``q_unmodulated`` (leading dimensions are
+    independent chains): ``q_after[..., l] = q_l * prod_{k<=l} s_k^2``, the moment that reaches
+    layer ``l``'s weight after its own rescaling.
+    """
+    _check_rule(band, mode, max_scale)
+    _check_reference(reference)
+    q = _as_float(q_unmodulated)
+    if q.dim() == 0:
+        raise ValueError("q_unmodulated must have a last dimension indexing the layers, got a 0-d tensor")
+    log_q = q.log()
+    log_ref = torch.full_like(log_q[..., 0], math.nan)
+    log_cum = torch.zeros_like(log_ref)  # log prod_{k<l} s_k^2: what the layers above did
+    scales, q_after = [], []
+    for layer in range(q.shape[-1]):
+        log_arrived = log_q[..., layer] + log_cum
+        log_s2 = _log_scale_sq(log_arrived, log_ref, band, mode, max_scale)
+        log_after = log_arrived + log_s2
+        log_ref = _next_log_ref(log_after, log_ref, reference)
+        log_cum = log_cum + log_s2
+        scales.append(log_s2.mul(0.5).exp())
+        q_after.append(log_after.exp())
+    return torch.stack(scales, dim=-1), torch.stack(q_after, dim=-1)
+
+
+# -- statistics ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModulationStats:
+    """Statistics of one backward through the chain, top of the chain first.
+
+    All tensors are 1-D, on the device where the errors were, float32 (float64 when the errors
+    were float64), and built without a host-device synchronization.
+    """
+
+    names: list[str]
+    """Target module names in firing order (the top of the chain first)."""
+    q_before: Tensor
+    """Second moment of the error as it reached each layer (after the rescaling of the layers
+    above), before the layer's own rescaling."""
+    q_after: Tensor
+    """Second moment after the layer's own rescaling, ``q_before * scale^2``: the error the layer's
+    weight gradient is computed from."""
+    scale: Tensor
+    """The factor ``s`` each layer's error was multiplied by (exactly 1 where nothing changed)."""
+    modulated: bool = True
+    """False when the error was only measured (``measure_only`` or schedule off): ``scale`` is 1."""
+    statistic: Statistic = "total"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def cumulative_scale(self) -> Tensor:
+        """``prod_{k<=l} s_k``: on a plain chain, the factor layer ``l``'s weight gradient received."""
+        return torch.cumprod(self.scale, dim=0)
+
+    def unmodulated(self) -> Tensor:
+        """``q_before / prod_{k<l} s_k^2``: the moments the same forward pass gives without modulation.
+
+        Exact on a plain chain (backward is linear in the error). With shortcuts an error is a sum of
+        paths that were rescaled differently, so this is only the view along the firing order.
+        """
+        log_s2 = 2.0 * self.scale.log()
+        log_above = torch.cumsum(log_s2, dim=0) - log_s2
+        return (self.q_before.log() - log_above).exp()
+
+    def bottom_top_ratio(self, which: Literal["after", "before", "unmodulated"] = "after") -> Tensor:
+        """The paper's Fig. 3 quantity: second moment at the bottom layer over the top layer (0-d).
+
+        ``which="after"`` (default) uses :attr:`q_after`, the moments the bottom and top weight
+        gradients are actually computed from (the same as ``"before"`` at the top, whose scale is 1).
+        ``"unmodulated"`` gives the ratio the same forward pass has without modulation. With
+        modulation off, all three agree.
+        """
+        q = self.moments(which)
+        if q.numel() == 0:
+            raise ValueError("no layer fired in this backward: the chain is empty")
+        return q[-1] / q[0]
+
+    def log10_moments(self, which: Literal["after", "before", "unmodulated"] = "after") -> Tensor:
+        """``log10`` of the per-layer moments, convenient for plots and tables."""
+        return self.moments(which).log10()
+
+    def moments(self, which: Literal["after", "before", "unmodulated"] = "after") -> Tensor:
+        """Per-layer moments: ``"after"`` (:attr:`q_after`), ``"before"`` (:attr:`q_before`) or
+        ``"unmodulated"`` (:meth:`unmodulated`)."""
+        if which == "after":
+            return self.q_after
+        if which == "before":
+            return self.q_before
+        if which == "unmodulated":
+            return self.unmodulated()
+        raise ValueError(f"which must be 'after', 'before' or 'unmodulated', got {which!r}")
+
+    def as_dict(self) -> dict[str, float]:
+        """Scalars for a logger. This *does* synchronize with the device: call it when logging."""
+        scale = self.scale.double()
+        log2_scale = scale.log2().abs()
+        values = {
+            "bottom_top_ratio": self.bottom_top_ratio("after"),
+            "bottom_top_ratio_unmodulated": self.bottom_top_ratio("unmodulated"),
+            "max_abs_log2_scale": log2_scale.max() if len(self) else scale.new_zeros(()),
+            "layers_rescaled": (scale != 1).sum().to(scale.dtype),
+            "total_scale": scale.prod(),
+        }
+        return {k: float(v) for k, v in values.items()}
+
+
+@dataclass(eq=False)
+class _Pass:
+    """State of one forward pass's chain: what its tensor hooks close over.
+
+    A pass is started by every forward of the root model. Its chain state (reference, records) is
+    reset when a backward first reaches it and published when that backward finishes, so a second
+    backward through the same graph (``retain_graph=True``) starts a fresh chain.
+    """
+
+    open: bool = False
+    modulate: bool = False
+    log_ref: Tensor | None = None
+    names: list[str] = field(default_factory=list)
+    log_q: list[Tensor] = field(default_factory=list)
+    log_s2: list[Tensor] = field(default_factory=list)
+    scale: list[Tensor] = field(default_factory=list)
+
+
+def _graph_task_id() -> int:
+    """Id of the autograd graph task running on this thread, -1 outside backward."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if fn is None else fn()
+
+
+def _stack(values: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    if not values:
+        return torch.empty(0, device=device, dtype=dtype)
+    return torch.stack([v.to(device=device, dtype=dtype) for v in values])
+
+
+# -- the hooks -----------------------------------------------------------------------------------
+
+
+class ErrorModulation:
+    """Backward error modulation on a model's target layers, installed with hooks.
+
+    Args:
+        model: the root module. Each of its forwards starts a new chain (a "pass"); call this
+            module (not only a submodule) so that passes are told apart.
+        band: the quasi-isometry constant ``A >= 1``; ratios ``q_ref / q`` inside ``[A^-2, A^2]`` are
+            left alone. ``band=1`` rescales every layer to the moment above it.
+        mode: ``"clamp"`` rescales to the edge of the band, ``"match"`` to equality (the paper).
+        statistic: ``"total"`` (sum of squares, the default: an orthonormal map preserves norms, and
+            a per-element mean jumps with ``numel`` at stride and width changes) or ``"mean"``.
+        include_classifier: put classifier-role targets in the chain (then the classifier, the last
+            layer, is the top and sets the reference). Off by default.
+        max_scale: bound every factor to ``[1/max_scale, max_scale]``; None for no bound.
+        reference: ``"previous"`` (default, the paper): each layer is compared with the rescaled
+            moment of the layer above it. ``"top"``: each layer is compared with the top layer's
+            moment, which bounds the whole chain to the band around the top; a slow drift (every
+            consecutive ratio inside the band, as at MSRA init) is then corrected too.
+        schedule: when the rule may change the error, as a function of :meth:`set_step` (the number
+            of optimizer updates done): None = always, an int ``N`` = while ``step < N``, a callable
+            ``step -> bool``.
+        measure_only: never change the error; only record statistics (the baseline of Fig. 3).
+        record_when_inactive: while the schedule is off, still record statistics (default). False
+            installs no tensor hook at all while off (zero backward cost).
+        targets: the :class:`~timm_ortho.targets.FilterBank` list (the regularizer's targets); by
+            default ``find_targets(model, **target_kwargs)``.
+
+    The statistics of the last finished backward are :meth:`last_stats`. Use :meth:`remove` or a
+    ``with`` block to take the hooks off; tensor hooks already attached to a live graph then do
+    nothing.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        band: float = 2.0,
+        mode: Mode = "clamp",
+        statistic: Statistic = "total",
+        include_classifier: bool = False,
+        max_scale: float | None = None,
+        reference: Reference = "previous",
+        schedule: Schedule = None,
+        measure_only: bool = False,
+        record_when_inactive: bool = True,
+        targets: Sequence[FilterBank] | None = None,
+        **target_kwargs: Any,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        _check_rule(band, mode, max_scale)
+        if statistic not in _STATISTICS:
+            raise ValueError(f"statistic must be one of {_STATISTICS}, got {statistic!r}")
+        _check_reference(reference)
+        _check_schedule(schedule)
+        if targets is None:
+            targets = find_targets(model, **target_kwargs)
+        elif target_kwargs:
+            raise ValueError(
+                f"pass either targets or find_targets options, not both (got targets and "
+                f"{sorted(target_kwargs)})"
+            )
+        self.band = float(band)
+        self.mode: Mode = mode
+        self.statistic: Statistic = statistic
+        self.include_classifier = bool(include_classifier)
+        self.max_scale = None if max_scale is None else float(max_scale)
+        self.reference: Reference = reference
+        self.schedule = schedule
+        self.measure_only = bool(measure_only)
+        self.record_when_inactive = bool(record_when_inactive)
+        self._step = 0
+
+        in_model = {id(m) for m in model.modules()}
+        # Hooked modules in registration order (the statistics list them in firing order instead).
+        self.module_names: list[str] = []
+        modules: list[nn.Module] = []
+        for t in targets:
+            if t.role == "classifier" and not self.include_classifier:
+                continue
+            if id(t.module) not in in_model:
+                raise ValueError(f"target {t.name!r} is not a submodule of the model given")
+            if any(t.module is m for m in modules):
+                continue
+            modules.append(t.module)
+            self.module_names.append(t.module_name)
+        if not modules:
+            raise ValueError(
+                "no target layer to modulate: the model has no Conv/Linear targets outside the "
+                "classifier (pass include_classifier=True, or other targets)"
+            )
+
+        self._current: _Pass | None = None
+        self._in_backward: dict[int, _Pass] = {}  # graph task id -> pass opened in it
+        self._last: _Pass | None = None
+        self._last_stats: ModulationStats | None = None
+        self._removed = False
+        self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._start_pass)]
+        for name, module in zip(self.module_names, modules, strict=True):
+            self._handles.append(module.register_forward_hook(functools.partial(self._on_output, name)))
+
+    # -- schedule ---------------------------------------------------------------------------------
+    def set_step(self, step: int) -> None:
+        """Number of optimizer updates done so far; the schedule reads it."""
+        step = operator.index(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self._step = step
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def active(self) -> bool:
+        """Whether the schedule is on at the current step (``measure_only`` overrides it).
+
+        None -> always; int ``N`` -> ``step < N``; callable -> ``bool(schedule(step))``. It is read
+        when a backward first reaches a forward pass's chain, so one backward is all on or all off.
+        """
+        if self.schedule is None:
+            return True
+        if isinstance(self.schedule, int):
+            return self._step < self.schedule
+        return bool(self.schedule(self._step))
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove every hook. Tensor hooks already on a live graph become no-ops. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._removed = True
+        self._current = None
+        self._in_backward.clear()
+
+    @property
+    def removed(self) -> bool:
+        return self._removed
+
+    def __enter__(self) -> ErrorModulation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        schedule = self.schedule if self.schedule is None or isinstance(self.schedule, int) else "callable"
+        return (
+            f"{type(self).__name__}(layers={len(self.module_names)}, band={self.band}, mode={self.mode!r}, "
+            f"statistic={self.statistic!r}, include_classifier={self.include_classifier}, "
+            f"max_scale={self.max_scale}, reference={self.reference!r}, schedule={schedule}, "
+            f"measure_only={self.measure_only}"
+            f"{', removed' if self._removed else ''})"
+        )
+
+    # -- statistics -------------------------------------------------------------------------------
+    def last_stats(self) -> ModulationStats:
+        """Statistics of the last finished backward (no host-device synchronization).
+
+        When several forward passes finish in one backward (e.g. ``(loss1 + loss2).backward()``), the
+        pass finished last is reported.
+        """
+        if self._last_stats is None:
+            p = self._last
+            if p is None:
+                raise RuntimeError(
+                    "no backward has gone through the modulation hooks yet: run a forward of the model "
+                    "with grad enabled and a backward first"
+                )
+            device = p.log_q[0].device
+            dtype = torch.float64 if any(t.dtype == torch.float64 for t in p.log_q) else torch.float32
+            log_q = _stack(p.log_q, device, dtype)
+            if p.modulate:
+                log_s2 = _stack(p.log_s2, device, dtype)
+                scale = _stack(p.scale, device, dtype)
+            else:
+                log_s2, scale = torch.zeros_like(log_q), torch.ones_like(log_q)
+            self._last_stats = ModulationStats(
+                names=list(p.names),
+                q_before=log_q.exp(),
+                q_after=(log_q + log_s2).exp(),
+                scale=scale,
+                modulated=p.modulate,
+                statistic=self.statistic,
+            )
+        return self._last_stats
+
+    # -- hook glue --------------------------------------------------------------------------------
+    def _start_pass(self, module: nn.Module, args: Any) -> None:
+        # A root forward during backward is a checkpoint recompute of the whole model: it belongs
+        # to the pass being backpropagated, not to a new one.
+        if _graph_task_id() < 0:
+            self._current = _Pass()
+
+    def _on_output(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self._removed or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        if not self.record_when_inactive and not self.measure_only and not self.active:
+            return
+        task = _graph_task_id()
+        if task >= 0:
+            # Recompute inside backward (gradient checkpointing). Reentrant checkpointing backprops
+            # the recomputed outputs in a nested backward: their hooks must continue the chain of
+            # the pass being backpropagated in this task. (Non-reentrant recomputed outputs are
+            # never backpropagated; their hooks never fire.)
+            p = self._in_backward.get(task) or self._current_or_new()
+            if not p.open:
+                self._open(p, task)
+        else:
+            p = self._current_or_new()
+        output.register_hook(functools.partial(self._on_error, p, name))
+
+    def _current_or_new(self) -> _Pass:
+        # Only reached when a target runs outside a root forward (a submodule called directly).
+        if self._current is None:
+            self._current = _Pass()
+        return self._current
+
+    def _open(self, p: _Pass, task: int) -> None:
+        """A backward reaches pass ``p``: fresh chain; publish it when this graph task finishes."""
+        p.open = True
+        p.modulate = self.active and not self.measure_only
+        p.log_ref = None
+        p.names, p.log_q, p.log_s2, p.scale = [], [], [], []
+        self._in_backward[task] = p
+        Variable._execution_engine.queue_callback(functools.partial(self._close, p, task))
+
+    def _close(self, p: _Pass, task: int) -> None:
+        p.open = False
+        self._in_backward.pop(task, None)
+        if p.names:
+            self._last, self._last_stats = p, None
+
+    def _on_error(self, p: _Pass, name: str, g: Tensor) -> Tensor | None:
+        if self._removed or g.numel() == 0:
+            return None
+        if not p.open:
+            self._open(p, _graph_task_id())
+        # Fused float32 reduction (float64 stays float64): no g*g temporary, exact dtype under autocast.
+        log_q = torch.linalg.vector_norm(g, dtype=compute_dtype(g.dtype)).log().mul(2.0)
+        if self.statistic == "mean":
+            log_q = log_q - math.log(g.numel())
+        p.names.append(name)
+        p.log_q.append(log_q)
+        if not p.modulate:
+            return None
+        log_ref = p.log_ref
+        if log_ref is None:
+            log_ref = torch.full_like(log_q, math.nan)  # the top: no reference yet, s = 1
+        elif log_ref.device != log_q.device:
+            log_ref = log_ref.to(log_q.device, non_blocking=True)
+        log_s2 = _log_scale_sq(log_q, log_ref, self.band, self.mode, self.max_scale)
+        log_after = log_q + log_s2
+        p.log_ref = _next_log_ref(log_after, log_ref, self.reference)
+        scale = log_s2.mul(0.5).exp()
+        p.log_s2.append(log_s2)
+        p.scale.append(scale)
+        # g * 1.0 is exact (also for inf, nan and -0.0), so untouched layers stay bit-identical.
+        return g * scale
+
+
+def _check_schedule(schedule: object) -> None:
+    if schedule is None or callable(schedule):
+        return
+    if isinstance(schedule, bool) or not isinstance(schedule, int):
+        raise TypeError(
+            f"schedule must be None (always on), an int N (on for the first N optimizer steps) or a "
+            f"callable step -> bool, got {schedule!r}"
+        )
+    if schedule < 0:
+        raise ValueError(f"schedule as a number of steps must be >= 0, got {schedule}")

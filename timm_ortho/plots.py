@@ -1,0 +1,122 @@
+"""Figures of the backward error modulation (matplotlib, Agg backend, no display needed).
+
+- :func:`plot_error_moments`: the second moment of the error at every target layer, top of the chain
+  on the left, log scale: without modulation (the same forward pass's unmodulated moments) and after
+  it. The paper's Fig. 3 quantity is the ratio of the rightmost to the leftmost point.
+- :func:`plot_ratio_history`: the bottom/top ratio over training steps (the paper's Fig. 3 itself).
+
+Figures are drawn on a ``matplotlib.figure.Figure`` with an Agg canvas, never through ``pyplot``, so
+they touch no global backend state and work in headless training jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .modulation import ModulationStats
+
+__all__ = ["plot_error_moments", "plot_ratio_history"]
+
+Which = Literal["before", "after", "unmodulated"]
+
+_STYLE: dict[str, dict[str, object]] = {
+    "unmodulated": {"linestyle": ":", "marker": "", "label": "unmodulated"},
+    "before": {"linestyle": "--", "marker": "", "label": "arrived (before own scale)"},
+    "after": {"linestyle": "-", "marker": ".", "label": "after modulation"},
+}
+
+
+def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def plot_error_moments(
+    stats_or_list: ModulationStats | Sequence[ModulationStats],
+    path: str | Path,
+    *,
+    labels: Sequence[str] | None = None,
+    which: Sequence[Which] = ("unmodulated", "after"),
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Save a PNG of per-layer error second moments (log y) and return its path.
+
+    Args:
+        stats_or_list: one :class:`~timm_ortho.modulation.ModulationStats` or several (e.g. one per
+            configuration or per step); each gets a colour, each moment kind a line style.
+        path: where to write the PNG (parent folders are created).
+        labels: one legend label per stats; default ``"0", "1", ...`` (none for a single stats).
+        which: the moments to draw: ``"unmodulated"`` (what the same forward pass gives without
+            modulation), ``"before"`` (as the error reached the layer), ``"after"`` (after its own
+            rescaling: what the weight gradient sees).
+
+    This synchronizes with the device (it reads the tensors).
+    """
+    stats = [stats_or_list] if isinstance(stats_or_list, ModulationStats) else list(stats_or_list)
+    if not stats:
+        raise ValueError("nothing to plot: pass a ModulationStats or a non-empty list of them")
+    if labels is not None and len(labels) != len(stats):
+        raise ValueError(f"got {len(labels)} labels for {len(stats)} stats")
+    for w in which:
+        if w not in _STYLE:
+            raise ValueError(f"which entries must be among {tuple(_STYLE)}, got {w!r}")
+    fig = Figure(figsize=(7.0, 4.0))
+    ax = fig.add_subplot()
+    for i, st in enumerate(stats):
+        color = f"C{i % 10}"
+        prefix = "" if labels is None and len(stats) == 1 else f"{labels[i] if labels else i}: "
+        for w in which:
+            y = st.moments(w).detach().to("cpu", torch.float64).numpy()
+            style = dict(_STYLE[w])
+            label = prefix + str(style.pop("label"))
+            ax.plot(range(len(y)), y, color=color, label=label, **style)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (0 = top of the chain, in backward firing order)")
+    ax.set_ylabel(f"error second moment ({stats[0].statistic})")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_ratio_history(
+    history: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Save a PNG of the bottom/top second-moment ratio over training (the paper's Fig. 3).
+
+    ``history`` maps a label (e.g. ``"L2"``, ``"orthonormal + modulation"``) to ``(steps, ratios)``,
+    the ratios as numbers, e.g. ``float(stats.bottom_top_ratio())`` collected at logging time.
+    """
+    if not history:
+        raise ValueError("nothing to plot: history is empty")
+    fig = Figure(figsize=(7.0, 4.0))
+    ax = fig.add_subplot()
+    for label, (steps, ratios) in history.items():
+        if len(steps) != len(ratios):
+            raise ValueError(f"{label!r}: {len(steps)} steps but {len(ratios)} ratios")
+        ax.plot(list(steps), [float(r) for r in ratios], label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("error second moment, bottom / top")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
