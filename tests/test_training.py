@@ -1,0 +1,400 @@
+"""The training loop, its checkpoints and the scripts, end to end on tiny data.
+
+Every run here is a few updates of plain_cnn20 on 8x8 images, in-process (accelerate's global state
+is reset between tests), except the script exit-code test and the two-process test, which launch
+real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_data import write_cifar, write_image_folder
+
+from timm_ortho.checkpoint import (
+    MARKER,
+    CheckpointManager,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_resume,
+)
+from timm_ortho.training import (
+    CIFAR_PROTOCOL,
+    TrainConfig,
+    _build_schedule,
+    _param_groups,
+    build_parser,
+    config_from_args,
+    main,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate(monkeypatch):
+    """A new accelerate state per test (it is a process-wide singleton) and one thread per run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny(tmp_path: Path, **overrides) -> TrainConfig:
+    values = dict(
+        model="plain_cnn20",
+        img_size=8,
+        synthetic_size=32,
+        synthetic_val_size=8,
+        batch_size=4,
+        epochs=1,
+        workers=0,
+        log_interval=1,
+        output=str(tmp_path),
+        experiment="run",
+        lr=0.05,
+        smoothing=0.0,
+        sched="cosine",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+# ----------------------------------------------------------------------------------------------
+def test_synthetic_end_to_end(tmp_path):
+    import timm
+
+    cfg = tiny(tmp_path, modulation=True, lr=None, lr_base=0.1, lr_base_size=256)
+    result = train(cfg)
+    run = tmp_path / "run"
+    s = result.summary
+    assert result.run_dir == run and s["updates"] == 8 and s["synthetic"]
+    assert 0.0 <= s["final_eval"]["top1"] <= s["final_eval"]["top5"] <= 100.0
+
+    recs = records(run)
+    kinds = [r["type"] for r in recs]
+    assert kinds[0] == "config" and kinds[-1] == "summary" and kinds.count("eval") == 1
+    header = recs[0]
+    assert header["lr"] == pytest.approx(0.1 * 4 / 256)  # scaled by the global batch
+    assert header["synthetic"] and header["processes"] == 1 and header["mixed_precision"] == "no"
+    steps = [r for r in recs if r["type"] == "train"]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    for r in steps:
+        assert (
+            torch.isfinite(torch.tensor(r["loss"]))
+            and r["ortho_penalty"] >= 0
+            and r["mod_bottom_top_ratio"] > 0
+        )
+    layers = [r for r in recs if r["type"] == "layers"]
+    assert len(layers[0]["q_before"]) == len(layers[0]["names"]) == 19  # 19 convs, classifier left out
+    assert len(layers[0]["ortho_residual"]) == 20
+
+    for name in ("error_moments.png", "bottom_top_ratio.png"):
+        assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["ckpt-000000008"]
+    saved = torch.load(run / "last.pth", weights_only=True)
+    fresh = timm.create_model("plain_cnn20", num_classes=10)
+    fresh.load_state_dict(saved["state_dict"])  # a timm-loadable checkpoint
+    assert states_equal(fresh.state_dict(), result.model.state_dict())
+    assert (run / "model_best.pth").is_file() and json.loads((run / "summary.json").read_text())[
+        "updates"
+    ] == 8
+
+
+def test_image_folder_run_with_timm_augmentation(tmp_path):
+    write_image_folder(tmp_path / "data", per_class=4)
+    cfg = tiny(
+        tmp_path,
+        data_dir=str(tmp_path / "data"),
+        aa="rand-m9-mstd0.5",
+        reprob=0.25,
+        mixup=0.2,
+        cutmix=1.0,
+        smoothing=0.1,
+        model_ema=True,
+        max_steps=2,
+    )
+    result = train(cfg)
+    assert result.summary["updates"] == 2 and "ImageFolder" in result.summary["data"]
+    assert result.model.get_classifier().out_features == 3
+    assert result.summary["ema_eval"] is not None
+
+
+def test_cifar_protocol_on_a_pickle_directory(tmp_path):
+    write_cifar(tmp_path / "data", per_batch=4)
+    args = build_parser("cifar").parse_args(
+        [
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--model",
+            "plain_cnn20",
+            "--batch-size",
+            "4",
+            "--iterations",
+            "4",
+            "--decay-steps",
+            "2",
+            "3",
+            "--workers",
+            "0",
+            "--log-interval",
+            "1",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "cifar",
+        ]
+    )
+    result = train(config_from_args(args))
+    assert result.summary["updates"] == 4 and "CIFAR-10" in result.summary["data"]
+    lrs = [r["lr"] for r in records(tmp_path / "cifar") if r["type"] == "train"]
+    # The lr logged after update u is the one for update u + 1: 0.1 before 2, /10 from 2, /100 from 3.
+    assert lrs == pytest.approx([0.1, 0.01, 0.001, 0.001])
+
+
+def test_cifar_defaults_are_the_papers_protocol():
+    cfg = config_from_args(build_parser("cifar").parse_args([]))
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.opt) == (128, 0.1, 0.9, "momentum")
+    assert (cfg.iterations, cfg.decay_steps, cfg.sched, cfg.augment) == (
+        64000,
+        [32000, 48000],
+        "multistep",
+        "none",
+    )
+    assert cfg.model == CIFAR_PROTOCOL["model"] == "plain_cnn44" and not cfg.baseline
+    assert config_from_args(build_parser("cifar").parse_args(["--augment", "cifar"])).augment == "cifar"
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=cfg.lr, momentum=cfg.momentum)
+    scheduler, total, epochs = _build_schedule(cfg, opt, updates_per_epoch=390)
+    assert total == 64000 and epochs == 165
+    for t, expected in [(0, 0.1), (31999, 0.1), (32000, 0.01), (47999, 0.01), (48000, 0.001), (63999, 0.001)]:
+        scheduler.step_update(t)
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected), t
+
+
+def test_baseline_uses_l2_and_the_method_does_not(tmp_path):
+    import timm
+
+    model = timm.create_model("plain_cnn20", num_classes=10)
+    from timm_ortho.targets import find_targets
+
+    targets = find_targets(model)
+    groups = _param_groups(model, {id(t.param) for t in targets}, weight_decay=5e-4)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert all(decay[id(t.param)] == 0.0 for t in targets)
+    assert len(decay) == len(list(model.parameters()))
+
+    result = train(tiny(tmp_path, baseline=True, max_steps=2))
+    assert result.summary["method"].startswith("baseline: msra init, L2 weight decay")
+    steps = [r for r in records(tmp_path / "run") if r["type"] == "train"]
+    assert "ortho_penalty" not in steps[0] and steps[0]["mod_layers_rescaled"] == 0
+
+
+def test_bf16_on_cpu(tmp_path, monkeypatch):
+    import timm_ortho.training as training
+
+    dtypes: list[torch.dtype] = []
+    create = training._create_model
+
+    def recording(cfg, num_classes):
+        model, desc = create(cfg, num_classes)
+        model.stem.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        return model, desc
+
+    monkeypatch.setattr(training, "_create_model", recording)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    result = train(tiny(tmp_path, modulation=True, max_steps=3))
+    assert result.summary["mixed_precision"] == "bf16"
+    assert torch.bfloat16 in dtypes  # the forward really ran under bf16 autocast
+    losses = [r["loss"] for r in records(tmp_path / "run") if r["type"] == "train"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# exact resume
+# ----------------------------------------------------------------------------------------------
+def test_resume_gives_bit_identical_weights(tmp_path):
+    """Interrupt, resume, and end with exactly the weights of an uninterrupted run.
+
+    The run uses everything that carries state or randomness: random augmentation (crop, flip,
+    colour, random erasing), mixup, gradient accumulation, error modulation, the orthonormality
+    term, momentum, a cosine schedule with warmup and an EMA of the weights; 2 epochs of 5 updates.
+    """
+    common = dict(
+        synthetic_size=40,
+        grad_accum_steps=2,
+        epochs=2,
+        modulation=True,
+        reprob=0.25,
+        mixup=0.2,
+        model_ema=True,
+        model_ema_decay=0.5,
+        warmup_steps=2,
+        checkpoint_interval=3,
+        checkpoint_hist=10,
+    )
+    full = train(tiny(tmp_path, experiment="full", **common))
+    assert full.summary["updates"] == 10
+    saved = [p.name for p in list_checkpoints(tmp_path / "full" / "checkpoints")]
+    assert saved == [f"ckpt-{u:09d}" for u in (3, 5, 6, 9, 10)]  # every 3 updates and at epoch ends
+
+    # Interrupted after 4 updates (mid-epoch, between two periodic checkpoints), then --resume auto.
+    first = train(tiny(tmp_path, experiment="cut", max_steps=4, **common))
+    assert first.summary["updates"] == 4
+    assert not states_equal(first.model.state_dict(), full.model.state_dict())
+    resumed = train(tiny(tmp_path, experiment="cut", resume="auto", **common))
+    assert resumed.summary["updates"] == 10
+    assert states_equal(resumed.model.state_dict(), full.model.state_dict())
+    assert states_equal(resumed.ema_model.state_dict(), full.ema_model.state_dict())
+    assert any(r["type"] == "resume" for r in records(tmp_path / "cut"))
+
+    # From a periodic checkpoint in the second epoch, into a new run folder.
+    ckpt = tmp_path / "full" / "checkpoints" / "ckpt-000000006"
+    again = train(tiny(tmp_path, experiment="again", resume=str(ckpt), **common))
+    assert states_equal(again.model.state_dict(), full.model.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+class FakeAccelerator:
+    """The three members CheckpointManager uses; save_state writes a file (or fails half-way)."""
+
+    is_main_process = True
+
+    def __init__(self):
+        self.fail = False
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "model.safetensors").write_text("weights")
+        if self.fail:
+            raise KeyboardInterrupt("killed during the save")
+
+
+def test_checkpoints_rotate_and_survive_an_interrupted_save(tmp_path):
+    acc = FakeAccelerator()
+    manager = CheckpointManager(acc, tmp_path / "checkpoints", keep=2)
+    for updates in (10, 20, 30):
+        folder = manager.save(updates, {"epoch": 1})
+        assert json.loads((folder / MARKER).read_text())["updates"] == updates
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
+        "ckpt-000000020",
+        "ckpt-000000030",
+    ]
+
+    acc.fail = True
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(40)
+    assert (tmp_path / "checkpoints" / ".tmp-ckpt-000000040").is_dir()  # the partial save
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "ckpt-000000030"  # the last good one
+    assert resolve_resume(str(tmp_path), None).name == "ckpt-000000030"
+    assert resolve_resume("auto", tmp_path).name == "ckpt-000000030"
+
+    acc.fail = False
+    manager.save(30)  # the same update count again replaces the folder
+    manager.save(50)  # and the next save clears the partial one
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "ckpt-000000030",
+        "ckpt-000000050",
+    ]
+
+
+def test_resume_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resolve_resume(str(tmp_path), None)
+    partial = tmp_path / "checkpoints" / "ckpt-000000007"
+    partial.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="incomplete checkpoint"):
+        resolve_resume(str(partial), None)
+    with pytest.raises(FileNotFoundError, match="--experiment"):
+        resolve_resume("auto", None)
+    assert main(["--resume", str(tmp_path), "--output", str(tmp_path)]) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# processes
+# ----------------------------------------------------------------------------------------------
+def test_bad_data_path_fails_with_a_clear_message(tmp_path, capsys):
+    missing = tmp_path / "imagenet"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_imagenet.py"), "--data-dir", str(missing)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert str(missing) in proc.stderr and "<data-dir>/train/<class name>" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    broken = tmp_path / "cifar" / "cifar-10-batches-py"
+    broken.mkdir(parents=True)
+    (broken / "batches.meta").write_bytes(b"")
+    assert main(["--data-dir", str(tmp_path / "cifar"), "--output", str(tmp_path)], preset="cifar") == 2
+    err = capsys.readouterr().err
+    assert "missing data_batch_1" in err and str(broken) in err
+
+
+def test_two_processes_on_cpu_hold_identical_weights(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    for key in [k for k in env if k.startswith("ACCELERATE_")]:
+        env.pop(key)
+    cmd = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "tests" / "ddp_helper.py"),
+        *("--model", "plain_cnn20", "--img-size", "8", "--batch-size", "4", "--lr", "0.1"),
+        *("--synthetic-size", "32", "--synthetic-val-size", "6", "--epochs", "1", "--max-steps", "3"),
+        *("--workers", "0", "--log-interval", "1", "--modulation", "--no-error-stats"),
+        *("--output", str(tmp_path), "--experiment", "ddp"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ddp"
+    ranks = [torch.load(run / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
+    assert states_equal(ranks[0], ranks[1])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["updates"] == 3
+    header = records(run)[0]
+    assert header["global_batch"] == 8 and header["updates_per_epoch"] == 4
