@@ -511,6 +511,19 @@ def test_gradient_checkpointing(use_reentrant: bool) -> None:
         )
 
 
+def test_create_graph_treats_the_factor_as_a_constant() -> None:
+    model, x, y = make_chain(6, seed=8)
+    with ErrorModulation(model, band=1.3) as em:
+        want, s = _run_alone(model, em, x, y)
+        names, params = zip(*model.named_parameters(), strict=True)
+        got = dict(
+            zip(names, torch.autograd.grad(loss_of(model, x, y), params, create_graph=True), strict=True)
+        )
+        torch.testing.assert_close(em.last_stats().scale, s, rtol=1e-12, atol=0)
+        assert got["blocks.0.0.weight"].requires_grad  # a graph was built through the hooks
+        assert_close({k: v.detach() for k, v in got.items()}, want, rtol=1e-10)
+
+
 def test_loss_scale_invariance() -> None:
     model, x, y = make_chain(10, seed=4, dtype=torch.float32)
     with ErrorModulation(model, band=1.3) as em:
@@ -591,6 +604,8 @@ def test_schedule() -> None:
         em.set_step(-1)
     with pytest.raises(TypeError):
         em.set_step(1.5)
+    with pytest.raises(TypeError, match="schedule"):
+        em.schedule = "early"
     em.remove()
     with pytest.raises(TypeError, match="schedule"):
         ErrorModulation(model, schedule=True)
@@ -764,18 +779,18 @@ if __name__ == "__main__":  # the measurement reported in docs/modulation.md
         "clamp A=2, reference=top": {"reference": "top"},
         "mean, off": {"statistic": "mean", "measure_only": True},
         "mean, clamp A=1.1": {"statistic": "mean", "band": 1.1},
+        "classifier in chain, total, clamp A=2": {"include_classifier": True},
+        "classifier in chain, mean, clamp A=2": {"include_classifier": True, "statistic": "mean"},
     }
     torch.set_num_threads(2)
-    print(
-        "| configuration | bottom/top, seeds 0 1 2 | layers rescaled | max consecutive ratio (unmodulated) |"
-    )
+    print("| configuration | bottom/top, seeds 0 / 1 / 2 | layers rescaled | largest factor |")
     print("| --- | --- | --- | --- |")
     for label, options in configs.items():
-        ratios, rescaled, worst = [], [], []
+        ratios, rescaled, largest = [], [], []
         for seed in range(3):
             s = measure_plain44(options, seed)
             ratios.append(f"{float(s.bottom_top_ratio()):.3g}")
             rescaled.append(str(int((s.scale != 1).sum())))
-            q = s.unmodulated()
-            worst.append(f"{float((q[1:] / q[:-1]).log().abs().max().exp()):.2f}")
-        print(f"| {label} | {' / '.join(ratios)} | {' / '.join(rescaled)} | {' / '.join(worst)} |")
+            big = s.scale.log().abs().max().exp()
+            largest.append(f"{float(big):.3g}")
+        print(f"| {label} | {' / '.join(ratios)} | {' / '.join(rescaled)} | {' / '.join(largest)} |")

@@ -17,10 +17,12 @@ backward pass is linear in the error once the forward pass is fixed, rescaling `
 rescales every error below it by ``s_l`` too; on a plain chain the weight gradient of layer ``l``
 gets the factor ``prod_{k <= l} s_k`` (``k`` counted from the top).
 
-The scale is computed from log-moments, ``log s^2 = log r - clamp(log r, -2 log A, 2 log A)``, which
-makes it branch-free and exact where nothing changes (``x - x == 0`` and ``exp(0) == 1``). A zero,
-infinite or NaN moment (or reference) gives ``log r`` = +-inf or NaN, which is mapped to
-``s = 1`` exactly, and such a moment never becomes the reference. Ratios of moments do not change
+The scale is computed from log-norms (``log sqrt(q)``): ``log s = softshrink(log sqrt(r), log A)``
+for "clamp" (``hardshrink`` for "match"), which is branch-free and exactly 0 inside the band, so
+``s = exp(0) = 1`` exactly where nothing changes. A zero, infinite or NaN moment (or reference)
+gives ``log r`` = +-inf or NaN, which is mapped to ``s = 1`` exactly, and such a moment never
+becomes the reference. Logs also keep the statistic from overflowing float32 (``q`` can exceed
+3e38 under a large loss scale while the norm does not). Ratios of moments do not change
 when the loss is multiplied by ``c`` (every error scales by ``c``, every moment by ``c^2``).
 
 Pure math (:func:`scale_factor`, :func:`simulate_chain`) is kept apart from the hook glue
@@ -39,6 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
+from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from .ortho import compute_dtype
@@ -86,25 +89,27 @@ def _check_rule(band: float, mode: str, max_scale: float | None) -> None:
         )
 
 
-def _log_scale_sq(log_q: Tensor, log_ref: Tensor, band: float, mode: str, max_scale: float | None) -> Tensor:
-    """``log s^2`` for a layer of log-moment ``log_q`` under reference ``log_ref``; see module docstring.
+def _log_scale(log_n: Tensor, log_ref: Tensor, band: float, mode: str, max_scale: float | None) -> Tensor:
+    """``log s`` for a layer whose error has log-*norm* ``log_n`` under the reference log-norm ``log_ref``.
 
-    Branch-free: every non-finite intermediate (a zero, infinite or NaN moment or reference) ends as
-    ``log s^2 = 0`` exactly, so ``s = exp(0) = 1`` exactly.
+    Norms, not moments: ``log s = log sqrt(r)`` and the band edge is ``log A``, which saves the
+    squaring and halving (every op here is a kernel launch per layer per backward). With
+    ``x = log_ref - log_n = log sqrt(r)``:
+
+    - ``"clamp"``: ``x - clamp(x, -log A, log A)`` is ``softshrink(x, log A)``;
+    - ``"match"``: ``x`` where ``|x| > log A``, else 0, is ``hardshrink(x, log A)``.
+
+    Both return exactly 0 inside the band. A zero, infinite or NaN norm or reference makes ``x``
+    +-inf or NaN, which ``nan_to_num`` maps to ``log s = 0``, i.e. ``s = exp(0) = 1`` exactly.
     """
-    log_r = log_ref - log_q
-    edge = 2.0 * math.log(band)  # log(A^2); inf for A = inf (never modulate)
-    if mode == "clamp":
-        # Inside the band clamp() returns log_r itself, and log_r - log_r == 0 exactly.
-        log_s2 = log_r - log_r.clamp(-edge, edge)
-    else:
-        # abs(nan) > edge is False -> 0; +-inf -> +-inf, removed by nan_to_num below.
-        log_s2 = torch.where(log_r.abs() > edge, log_r, 0.0)
-    log_s2 = torch.nan_to_num(log_s2, nan=0.0, posinf=0.0, neginf=0.0)
+    x = log_ref - log_n
+    # softshrink/hardshrink refuse an infinite threshold: band=inf (never rescale) uses the largest float.
+    edge = min(math.log(band), torch.finfo(x.dtype).max)
+    log_s = F.softshrink(x, edge) if mode == "clamp" else F.hardshrink(x, edge)
+    log_s = torch.nan_to_num(log_s, nan=0.0, posinf=0.0, neginf=0.0)
     if max_scale is not None:
-        bound = 2.0 * math.log(max_scale)
-        log_s2 = log_s2.clamp(-bound, bound)
-    return log_s2
+        log_s = log_s.clamp(-math.log(max_scale), math.log(max_scale))
+    return log_s
 
 
 def _check_reference(reference: str) -> None:
@@ -154,8 +159,8 @@ def scale_factor(
     _check_rule(band, mode, max_scale)
     q, ref = _as_float(q), _as_float(ref)
     dtype = torch.promote_types(q.dtype, ref.dtype)
-    log_s2 = _log_scale_sq(q.to(dtype).log(), ref.to(dtype).log(), band, mode, max_scale)
-    return log_s2.mul(0.5).exp()
+    log_s = _log_scale(0.5 * q.to(dtype).log(), 0.5 * ref.to(dtype).log(), band, mode, max_scale)
+    return log_s.exp()
 
 
 def simulate_chain(
@@ -186,25 +191,25 @@ def simulate_chain(
     q = _as_float(q_unmodulated)
     if q.dim() == 0:
         raise ValueError("q_unmodulated must have a last dimension indexing the layers, got a 0-d tensor")
-    log_q = q.log()
-    log_ref = torch.full_like(log_q[..., 0], math.nan)
-    log_cum = torch.zeros_like(log_ref)  # log prod_{k<l} s_k^2: what the layers above did
+    log_n = 0.5 * q.log()  # log-norms, as in the hooks
+    log_ref = torch.full_like(log_n[..., 0], math.nan)
+    log_cum = torch.zeros_like(log_ref)  # log prod_{k<l} s_k: what the layers above did
     scales, q_after = [], []
     for layer in range(q.shape[-1]):
-        log_arrived = log_q[..., layer] + log_cum
-        log_s2 = _log_scale_sq(log_arrived, log_ref, band, mode, max_scale)
-        log_after = log_arrived + log_s2
+        log_arrived = log_n[..., layer] + log_cum
+        log_s = _log_scale(log_arrived, log_ref, band, mode, max_scale)
+        log_after = log_arrived + log_s
         log_ref = _next_log_ref(log_after, log_ref, reference)
-        log_cum = log_cum + log_s2
-        scales.append(log_s2.mul(0.5).exp())
-        q_after.append(log_after.exp())
+        log_cum = log_cum + log_s
+        scales.append(log_s.exp())
+        q_after.append((2.0 * log_after).exp())
     return torch.stack(scales, dim=-1), torch.stack(q_after, dim=-1)
 
 
 # -- statistics ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModulationStats:
     """Statistics of one backward through the chain, top of the chain first.
 
@@ -274,11 +279,10 @@ class ModulationStats:
     def as_dict(self) -> dict[str, float]:
         """Scalars for a logger. This *does* synchronize with the device: call it when logging."""
         scale = self.scale.double()
-        log2_scale = scale.log2().abs()
         values = {
             "bottom_top_ratio": self.bottom_top_ratio("after"),
             "bottom_top_ratio_unmodulated": self.bottom_top_ratio("unmodulated"),
-            "max_abs_log2_scale": log2_scale.max() if len(self) else scale.new_zeros(()),
+            "max_abs_log2_scale": scale.log2().abs().max(),
             "layers_rescaled": (scale != 1).sum().to(scale.dtype),
             "total_scale": scale.prod(),
         }
@@ -298,8 +302,8 @@ class _Pass:
     modulate: bool = False
     log_ref: Tensor | None = None
     names: list[str] = field(default_factory=list)
-    log_q: list[Tensor] = field(default_factory=list)
-    log_s2: list[Tensor] = field(default_factory=list)
+    log_n: list[Tensor] = field(default_factory=list)
+    log_s: list[Tensor] = field(default_factory=list)
     scale: list[Tensor] = field(default_factory=list)
 
 
@@ -372,7 +376,6 @@ class ErrorModulation:
         if statistic not in _STATISTICS:
             raise ValueError(f"statistic must be one of {_STATISTICS}, got {statistic!r}")
         _check_reference(reference)
-        _check_schedule(schedule)
         if targets is None:
             targets = find_targets(model, **target_kwargs)
         elif target_kwargs:
@@ -386,7 +389,7 @@ class ErrorModulation:
         self.include_classifier = bool(include_classifier)
         self.max_scale = None if max_scale is None else float(max_scale)
         self.reference: Reference = reference
-        self.schedule = schedule
+        self.schedule = schedule  # validated by the property setter
         self.measure_only = bool(measure_only)
         self.record_when_inactive = bool(record_when_inactive)
         self._step = 0
@@ -430,6 +433,16 @@ class ErrorModulation:
     @property
     def step(self) -> int:
         return self._step
+
+    @property
+    def schedule(self) -> Schedule:
+        """None (always on), an int ``N`` (on while ``step < N``) or a callable ``step -> bool``."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: Schedule) -> None:
+        _check_schedule(schedule)
+        self._schedule = schedule
 
     @property
     def active(self) -> bool:
@@ -488,18 +501,18 @@ class ErrorModulation:
                     "no backward has gone through the modulation hooks yet: run a forward of the model "
                     "with grad enabled and a backward first"
                 )
-            device = p.log_q[0].device
-            dtype = torch.float64 if any(t.dtype == torch.float64 for t in p.log_q) else torch.float32
-            log_q = _stack(p.log_q, device, dtype)
+            device = p.log_n[0].device
+            dtype = torch.float64 if any(t.dtype == torch.float64 for t in p.log_n) else torch.float32
+            log_n = _stack(p.log_n, device, dtype)
             if p.modulate:
-                log_s2 = _stack(p.log_s2, device, dtype)
+                log_s = _stack(p.log_s, device, dtype)
                 scale = _stack(p.scale, device, dtype)
             else:
-                log_s2, scale = torch.zeros_like(log_q), torch.ones_like(log_q)
+                log_s, scale = torch.zeros_like(log_n), torch.ones_like(log_n)
             self._last_stats = ModulationStats(
                 names=list(p.names),
-                q_before=log_q.exp(),
-                q_after=(log_q + log_s2).exp(),
+                q_before=(2.0 * log_n).exp(),
+                q_after=(2.0 * (log_n + log_s)).exp(),
                 scale=scale,
                 modulated=p.modulate,
                 statistic=self.statistic,
@@ -542,7 +555,7 @@ class ErrorModulation:
         p.open = True
         p.modulate = self.active and not self.measure_only
         p.log_ref = None
-        p.names, p.log_q, p.log_s2, p.scale = [], [], [], []
+        p.names, p.log_n, p.log_s, p.scale = [], [], [], []
         self._in_backward[task] = p
         Variable._execution_engine.queue_callback(functools.partial(self._close, p, task))
 
@@ -558,23 +571,23 @@ class ErrorModulation:
         if not p.open:
             self._open(p, _graph_task_id())
         # Fused float32 reduction (float64 stays float64): no g*g temporary, exact dtype under autocast.
-        log_q = torch.linalg.vector_norm(g, dtype=compute_dtype(g.dtype)).log().mul(2.0)
+        # On the detached error: the factor is a constant of the backward, also under create_graph.
+        log_n = torch.linalg.vector_norm(g.detach(), dtype=compute_dtype(g.dtype)).log()
         if self.statistic == "mean":
-            log_q = log_q - math.log(g.numel())
+            log_n = log_n - 0.5 * math.log(g.numel())
         p.names.append(name)
-        p.log_q.append(log_q)
+        p.log_n.append(log_n)
         if not p.modulate:
             return None
         log_ref = p.log_ref
         if log_ref is None:
-            log_ref = torch.full_like(log_q, math.nan)  # the top: no reference yet, s = 1
-        elif log_ref.device != log_q.device:
-            log_ref = log_ref.to(log_q.device, non_blocking=True)
-        log_s2 = _log_scale_sq(log_q, log_ref, self.band, self.mode, self.max_scale)
-        log_after = log_q + log_s2
-        p.log_ref = _next_log_ref(log_after, log_ref, self.reference)
-        scale = log_s2.mul(0.5).exp()
-        p.log_s2.append(log_s2)
+            log_ref = torch.full_like(log_n, math.nan)  # the top: no reference yet, s = 1
+        elif log_ref.device != log_n.device:
+            log_ref = log_ref.to(log_n.device, non_blocking=True)
+        log_s = _log_scale(log_n, log_ref, self.band, self.mode, self.max_scale)
+        p.log_ref = _next_log_ref(log_n + log_s, log_ref, self.reference)
+        scale = log_s.exp()
+        p.log_s.append(log_s)
         p.scale.append(scale)
         # g * 1.0 is exact (also for inf, nan and -0.0), so untouched layers stay bit-identical.
         return g * scale
