@@ -118,7 +118,8 @@ class TrainConfig:
     opt_eps: float | None = None
     clip_grad: float | None = None
     clip_mode: Literal["norm", "value"] = "norm"
-    sched: str = "cosine"
+    sched: str = "multistep"
+    """Default: the paper's ImageNet schedule (90 epochs, lr divided by 10 at epochs 30 and 60)."""
     epochs: int = 90
     iterations: int | None = None
     """Length of the run in updates (overrides ``epochs``); the schedule is then counted in updates."""
@@ -152,7 +153,7 @@ class TrainConfig:
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"
     mixup_off_epoch: int = 0
-    smoothing: float = 0.1
+    smoothing: float = 0.0
 
     # data (see DataConfig)
     data_dir: str | None = None
@@ -346,9 +347,16 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
         default=d.modulation,
         help="backward error modulation",
     )
-    g.add_argument("--mod-band", type=float, default=d.mod_band, help="quasi-isometry constant A >= 1")
-    g.add_argument("--mod-mode", default=d.mod_mode, choices=["clamp", "match"])
-    g.add_argument("--mod-statistic", default=d.mod_statistic)
+    g.add_argument(
+        "--mod-band",
+        type=float,
+        default=d.mod_band,
+        help="quasi-isometry constant A >= 1 (None: library default)",
+    )
+    g.add_argument("--mod-mode", default=d.mod_mode, choices=["clamp", "match"], help="None: library default")
+    g.add_argument(
+        "--mod-statistic", default=d.mod_statistic, choices=["total", "mean"], help="None: library default"
+    )
     g.add_argument(
         "--mod-include-classifier", action=argparse.BooleanOptionalAction, default=d.mod_include_classifier
     )
@@ -576,6 +584,15 @@ def _modulation_options(cfg: TrainConfig) -> dict[str, Any]:
         "schedule": cfg.mod_schedule or None,
     }
     return {k: v for k, v in options.items() if v is not None}
+
+
+def _describe_modulation(cfg: TrainConfig) -> str:
+    if not cfg.modulation:
+        return "off" + (" (error moments measured only)" if cfg.error_stats else "")
+    options = _modulation_options(cfg)
+    return "on " + (
+        ", ".join(f"{k}={v}" for k, v in options.items()) if options else "(ErrorModulation defaults)"
+    )
 
 
 def _build_schedule(cfg: TrainConfig, optimizer: Any, updates_per_epoch: int) -> tuple[Any, int, int]:
@@ -856,7 +873,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         method = (
             f"{init_desc} init, orthonormality regularizer lambda={cfg.ortho_decay:g} on "
             f"{len(targets)} weights (no L2 on them), modulation "
-            f"{('on ' + repr(_modulation_options(cfg) or 'defaults')) if cfg.modulation else 'off'}"
+            f"{_describe_modulation(cfg)}"
         )
     if cfg.torchcompile:
         model = torch.compile(model, backend=cfg.torchcompile)
