@@ -29,6 +29,7 @@ from timm_ortho.training import (
     TrainConfig,
     _build_schedule,
     _param_groups,
+    _ratio_history,
     build_parser,
     config_from_args,
     main,
@@ -277,6 +278,10 @@ def test_resume_gives_bit_identical_weights(tmp_path):
     assert states_equal(resumed.model.state_dict(), full.model.state_dict())
     assert states_equal(resumed.ema_model.state_dict(), full.ema_model.state_dict())
     assert any(r["type"] == "resume" for r in records(tmp_path / "cut"))
+    # The run's history spans the interruption: every update logged once, in order.
+    history = _ratio_history(tmp_path / "cut" / "metrics.jsonl", unmodulated=True)
+    assert history["as trained"][0] == list(range(1, 11))
+    assert (tmp_path / "cut" / "bottom_top_ratio.png").is_file()
 
     # From a periodic checkpoint in the second epoch, into a new run folder.
     ckpt = tmp_path / "full" / "checkpoints" / "ckpt-000000006"

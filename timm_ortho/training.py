@@ -655,6 +655,28 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _ratio_history(path: Path, unmodulated: bool) -> dict[str, tuple[list[int], list[float]]]:
+    """Bottom/top error-moment ratios logged so far in ``metrics.jsonl``, across resumes.
+
+    Steps logged twice (after the last checkpoint of an interrupted run, then again after the
+    resume) keep their latest value.
+    """
+    after: dict[int, float] = {}
+    plain: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("type") == "train" and "mod_bottom_top_ratio" in record:
+            after[record["step"]] = record["mod_bottom_top_ratio"]
+            plain[record["step"]] = record["mod_bottom_top_ratio_unmodulated"]
+    if not after:
+        return {}
+    steps = sorted(after)
+    history = {"as trained": (steps, [after[t] for t in steps])}
+    if unmodulated:
+        history["same forward, unmodulated"] = (steps, [plain[t] for t in steps])
+    return history
+
+
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -1008,9 +1030,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         stats = probe.last_stats() if probe is not None else None
         if stats is not None:
             record.update({f"mod_{k}": v for k, v in stats.as_dict().items()})
-            ratios.append(
-                (progress.updates, record["mod_bottom_top_ratio"], record["mod_bottom_top_ratio_unmodulated"])
-            )
             layers.update(
                 names=list(stats.names),
                 q_before=torch.as_tensor(stats.q_before).tolist(),
@@ -1038,7 +1057,6 @@ def train(cfg: TrainConfig) -> TrainResult:
             _save_weights(run_dir / name, payload)
 
     # --- the loop -------------------------------------------------------------------------------
-    ratios: list[tuple[int, float, float]] = []  # (update, bottom/top as trained, unmodulated), main
     model.train()
     stopped = progress.updates >= stop_at
     samples_seen = 0
@@ -1148,7 +1166,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # --- the end ----------------------------------------------------------------------------------
     pngs: list[str] = []
-    if probe is not None and is_main and progress.updates > 0:
+    if probe is not None and is_main and samples_seen > 0:  # a backward ran in this process
         from .plots import plot_error_moments, plot_ratio_history
 
         # Moments of the last backward of this process: with modulation, what the same forward gives
@@ -1159,11 +1177,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             probe.last_stats(), run_dir / "error_moments.png", which=which, title=title
         )
         pngs.append(str(moments_png))
-        if ratios:
-            steps = [r[0] for r in ratios]
-            history = {"as trained": (steps, [r[1] for r in ratios])}
-            if cfg.modulation:
-                history["same forward, unmodulated"] = (steps, [r[2] for r in ratios])
+        history = _ratio_history(run_dir / "metrics.jsonl", unmodulated=cfg.modulation)
+        if history:
             pngs.append(str(plot_ratio_history(history, run_dir / "bottom_top_ratio.png", title=cfg.model)))
     final_residual = float(layer_penalties(targets).sum())
     final_cos = float(filter_correlation(targets).mean())
