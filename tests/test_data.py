@@ -280,6 +280,18 @@ def test_loader_leaves_the_global_rng_alone():
         build_loader(ds, 32, train=True)
 
 
+def test_worker_processes_load_the_same_batches():
+    """Each sample's augmentation is keyed by (seed, epoch, index), not by the worker that loads it."""
+    cfg = DataConfig(img_size=8, reprob=0.5)
+    ds = SeededTransform(SyntheticImages(24, 3, 8), build_transforms(cfg, (0.5,) * 3, (0.25,) * 3)[0], seed=4)
+    ds.set_epoch(2)
+    serial = list(build_loader(ds, 4, train=True, seed=1, workers=0))
+    parallel = list(build_loader(ds, 4, train=True, seed=1, workers=2))
+    assert all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(serial, parallel, strict=True)
+    )
+
+
 def test_synthetic_is_the_default():
     ds = build_datasets(DataConfig(img_size=8, synthetic_size=12, synthetic_val_size=4, num_classes=3))
     assert ds.synthetic and "SYNTHETIC" in ds.description and ds.num_classes == 3

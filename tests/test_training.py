@@ -7,6 +7,7 @@ real processes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -270,7 +271,8 @@ def test_resume_gives_bit_identical_weights(tmp_path):
     assert saved == [f"ckpt-{u:09d}" for u in (3, 5, 6, 9, 10)]  # every 3 updates and at epoch ends
 
     # Interrupted after 4 updates (mid-epoch, between two periodic checkpoints), then --resume auto.
-    first = train(tiny(tmp_path, experiment="cut", max_steps=4, **common))
+    # The first launch already says --resume auto: with no checkpoint yet it starts from scratch.
+    first = train(tiny(tmp_path, experiment="cut", resume="auto", max_steps=4, **common))
     assert first.summary["updates"] == 4
     assert not states_equal(first.model.state_dict(), full.model.state_dict())
     resumed = train(tiny(tmp_path, experiment="cut", resume="auto", **common))
@@ -406,3 +408,11 @@ def test_two_processes_on_cpu_hold_identical_weights(tmp_path):
     assert summary["processes"] == 2 and summary["updates"] == 3
     header = records(run)[0]
     assert header["global_batch"] == 8 and header["updates_per_epoch"] == 4
+
+
+@pytest.mark.slow
+def test_a_short_run_learns_the_synthetic_set(tmp_path):
+    """3 epochs of 960 16x16 images: well above chance (10%) on the held-out split."""
+    cfg = tiny(tmp_path, img_size=16, synthetic_size=960, synthetic_val_size=200, batch_size=32, epochs=3)
+    result = train(dataclasses.replace(cfg, lr=0.1, augment="cifar", log_interval=30))
+    assert result.summary["final_eval"]["top1"] > 30.0

@@ -447,7 +447,7 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     g.add_argument(
         "--resume",
         default=d.resume,
-        help="checkpoint folder, run folder, or 'auto' (newest checkpoint of --experiment)",
+        help="checkpoint folder, run folder, or 'auto' (newest of --experiment; none yet: start fresh)",
     )
     g.add_argument(
         "--checkpoint-interval",
@@ -787,8 +787,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     resume_path: Path | None = None
     if cfg.resume is not None:
         given = Path(cfg.output) / cfg.experiment if cfg.experiment else None
-        resume_path = resolve_resume(cfg.resume, given)
-        if cfg.experiment is None and resume_path.parent.name == "checkpoints":
+        try:
+            resume_path = resolve_resume(cfg.resume, given)
+        except FileNotFoundError:
+            # "auto" with a named run that has no checkpoint yet is a first launch: the same command
+            # line then serves the first start and every restart of a preemptible job.
+            if cfg.resume not in ("auto", "latest") or given is None:
+                raise
+            _log.info("--resume %s: no checkpoint under %s yet, starting from scratch", cfg.resume, given)
+        if resume_path is not None and cfg.experiment is None and resume_path.parent.name == "checkpoints":
             run_dir = resume_path.parent.parent
     if run_dir is None:
         name = [cfg.experiment or (_run_name(cfg) if is_main else None)]
