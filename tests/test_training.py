@@ -352,6 +352,20 @@ def test_resume_errors_are_clear(tmp_path):
     assert main(["--resume", str(tmp_path), "--output", str(tmp_path)]) == 2
 
 
+def test_one_run_folder_holds_one_timeline(tmp_path, capsys):
+    for updates in (5, 9):
+        folder = tmp_path / "run" / "checkpoints" / f"ckpt-{updates:09d}"
+        folder.mkdir(parents=True)
+        (folder / MARKER).write_text(json.dumps({"updates": updates}))
+    # A fresh run into it would interleave its checkpoints with the old ones.
+    assert main(["--output", str(tmp_path), "--experiment", "run"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    # So would a resume from the older checkpoint that continues in the same folder.
+    older = tmp_path / "run" / "checkpoints" / "ckpt-000000005"
+    assert main(["--output", str(tmp_path), "--resume", str(older)]) == 2
+    assert "--experiment NAME to branch" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # processes
 # ----------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointManager, resolve_resume
+from .checkpoint import MARKER, CheckpointManager, list_checkpoints, resolve_resume
 from .data import (
     DataConfig,
     DataError,
@@ -745,6 +745,34 @@ def _cpu_only_multiprocess() -> bool:
     return not has_accelerator
 
 
+def _check_run_folder(run_dir: Path, resume_path: Path | None) -> None:
+    """Refuse to mix two timelines in one folder of rotating checkpoints.
+
+    A fresh run into a folder that holds checkpoints, or a resume from a checkpoint older than the
+    folder's newest, would interleave its checkpoints with the others, and a later ``--resume auto``
+    would pick the wrong one.
+    """
+    existing = list_checkpoints(run_dir / "checkpoints")
+    if not existing:
+        return
+    if resume_path is None:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints ({existing[-1].name} is the newest): continue it with "
+            f"--resume auto (and --experiment {run_dir.name}), or choose another --experiment"
+        )
+    if resume_path.resolve() != existing[-1].resolve() and _updates_of(resume_path) < _updates_of(
+        existing[-1]
+    ):
+        raise ConfigError(
+            f"resuming from {resume_path} would continue in {run_dir}, which holds the newer "
+            f"{existing[-1].name}; pass --experiment NAME to branch into a new run folder"
+        )
+
+
+def _updates_of(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / MARKER).read_text())["updates"])
+
+
 def _run_name(cfg: TrainConfig) -> str:
     method = "baseline" if cfg.baseline else ("ortho-mod" if cfg.modulation else "ortho")
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{method}"
@@ -801,6 +829,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         name = [cfg.experiment or (_run_name(cfg) if is_main else None)]
         broadcast_object_list(name)
         run_dir = Path(cfg.output) / name[0]
+    _check_run_folder(run_dir, resume_path)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
