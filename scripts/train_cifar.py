@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The paper's CIFAR-10 protocol: plain and residual 44/110-layer nets, method vs baseline.
 
-Defaults (METHOD.md section 6): batch 128, SGD momentum 0.9, lr 0.1 divided by 10 at 32k and 48k
-updates, 64k updates, no data augmentation (``--augment cifar`` switches on pad-4 crop + flip).
+Defaults (He et al.'s schedule, which the paper follows): batch 128, SGD momentum 0.9, lr 0.1
+divided by 10 at 32k and 48k updates, 64k updates, no data augmentation (``--augment cifar`` switches on
+pad-4 crop + flip).
 
     accelerate launch scripts/train_cifar.py --data-dir ~/data/cifar-10-batches-py --model plain_cnn44
     accelerate launch scripts/train_cifar.py --data-dir ~/data --model plain_cnn44 --baseline

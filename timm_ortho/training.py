@@ -252,7 +252,7 @@ class _KeyValue(argparse.Action):
 def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     """The flags of the training scripts, named like timm's ``train.py`` where the concept is the same.
 
-    ``preset="cifar"`` sets the defaults to the paper's CIFAR-10 protocol (METHOD.md section 6).
+    ``preset="cifar"`` sets the defaults to the paper's CIFAR-10 protocol (He et al.'s schedule).
     """
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -467,7 +467,7 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
 
 
 CIFAR_PROTOCOL: dict[str, Any] = {
-    # METHOD.md section 6 / He et al.: 64k iterations at batch 128, lr 0.1 divided by 10 at 32k and 48k.
+    # The paper follows He et al.: 64k iterations at batch 128, lr 0.1 divided by 10 at 32k and 48k.
     "model": "plain_cnn44",
     "batch_size": 128,
     "lr": 0.1,
