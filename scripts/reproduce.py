@@ -1,0 +1,341 @@
+"""Reproduce the paper's mechanism figures and choose the method's defaults by measurement.
+
+    python scripts/reproduce.py mechanism      # plain_cnn44: (a) l2, (b) ortho, (c) ortho+mod, resnet twin
+    python scripts/reproduce.py trainability   # plain_cnn110 under (a), (b), (c) and cifar_resnet110 (a)
+    python scripts/reproduce.py sweep          # modulation band/mode/reference/schedule and ortho_decay
+    python scripts/reproduce.py all            # the three, about 30 minutes on a 2-core CPU
+    python scripts/reproduce.py protocol       # print the commands of the full CIFAR-10 protocol
+
+Options shared by all suites: ``--data-dir`` (a ``cifar-10-batches-py`` folder; default: the
+embedded synthetic set), ``--device`` (``auto`` picks CUDA when present), ``--steps``,
+``--batch-size``, ``--img-size``, ``--seeds``, ``--lrs``, ``--out`` (figures and JSON records).
+``--gpu`` switches to a longer budget (32 px, batch 128, 4000 steps, 3 seeds) for a GPU.
+
+Fair comparison: every regime is trained at each learning rate of the same grid on the first seed;
+the lr with the lowest final training loss is then run on the remaining seeds. Runs with the same
+seed see the same batches in the same order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timm_ortho.experiments import RunConfig, best_by_loss, load_tensor_data, run_many
+
+REGIMES = {
+    "(a) MSRA + L2": ("plain", "l2"),
+    "(b) ortho": ("plain", "ortho"),
+    "(c) ortho + modulation": ("plain", "ortho_mod"),
+    "residual twin, MSRA + L2": ("resnet", "l2"),
+}
+COLOURS = {"l2": "tab:red", "ortho": "tab:blue", "ortho_mod": "tab:green", "resnet": "tab:gray"}
+
+
+def compare(depth: int, args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Each regime at the best lr of the grid (first seed), then the other seeds at that lr."""
+    runs = len(REGIMES) * (len(args.lrs) + len(args.seeds) - 1)
+    bar = tqdm(total=runs, desc=name, unit="run")
+    plans = {}
+    for label, (family, method) in REGIMES.items():
+        model = f"plain_cnn{depth}" if family == "plain" else f"cifar_resnet{depth}"
+        plans[label] = dict(model=model, method=method, steps=args.steps, batch_size=args.batch_size)
+    grid_cfgs = [RunConfig(**plan, lr=lr, seed=args.seeds[0]) for plan in plans.values() for lr in args.lrs]
+    grid = run_many(grid_cfgs, args.data_kwargs, args.device, args.jobs, bar.update)
+    per_regime = {label: grid[i * len(args.lrs) : (i + 1) * len(args.lrs)] for i, label in enumerate(plans)}
+    best = {label: best_by_loss(records) for label, records in per_regime.items()}
+    seed_cfgs = [
+        RunConfig(**plans[label], lr=best[label]["config"]["lr"], seed=seed)
+        for label in plans
+        for seed in args.seeds[1:]
+    ]
+    extra = run_many(seed_cfgs, args.data_kwargs, args.device, args.jobs, bar.update)
+    bar.close()
+    results: dict[str, Any] = {}
+    n_extra = len(args.seeds) - 1
+    for i, (label, (family, method)) in enumerate(REGIMES.items()):
+        seeds = [best[label], *extra[i * n_extra : (i + 1) * n_extra]]
+        results[label] = {
+            "grid": per_regime[label],
+            "seeds": seeds,
+            "lr": best[label]["config"]["lr"],
+            "key": family + method,
+        }
+    return results
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for label, r in results.items():
+        finals = [s["final"] for s in r["seeds"]]
+        ratios = [s["history"][-1]["bottom_top_ratio"] for s in r["seeds"]]
+        early = [_mean_before_drop(s, "bottom_top_ratio", log=True) for s in r["seeds"]]
+        rows.append(
+            {
+                "regime": label,
+                "lr": r["lr"],
+                "train_loss": [f["train_loss"] for f in finals],
+                "val_acc": [f["val_acc"] for f in finals],
+                "cosine": [s["history"][-1]["cosine"] for s in r["seeds"]],
+                "ratio_end": ratios,
+                "ratio_before_drop": early,
+                "diverged": [f["diverged"] for f in finals],
+                "seconds": [s["seconds"] for s in r["seeds"]],
+            }
+        )
+    return rows
+
+
+def _mean_before_drop(record: dict[str, Any], key: str, log: bool = False) -> float:
+    """Geometric (log=True) or plain mean of a recorded quantity before the first lr drop."""
+    first_drop = record["config"]["lr_drops"][0] * record["config"]["steps"]
+    values = [h[key] for h in record["history"] if h["step"] <= first_drop and h[key] > 0]
+    if not values:
+        return float("nan")
+    if log:
+        return 10 ** statistics.fmean(math.log10(v) for v in values)
+    return statistics.fmean(values)
+
+
+def fmt(values: list[float], spec: str = ".3f") -> str:
+    if len(values) == 1:
+        return format(values[0], spec)
+    return (
+        f"{format(statistics.fmean(values), spec)} ({format(min(values), spec)}..{format(max(values), spec)})"
+    )
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| regime | lr | train loss | held-out acc | mean abs cos | bottom/top (before 1st drop) "
+        "| bottom/top (end) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['regime']} | {r['lr']:g} | {fmt(r['train_loss'])} | {fmt(r['val_acc'])} | "
+            f"{fmt(r['cosine'], '.4f')} | {fmt(r['ratio_before_drop'], '.2e')} | "
+            f"{fmt(r['ratio_end'], '.2e')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_suite(results: dict[str, Any], title: str, path: Path) -> None:
+    """Training loss, filter cosine (Fig. 2), bottom/top ratio (Fig. 3), per-layer moments."""
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    for label, r in results.items():
+        colour = COLOURS["resnet" if r["key"].startswith("resnet") else r["key"].removeprefix("plain")]
+        for i, rec in enumerate(r["seeds"]):
+            steps = [h["step"] for h in rec["history"]]
+            kw = {"color": colour, "alpha": 1.0 if i == 0 else 0.4, "label": label if i == 0 else None}
+            axes[0].plot(steps, [h["loss"] for h in rec["history"]], **kw)
+            axes[1].plot(steps, [h["cosine"] for h in rec["history"]], **kw)
+            axes[2].plot(steps, [h["bottom_top_ratio"] for h in rec["history"]], **kw)
+            moments = rec["final"]["layer_moments"]
+            axes[3].plot(range(len(moments)), [m / moments[0] for m in moments], **kw)
+    axes[0].set(title="training loss", xlabel="step", yscale="log")
+    axes[1].set(title="mean |cos| between filters (Fig. 2)", xlabel="step")
+    axes[2].set(title="error 2nd moment, bottom / top (Fig. 3)", xlabel="step", yscale="log")
+    axes[2].axhline(1.0, color="black", lw=0.5)
+    axes[3].set(title="per-layer error 2nd moment / top, end", xlabel="layer (top = 0)", yscale="log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+SWEEP_RULES = (
+    {"band": 2.0, "mode": "clamp", "reference": "previous"},
+    {"band": 1.5, "mode": "clamp", "reference": "previous"},
+    {"band": 1.1, "mode": "clamp", "reference": "previous"},
+    {"band": 1.1, "mode": "match", "reference": "previous"},
+    {"band": 1.25, "mode": "clamp", "reference": "top"},
+    {"band": 2.0, "mode": "clamp", "reference": "top"},
+    {"band": 4.0, "mode": "clamp", "reference": "top"},
+    {"band": 2.0, "mode": "match", "reference": "top"},
+)
+SWEEP_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
+
+
+def sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Modulation rule options, then its schedule, then ortho_decay, on plain_cnn44 at one lr."""
+    base = dict(model="plain_cnn44", steps=args.steps, batch_size=args.batch_size, lr=args.sweep_lr)
+    runs = (len(SWEEP_RULES) + 1 + len(SWEEP_DECAYS)) * len(args.seeds)
+    bar = tqdm(total=runs, desc="sweep", unit="run")
+    rule_cfgs = [
+        RunConfig(**base, method="ortho_mod", modulation=dict(rule), seed=seed)
+        for rule in SWEEP_RULES
+        for seed in args.seeds
+    ]
+    records = run_many(rule_cfgs, args.data_kwargs, args.device, args.jobs, bar.update)
+    n = len(args.seeds)
+    out: dict[str, Any] = {"rule": [], "schedule": [], "ortho_decay": []}
+    for i, rule in enumerate(SWEEP_RULES):
+        out["rule"].append({"options": dict(rule), "runs": records[i * n : (i + 1) * n]})
+    best = min(out["rule"], key=lambda e: _mean_loss(e["runs"]))
+    warmup = {**best["options"], "schedule": args.steps // 4}
+    later = [RunConfig(**base, method="ortho_mod", modulation=warmup, seed=seed) for seed in args.seeds]
+    later += [
+        RunConfig(**base, method="ortho", ortho_decay=decay, seed=seed)
+        for decay in SWEEP_DECAYS
+        for seed in args.seeds
+    ]
+    records = run_many(later, args.data_kwargs, args.device, args.jobs, bar.update)
+    bar.close()
+    out["schedule"] = [
+        {"options": {**best["options"], "schedule": "always"}, "runs": best["runs"]},
+        {"options": {**warmup, "schedule": f"first {args.steps // 4} steps"}, "runs": records[:n]},
+    ]
+    for i, decay in enumerate(SWEEP_DECAYS):
+        out["ortho_decay"].append(
+            {"options": {"ortho_decay": decay}, "runs": records[n * (i + 1) : n * (i + 2)]}
+        )
+    return out
+
+
+def _mean_loss(runs: list[dict[str, Any]]) -> float:
+    values = [r["final"]["train_loss"] for r in runs]
+    return (
+        float("inf")
+        if any(r["final"]["diverged"] or not math.isfinite(v) for r, v in zip(runs, values, strict=True))
+        else statistics.fmean(values)
+    )
+
+
+def sweep_tables(out: dict[str, Any]) -> str:
+    parts = []
+    for key, title in (
+        ("rule", "modulation rule"),
+        ("schedule", "modulation schedule"),
+        ("ortho_decay", "ortho_decay (regime b)"),
+    ):
+        lines = [
+            f"**{title}**",
+            "",
+            "| options | train loss (per seed) | mean | held-out acc | bottom/top (end) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for entry in sorted(out[key], key=lambda e: _mean_loss(e["runs"])):
+            losses = [r["final"]["train_loss"] for r in entry["runs"]]
+            accs = [r["final"]["val_acc"] for r in entry["runs"]]
+            ratios = [r["history"][-1]["bottom_top_ratio"] for r in entry["runs"]]
+            opts = ", ".join(f"{k}={v}" for k, v in entry["options"].items())
+            lines.append(
+                f"| {opts} | {' / '.join(f'{v:.3f}' for v in losses)} | {_mean_loss(entry['runs']):.3f} | "
+                f"{fmt(accs)} | {fmt(ratios, '.1e')} |"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def plot_sweep(out: dict[str, Any], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    entries = out["rule"]
+    labels = [
+        f"A={e['options']['band']}\n{e['options']['mode']}\n{e['options']['reference']}" for e in entries
+    ]
+    losses = [_mean_loss(e["runs"]) for e in entries]
+    axes[0].bar(range(len(entries)), [v if math.isfinite(v) else 0 for v in losses], color="tab:green")
+    axes[0].set_xticks(range(len(entries)), labels, fontsize=7)
+    axes[0].set(title="modulation rule: final training loss (mean over seeds)", ylabel="loss")
+    decays = out["ortho_decay"]
+    axes[1].plot([e["options"]["ortho_decay"] for e in decays], [_mean_loss(e["runs"]) for e in decays], "o-")
+    axes[1].set(title="ortho_decay (regime b): final training loss", xscale="log", xlabel="ortho_decay")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+PROTOCOL = """# The paper's CIFAR-10 protocol (batch 128, lr 0.1, momentum 0.9, 64k iterations, lr /10 at
+# 32k and 48k, no augmentation), one run per line; needs the cifar-10-batches-py folder.
+for model in plain_cnn44 plain_cnn110 cifar_resnet44 cifar_resnet110; do
+  run="accelerate launch scripts/train_cifar.py --data-dir $CIFAR --model $model"
+  $run --baseline --output runs/$model-l2
+  $run --no-modulation --output runs/$model-ortho
+  $run --modulation --output runs/$model-ortho-mod
+done"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("suite", choices=["mechanism", "trainability", "sweep", "all", "protocol"])
+    parser.add_argument("--data-dir", default=None, help="cifar-10-batches-py folder (default: synthetic)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--gpu", action="store_true", help="longer budget for a GPU")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--n-train", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1])
+    parser.add_argument("--sweep-lr", type=float, default=0.1)
+    parser.add_argument("--out", type=Path, default=Path("docs/figures"))
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="parallel single-threaded runs (CPU); default: cores"
+    )
+    args = parser.parse_args()
+    if args.suite == "protocol":
+        print(PROTOCOL)
+        return
+    gpu = args.gpu
+    args.steps = args.steps or (4000 if gpu else 300)
+    args.batch_size = args.batch_size or (128 if gpu else 32)
+    args.img_size = args.img_size or (32 if gpu else 16)
+    args.n_train = args.n_train or (50000 if gpu else 4096)
+    args.seeds = args.seeds or ([0, 1, 2] if gpu else [0, 1])
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.jobs = args.jobs or (1 if args.device != "cpu" else (os.cpu_count() or 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.data_kwargs = {"data_dir": args.data_dir, "img_size": args.img_size, "n_train": args.n_train}
+    data = load_tensor_data(**args.data_kwargs)
+    print(f"data: {data.source}; {len(data.y_train)} train / {len(data.y_val)} held-out images")
+    print(
+        f"budget: {args.steps} steps, batch {args.batch_size}, {args.img_size}px, seeds {args.seeds}, "
+        f"lr grid {args.lrs}, device {args.device}, {args.jobs} parallel runs"
+    )
+    suites = ["mechanism", "trainability", "sweep"] if args.suite == "all" else [args.suite]
+    for suite in suites:
+        start = time.perf_counter()
+        if suite == "sweep":
+            out = sweep(args)
+            (args.out / "sweep.json").write_text(
+                json.dumps({"budget": vars_of(args), "sweep": out}, indent=1)
+            )
+            plot_sweep(out, args.out / "sweep.png")
+            print(sweep_tables(out))
+        else:
+            depth = 44 if suite == "mechanism" else 110
+            results = compare(depth, args, suite)
+            rows = summarize(results)
+            payload = {"budget": vars_of(args), "data": data.source, "rows": rows, "results": results}
+            (args.out / f"{suite}.json").write_text(json.dumps(payload, indent=1))
+            plot_suite(results, f"{suite}: depth {depth}, {data.source}", args.out / f"{suite}.png")
+            print(table(rows))
+        print(f"{suite}: {time.perf_counter() - start:.0f} s")
+
+
+def vars_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+if __name__ == "__main__":
+    main()

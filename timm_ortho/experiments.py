@@ -1,0 +1,264 @@
+"""Small, exactly comparable training runs that measure the method's mechanism and trainability.
+
+One :func:`run` trains a model for a fixed number of steps on an in-memory image tensor set (the
+embedded synthetic set, or CIFAR-10 from disk) under one of three regimes:
+
+- ``"l2"``: MSRA init, SGD with L2 weight decay, no modulation (the baseline);
+- ``"ortho"``: orthonormal init, ``OrthoModulated(SGD)`` with the orthonormality term, no modulation;
+- ``"ortho_mod"``: ``"ortho"`` plus backward error modulation.
+
+Every ``record_every`` steps it records the training loss, the mean absolute cosine between filters
+(averaged over layers, the paper's Fig. 2) and the bottom/top ratio of the error's second moment
+(Fig. 3, measured on the same backward that produces the update). Runs of the same seed see the
+same batches in the same order and start from the same RNG state, so differences come from the
+regime alone. The loop is deliberately plain (no Accelerate): it is for measuring, on one device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import timm
+import torch
+from torch import Tensor, nn
+
+from .diagnostics import filter_correlation
+from .modulation import ErrorModulation
+from .optim import DEFAULT_ORTHO_DECAY, OrthoModulated, param_groups_for_ortho
+
+__all__ = ["RunConfig", "TensorData", "best_by_loss", "load_tensor_data", "run", "run_many"]
+
+Method = Literal["l2", "ortho", "ortho_mod"]
+
+
+@dataclass
+class RunConfig:
+    """One training run; every field is recorded with its result."""
+
+    model: str = "plain_cnn44"
+    method: Method = "ortho"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    """L2 coefficient of the ``"l2"`` regime (the other regimes use ``ortho_decay`` instead)."""
+    ortho_decay: float = DEFAULT_ORTHO_DECAY
+    modulation: dict[str, Any] = field(default_factory=dict)
+    """ErrorModulation options for ``"ortho_mod"`` (empty: the library defaults)."""
+    steps: int = 300
+    batch_size: int = 32
+    lr_drops: tuple[float, ...] = (0.5, 0.75)
+    """Fractions of ``steps`` where the lr is divided by 10 (the paper's 32k/48k of 64k)."""
+    seed: int = 0
+    record_every: int = 10
+    init: str | None = None
+    """Override the regime's init (``"msra"`` for l2, ``"orthonormal"`` otherwise)."""
+
+    def label(self) -> str:
+        return f"{self.model}/{self.method}/lr{self.lr:g}/s{self.seed}"
+
+
+@dataclass
+class TensorData:
+    """Normalized images and labels held in memory (train and held-out)."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    num_classes: int
+    source: str
+
+
+def load_tensor_data(
+    data_dir: str | Path | None = None,
+    img_size: int = 16,
+    n_train: int = 4096,
+    n_val: int = 1024,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> TensorData:
+    """The embedded synthetic set (``data_dir=None``) or CIFAR-10's python batches, as tensors.
+
+    Images are resized to ``img_size`` (CIFAR only when it differs from 32) and normalized per
+    channel with the training split's mean and standard deviation.
+    """
+    from .data import Cifar10, SyntheticImages
+
+    if data_dir is None:
+        train = SyntheticImages(n_train, num_classes, img_size, seed=seed, split=0)
+        val = SyntheticImages(n_val, num_classes, img_size, seed=seed, split=1)
+        arrays = [np.stack([d.render(i) for i in range(len(d))]) for d in (train, val)]
+        labels = [torch.tensor(d.targets[: len(d)]) for d in (train, val)]
+        source = f"embedded synthetic set ({num_classes} classes, {img_size}px, seed {seed})"
+    else:
+        train, val = Cifar10(data_dir, train=True), Cifar10(data_dir, train=False)
+        n_train, n_val = min(n_train, len(train)), min(n_val, len(val))
+        arrays = [
+            np.stack([np.asarray(d[i][0]) for i in range(n)]) for d, n in ((train, n_train), (val, n_val))
+        ]
+        labels = [torch.tensor([d[i][1] for i in range(n)]) for d, n in ((train, n_train), (val, n_val))]
+        num_classes = 10
+        source = f"CIFAR-10 from {data_dir} ({n_train} train / {n_val} test images)"
+    # contiguous: an NHWC-strided batch would send every conv and BN down the channels-last path.
+    tensors = [torch.from_numpy(a).permute(0, 3, 1, 2).float().div_(255.0).contiguous() for a in arrays]
+    if tensors[0].shape[-1] != img_size:
+        tensors = [
+            nn.functional.interpolate(t, size=img_size, mode="bilinear", antialias=True) for t in tensors
+        ]
+    mean = tensors[0].mean(dim=(0, 2, 3), keepdim=True)
+    std = tensors[0].std(dim=(0, 2, 3), keepdim=True)
+    x_train, x_val = ((t - mean) / std for t in tensors)
+    return TensorData(x_train, labels[0], x_val, labels[1], num_classes, source)
+
+
+def _make(cfg: RunConfig, num_classes: int, device: torch.device):
+    init = cfg.init or ("msra" if cfg.method == "l2" else "orthonormal")
+    model = timm.create_model(cfg.model, num_classes=num_classes, init=init).to(device)
+    if cfg.method == "l2":
+        opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        probe = ErrorModulation(model, measure_only=True)
+        return model, opt, probe
+    base = torch.optim.SGD(param_groups_for_ortho(model), lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.method == "ortho":
+        opt = OrthoModulated(base, model, ortho_decay=cfg.ortho_decay)
+        return model, opt, ErrorModulation(model, measure_only=True)
+    opt = OrthoModulated(base, model, ortho_decay=cfg.ortho_decay, modulation=dict(cfg.modulation))
+    return model, opt, opt.modulation
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, data: TensorData, device: torch.device, batch: int = 256) -> dict[str, float]:
+    model.eval()
+    correct, loss = 0.0, 0.0
+    for i in range(0, len(data.y_val), batch):
+        x, y = data.x_val[i : i + batch].to(device), data.y_val[i : i + batch].to(device)
+        logits = model(x)
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train()
+    return {"val_loss": loss / len(data.y_val), "val_acc": correct / len(data.y_val)}
+
+
+def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train one configuration and return its record (config, history, final values, timing)."""
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    model, opt, probe = _make(cfg, data.num_classes, device)
+    drops = [int(f * cfg.steps) for f in cfg.lr_drops]
+    order = torch.Generator().manual_seed(10_000 + cfg.seed)
+    n = len(data.y_train)
+    perm, cursor = torch.randperm(n, generator=order), 0
+    history: list[dict[str, float]] = []
+    losses: list[Tensor] = []
+    diverged = False
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        if step in drops:
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
+        if cursor + cfg.batch_size > n:
+            perm, cursor = torch.randperm(n, generator=order), 0
+        idx = perm[cursor : cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        if (step + 1) % cfg.record_every == 0 or step == cfg.steps - 1:
+            window = torch.stack(losses[-cfg.record_every :]).mean().item()
+            stats = probe.last_stats()
+            ratio = stats.bottom_top_ratio("after").item()
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": window,
+                    "cosine": filter_correlation(model).mean().item(),
+                    "bottom_top_ratio": ratio,
+                    "lr": opt.param_groups[0]["lr"],
+                }
+            )
+            if not math.isfinite(window):
+                diverged = True
+                break
+    seconds = time.perf_counter() - start
+    stats = probe.last_stats()
+    tail = max(1, len(losses) // 10)
+    final = {
+        "train_loss": torch.stack(losses[-tail:]).mean().item(),
+        "diverged": diverged,
+        "layer_names": stats.names,
+        "layer_moments": stats.q_after.double().cpu().tolist(),
+        "layer_scales": stats.scale.double().cpu().tolist(),
+        **(_evaluate(model, data, device) if not diverged else {"val_loss": float("nan"), "val_acc": 0.0}),
+    }
+    probe.remove()
+    return {"config": asdict(cfg), "history": history, "final": final, "seconds": seconds}
+
+
+def best_by_loss(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record with the lowest final training loss (diverged runs count as +inf)."""
+
+    def key(r: dict[str, Any]) -> float:
+        value = r["final"]["train_loss"]
+        return float("inf") if r["final"]["diverged"] or not math.isfinite(value) else value
+
+    return min(records, key=key)
+
+
+_WORKER_DATA: TensorData | None = None
+
+
+def _init_worker(data_kwargs: dict[str, Any], threads: int) -> None:
+    global _WORKER_DATA
+    torch.set_num_threads(threads)
+    _WORKER_DATA = load_tensor_data(**data_kwargs)
+
+
+def _run_in_worker(cfg: RunConfig, device: str) -> dict[str, Any]:
+    assert _WORKER_DATA is not None
+    return run(cfg, _WORKER_DATA, device)
+
+
+def run_many(
+    configs: list[RunConfig],
+    data_kwargs: dict[str, Any],
+    device: str = "cpu",
+    jobs: int = 1,
+    progress: Any = None,
+) -> list[dict[str, Any]]:
+    """Run independent configurations, in ``jobs`` single-threaded worker processes when > 1.
+
+    Each worker loads the data itself from ``data_kwargs`` (the arguments of
+    :func:`load_tensor_data`); results come back in the order of ``configs``. ``progress`` is
+    called once per finished run (e.g. a tqdm bar's ``update``).
+    """
+    if jobs <= 1 or device != "cpu":
+        data = load_tensor_data(**data_kwargs)
+        results = []
+        for cfg in configs:
+            results.append(run(cfg, data, device))
+            if progress is not None:
+                progress()
+        return results
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(data_kwargs, 1)
+    ) as pool:
+        futures = [pool.submit(_run_in_worker, cfg, device) for cfg in configs]
+        for future in concurrent.futures.as_completed(futures):
+            future.result()
+            if progress is not None:
+                progress()
+        return [f.result() for f in futures]
