@@ -19,8 +19,8 @@ from typing import Any
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from timm_ortho import OrthoModulated, find_targets
-from timm_ortho.optim import DEFAULT_ORTHO_DECAY
+from timm_ortho import OrthoModulated
+from timm_ortho.optim import DEFAULT_ORTHO_DECAY, param_groups_for_ortho
 
 
 def create_ortho_optimizer(
@@ -40,23 +40,7 @@ def create_ortho_optimizer(
     ``weight_decay`` applies to non-target parameters with two or more dimensions only (e.g. a
     ViT's position embedding); like timm, 1-D parameters and biases get none.
     """
-    targets = find_targets(model, **(target_kwargs or {}))
-    target_ids = {id(t.param) for t in targets}
-    ortho, decay, no_decay = [], [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in target_ids:
-            ortho.append(p)
-        elif p.ndim <= 1:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": ortho, "weight_decay": 0.0}]
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    groups = param_groups_for_ortho(model, weight_decay, **(target_kwargs or {}))
     base = create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay, **opt_kwargs)
     return OrthoModulated(
         base,

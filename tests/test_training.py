@@ -29,7 +29,6 @@ from timm_ortho.training import (
     CIFAR_PROTOCOL,
     TrainConfig,
     _build_schedule,
-    _param_groups,
     _ratio_history,
     build_parser,
     config_from_args,
@@ -207,10 +206,11 @@ def test_baseline_uses_l2_and_the_method_does_not(tmp_path):
     import timm
 
     model = timm.create_model("plain_cnn20", num_classes=10)
+    from timm_ortho import param_groups_for_ortho
     from timm_ortho.targets import find_targets
 
     targets = find_targets(model)
-    groups = _param_groups(model, {id(t.param) for t in targets}, weight_decay=5e-4)
+    groups = param_groups_for_ortho(model, weight_decay=5e-4, targets=targets)
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert all(decay[id(t.param)] == 0.0 for t in targets)
     assert len(decay) == len(list(model.parameters()))

@@ -358,16 +358,28 @@ def param_groups_for_ortho(
     targets: Iterable[FilterBank] | None = None,
     **target_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Param groups for a base optimizer: target weights without weight decay, the rest with it.
+    """Param groups for a base optimizer in which no target weight gets L2 decay.
 
-    ``weight_decay`` goes to the non-target parameters only (e.g. biases and norm parameters if
-    wanted; timm usually decays none of them, so the default is 0).
+    Three groups (empty ones left out): the target weights with ``weight_decay=0`` (the
+    orthonormality term replaces decay on them), other parameters of two or more dimensions (e.g. a
+    position embedding) with ``weight_decay``, and 1-D parameters (biases, norm scales) without
+    decay, as timm's optimizer factory treats them.
     """
     banks = list(targets) if targets is not None else find_targets(model, **target_kwargs)
     ids = {id(t.param) for t in banks}
-    ortho = [t.param for t in banks if t.param.requires_grad]
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": ortho, "weight_decay": 0.0}]
-    if rest:
-        groups.append({"params": rest, "weight_decay": weight_decay})
-    return groups
+    ortho, decayed, flat = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in ids:
+            ortho.append(p)
+        elif p.ndim <= 1:
+            flat.append(p)
+        else:
+            decayed.append(p)
+    groups = [
+        {"params": ortho, "weight_decay": 0.0},
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": flat, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]

@@ -553,26 +553,6 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
     return model, "orthonormal (applied by the trainer to every conv/linear weight)"
 
 
-def _param_groups(model: nn.Module, target_ids: set[int], weight_decay: float) -> list[dict[str, Any]]:
-    """Targets without L2 (the regularizer replaces it), other matrices with it, 1-D params without."""
-    targets, decayed, plain = [], [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in target_ids:
-            targets.append(p)
-        elif p.ndim <= 1:
-            plain.append(p)
-        else:
-            decayed.append(p)
-    groups = [{"params": targets, "weight_decay": 0.0}]
-    if decayed:
-        groups.append({"params": decayed, "weight_decay": weight_decay})
-    if plain:
-        groups.append({"params": plain, "weight_decay": 0.0})
-    return groups
-
-
 def _modulation_options(cfg: TrainConfig) -> dict[str, Any]:
     options = {
         "band": cfg.mod_band,
@@ -797,7 +777,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     from .diagnostics import filter_correlation, layer_penalties
     from .modulation import ErrorModulation
-    from .optim import OrthoModulated
+    from .optim import OrthoModulated, param_groups_for_ortho
     from .targets import find_targets
 
     _validate(cfg)
@@ -911,7 +891,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.error_stats:
             probe = ErrorModulation(model, targets=targets, measure_only=True)
     else:
-        groups = _param_groups(model, {id(t.param) for t in targets}, cfg.weight_decay)
+        groups = param_groups_for_ortho(model, cfg.weight_decay, targets=targets)
         base = create_optimizer_v2(groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
         if cfg.modulation:
             modulation: bool | dict[str, Any] = _modulation_options(cfg)
