@@ -362,7 +362,7 @@ def test_simulate_chain_rule(
 @SETTINGS
 @given(q=st.lists(log_moments.map(lambda v: 10.0**v), min_size=2, max_size=14), band=bands)
 def test_clamp_keeps_every_consecutive_ratio_in_band(q: list[float], band: float) -> None:
-    _, q_after = simulate_chain(torch.tensor(q, dtype=torch.float64), band, "clamp")
+    _, q_after = simulate_chain(torch.tensor(q, dtype=torch.float64), band, "clamp", reference="previous")
     log_ratio = (q_after[:-1] / q_after[1:]).log().abs()
     assert (log_ratio <= 2 * math.log(band) + 1e-9).all()
     _, q_top = simulate_chain(torch.tensor(q, dtype=torch.float64), band, "clamp", reference="top")
@@ -769,18 +769,29 @@ def test_plots_write_png(tmp_path) -> None:
 
 
 if __name__ == "__main__":  # the measurement reported in docs/modulation.md
+    prev = {"reference": "previous"}
     configs = {
         "off (measure_only)": {"measure_only": True},
-        "clamp A=2 (default)": {},
-        "match A=2": {"mode": "match"},
-        "clamp A=1.1": {"band": 1.1},
-        "match A=1.1": {"band": 1.1, "mode": "match"},
-        "clamp A=1.05": {"band": 1.05},
-        "clamp A=2, reference=top": {"reference": "top"},
+        "clamp A=2, previous": {"mode": "clamp", **prev},
+        "match A=2, previous": {"mode": "match", **prev},
+        "clamp A=1.1, previous": {"band": 1.1, "mode": "clamp", **prev},
+        "match A=1.1, previous": {"band": 1.1, "mode": "match", **prev},
+        "clamp A=1.05, previous": {"band": 1.05, "mode": "clamp", **prev},
+        "clamp A=2, top": {"mode": "clamp", "reference": "top"},
+        "match A=2, top (default)": {},
         "mean, off": {"statistic": "mean", "measure_only": True},
-        "mean, clamp A=1.1": {"statistic": "mean", "band": 1.1},
-        "classifier in chain, total, clamp A=2": {"include_classifier": True},
-        "classifier in chain, mean, clamp A=2": {"include_classifier": True, "statistic": "mean"},
+        "mean, clamp A=1.1, previous": {"statistic": "mean", "band": 1.1, "mode": "clamp", **prev},
+        "classifier in chain, total, clamp A=2, previous": {
+            "include_classifier": True,
+            "mode": "clamp",
+            **prev,
+        },
+        "classifier in chain, mean, clamp A=2, previous": {
+            "include_classifier": True,
+            "statistic": "mean",
+            "mode": "clamp",
+            **prev,
+        },
     }
     torch.set_num_threads(2)
     print("| configuration | bottom/top, seeds 0 / 1 / 2 | layers rescaled | largest factor |")

@@ -53,6 +53,7 @@ from .data import (
     build_loader,
     build_transforms,
 )
+from .optim import DEFAULT_ORTHO_DECAY
 
 __all__ = [
     "ConfigError",
@@ -92,7 +93,7 @@ class TrainConfig:
     """``None``: orthonormal for the method, msra for ``baseline``."""
     baseline: bool = False
     """MSRA init + L2 weight decay, no orthonormality term, no modulation."""
-    ortho_decay: float = 1e-4
+    ortho_decay: float = DEFAULT_ORTHO_DECAY
     ortho_form: Literal["auto", "coupled", "decoupled"] = "auto"
     ortho_exclude: list[str] | None = None
     modulation: bool = False
