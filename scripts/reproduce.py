@@ -245,17 +245,28 @@ def sweep_tables(out: dict[str, Any]) -> str:
 
 
 def plot_sweep(out: dict[str, Any], path: Path) -> None:
+    """Final training loss per option: bars are the seed mean, dots the single seeds."""
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
     entries = out["rule"]
     labels = [
         f"A={e['options']['band']}\n{e['options']['mode']}\n{e['options']['reference']}" for e in entries
     ]
     losses = [_mean_loss(e["runs"]) for e in entries]
-    axes[0].bar(range(len(entries)), [v if math.isfinite(v) else 0 for v in losses], color="tab:green")
+    axes[0].bar(
+        range(len(entries)), [v if math.isfinite(v) else 0 for v in losses], color="tab:green", alpha=0.6
+    )
+    for i, e in enumerate(entries):
+        seeds = [r["final"]["train_loss"] for r in e["runs"]]
+        axes[0].plot([i] * len(seeds), seeds, "k.", ms=8)
     axes[0].set_xticks(range(len(entries)), labels, fontsize=7)
-    axes[0].set(title="modulation rule: final training loss (mean over seeds)", ylabel="loss")
+    axes[0].set(title="modulation rule: final training loss (bar: mean, dots: seeds)", ylabel="loss")
+    axes[0].set_ylim(bottom=min(min(losses), 1.0) * 0.8)
     decays = out["ortho_decay"]
-    axes[1].plot([e["options"]["ortho_decay"] for e in decays], [_mean_loss(e["runs"]) for e in decays], "o-")
+    xs = [e["options"]["ortho_decay"] for e in decays]
+    axes[1].plot(xs, [_mean_loss(e["runs"]) for e in decays], "o-", label="mean")
+    for x, e in zip(xs, decays, strict=True):
+        seeds = [r["final"]["train_loss"] for r in e["runs"]]
+        axes[1].plot([x] * len(seeds), seeds, "k.", ms=8)
     axes[1].set(title="ortho_decay (regime b): final training loss", xscale="log", xlabel="ortho_decay")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -276,7 +287,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("suite", choices=["mechanism", "trainability", "sweep", "all", "protocol"])
+    parser.add_argument("suite", choices=["mechanism", "trainability", "sweep", "all", "protocol", "plot"])
     parser.add_argument("--data-dir", default=None, help="cifar-10-batches-py folder (default: synthetic)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--gpu", action="store_true", help="longer budget for a GPU")
@@ -294,6 +305,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.suite == "protocol":
         print(PROTOCOL)
+        return
+    if args.suite == "plot":  # redraw figures and tables from the JSON records in --out
+        replot(args.out)
         return
     gpu = args.gpu
     args.steps = args.steps or (4000 if gpu else 300)
@@ -331,6 +345,18 @@ def main() -> None:
             plot_suite(results, f"{suite}: depth {depth}, {data.source}", args.out / f"{suite}.png")
             print(table(rows))
         print(f"{suite}: {time.perf_counter() - start:.0f} s")
+
+
+def replot(out: Path) -> None:
+    if (out / "sweep.json").exists():
+        record = json.loads((out / "sweep.json").read_text())
+        plot_sweep(record["sweep"], out / "sweep.png")
+        print(sweep_tables(record["sweep"]))
+    for suite, depth in (("mechanism", 44), ("trainability", 110)):
+        if (out / f"{suite}.json").exists():
+            record = json.loads((out / f"{suite}.json").read_text())
+            plot_suite(record["results"], f"{suite}: depth {depth}, {record['data']}", out / f"{suite}.png")
+            print(table(record["rows"]))
 
 
 def vars_of(args: argparse.Namespace) -> dict[str, Any]:
