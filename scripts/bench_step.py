@@ -103,25 +103,27 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     return run
 
 
-def pair(name: str, batch: int, size: int, modulation: bool, **kwargs):
-    """Two identical models: plain SGD + weight decay, and OrthoModulated(SGD)."""
+def variants(name: str, batch: int, size: int, with_modulation: bool = False, **kwargs):
+    """Identical models: plain SGD + weight decay, OrthoModulated(SGD), and optionally with modulation."""
     torch.manual_seed(0)
-    base_model = timm.create_model(name, **kwargs)
-    ortho_model = timm.create_model(name, **kwargs)
-    ortho_model.load_state_dict(base_model.state_dict())
-    base = torch.optim.SGD(base_model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    ours = timm_ortho.OrthoModulated(
-        torch.optim.SGD(timm_ortho.param_groups_for_ortho(ortho_model), lr=0.01, momentum=0.9),
-        ortho_model,
-        modulation=modulation,
-    )
+    reference = timm.create_model(name, **kwargs)
     x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, base_model.num_classes, (batch,))
-    return {"sgd+wd": train_step(base_model, base, x, y), "ortho": train_step(ortho_model, ours, x, y)}
+    y = torch.randint(0, reference.num_classes, (batch,))
+    base = torch.optim.SGD(reference.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    steps = {"sgd+wd": train_step(reference, base, x, y)}
+    for label, modulation in (("ortho", False), ("ortho+mod", True))[: 2 if with_modulation else 1]:
+        model = timm.create_model(name, **kwargs)
+        model.load_state_dict(reference.state_dict())
+        groups = timm_ortho.param_groups_for_ortho(model)
+        opt = timm_ortho.OrthoModulated(
+            torch.optim.SGD(groups, lr=0.01, momentum=0.9), model, modulation=modulation
+        )
+        steps[label] = train_step(model, opt, x, y)
+    return steps
 
 
 def section_iteration(repeats: int, batch: int, depth_model: str) -> None:
-    t = interleaved(pair(depth_model, batch, 32, modulation=False), repeats)
+    t = interleaved(variants(depth_model, batch, 32), repeats)
     print(f"\n[2] full iteration, {depth_model}, batch {batch}, 32 px: OrthoModulated(SGD) vs SGD + wd")
     ratio = t["ortho"] / t["sgd+wd"]
     print(f"    sgd+wd {t['sgd+wd'] * 1e3:.0f} ms, ortho {t['ortho'] * 1e3:.0f} ms, ratio {ratio:.3f}")
@@ -152,12 +154,15 @@ def section_share(repeats: int, reg_seconds: float, image_size: int, probe_batch
 def section_modulation(
     repeats: int, batch: int, depth_model: str, resnet_batch: int, resnet_size: int
 ) -> None:
-    print("\n[4] full iteration with OrthoModulated(SGD, modulation=True) vs SGD + wd")
-    for name, b, size in ((depth_model, batch, 32), ("resnet50", resnet_batch, resnet_size)):
-        t = interleaved(pair(name, b, size, modulation=True), repeats)
+    print("\n[4] full iteration with OrthoModulated(SGD, modulation=True) vs SGD + wd and vs no modulation")
+    cases = ((depth_model, batch, 32, repeats), ("resnet50", resnet_batch, resnet_size, max(3, repeats // 3)))
+    for name, b, size, n in cases:
+        t = interleaved(variants(name, b, size, with_modulation=True), n)
         print(
             f"    {name}, batch {b}, {size} px: sgd+wd {t['sgd+wd'] * 1e3:.0f} ms, "
-            f"ortho+modulation {t['ortho'] * 1e3:.0f} ms, ratio {t['ortho'] / t['sgd+wd']:.3f}"
+            f"ortho {t['ortho'] * 1e3:.0f} ms, "
+            f"ortho+mod {t['ortho+mod'] * 1e3:.0f} ms; ratio to sgd+wd {t['ortho+mod'] / t['sgd+wd']:.3f}, "
+            f"modulation alone {t['ortho+mod'] / t['ortho']:.3f}"
         )
 
 
@@ -168,10 +173,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few repetitions and small batches")
     parser.add_argument("--sections", default="1234", help="which sections to run, e.g. 12")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per variant (default 9)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = 3 if args.quick else 9
+    repeats = args.repeats or (3 if args.quick else 9)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
     plain = "plain_cnn56" if "plain_cnn56" in timm.list_models("plain_cnn*") else "resnet18"
     reg_seconds = None
@@ -185,7 +191,7 @@ def main() -> None:
         )
     if "4" in args.sections:
         section_modulation(
-            repeats, 16 if args.quick else 64, plain, 4 if args.quick else 8, 64 if args.quick else 128
+            repeats, 16 if args.quick else 64, plain, 4 if args.quick else 32, 64 if args.quick else 224
         )
 
 
