@@ -142,7 +142,8 @@ def plot_suite(results: dict[str, Any], title: str, path: Path) -> None:
         colour = COLOURS["resnet" if r["key"].startswith("resnet") else r["key"].removeprefix("plain")]
         for i, rec in enumerate(r["seeds"]):
             steps = [h["step"] for h in rec["history"]]
-            kw = {"color": colour, "alpha": 1.0 if i == 0 else 0.4, "label": label if i == 0 else None}
+            shown = f"{label} (diverged: non-finite loss)" if rec["final"]["diverged"] else label
+            kw = {"color": colour, "alpha": 1.0 if i == 0 else 0.4, "label": shown if i == 0 else None}
             axes[0].plot(steps, [h["loss"] for h in rec["history"]], **kw)
             axes[1].plot(steps, [h["cosine"] for h in rec["history"]], **kw)
             axes[2].plot(steps, [h["bottom_top_ratio"] for h in rec["history"]], **kw)
