@@ -1,2 +1,3 @@
 """Architectures registered with timm on import."""
+
 from . import plain_cnn  # noqa: F401

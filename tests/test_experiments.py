@@ -1,0 +1,53 @@
+"""The measurement runner behind scripts/reproduce.py, on tiny budgets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.test_data import write_cifar
+from timm_ortho.experiments import RunConfig, best_by_loss, load_tensor_data, run, run_many
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_tensor_data(img_size=8, n_train=64, n_val=32)
+
+
+def test_synthetic_tensors_are_normalized_and_contiguous(data):
+    assert data.x_train.shape == (64, 3, 8, 8) and data.x_train.is_contiguous()
+    torch.testing.assert_close(data.x_train.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    assert "synthetic" in data.source and data.num_classes == 10
+
+
+def test_cifar_tensors_from_the_release_format(tmp_path):
+    write_cifar(tmp_path)
+    loaded = load_tensor_data(tmp_path, img_size=8, n_train=10, n_val=4)
+    assert loaded.x_train.shape == (10, 3, 8, 8) and loaded.y_val.shape == (4,)
+    assert "CIFAR-10" in loaded.source
+
+
+@pytest.mark.parametrize("method", ["l2", "ortho", "ortho_mod"])
+def test_each_regime_records_the_mechanism_quantities(data, method):
+    cfg = RunConfig(model="plain_cnn20", method=method, steps=4, batch_size=8, record_every=2)
+    record = run(cfg, data)
+    assert [h["step"] for h in record["history"]] == [2, 4]
+    for h in record["history"]:
+        assert math.isfinite(h["loss"]) and 0 <= h["cosine"] <= 1 and h["bottom_top_ratio"] > 0
+    final = record["final"]
+    assert len(final["layer_moments"]) == len(final["layer_names"]) == 19  # convs, classifier left out
+    assert 0 <= final["val_acc"] <= 1 and not final["diverged"]
+    if method != "ortho_mod":
+        assert all(s == 1.0 for s in final["layer_scales"])
+
+
+def test_same_seed_same_result_and_best_by_loss(data):
+    cfg = RunConfig(model="plain_cnn20", method="ortho", steps=3, batch_size=8, record_every=3)
+    a, b = run(cfg, data), run(cfg, data)
+    assert a["final"]["train_loss"] == b["final"]["train_loss"]
+    serial = run_many([cfg], {"img_size": 8, "n_train": 64, "n_val": 32})
+    assert serial[0]["final"]["train_loss"] == a["final"]["train_loss"]
+    diverged = {**a, "final": {**a["final"], "diverged": True, "train_loss": float("nan")}}
+    assert best_by_loss([diverged, a]) is a
