@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.test_data import write_cifar
+from test_data import write_cifar
 from timm_ortho.experiments import RunConfig, best_by_loss, load_tensor_data, run, run_many
 
 
