@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from test_data import write_cifar
+
 from timm_ortho.experiments import RunConfig, best_by_loss, load_tensor_data, run, run_many
 
 
