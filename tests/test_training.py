@@ -430,3 +430,10 @@ def test_a_short_run_learns_the_synthetic_set(tmp_path):
     cfg = tiny(tmp_path, img_size=16, synthetic_size=960, synthetic_val_size=200, batch_size=32, epochs=3)
     result = train(dataclasses.replace(cfg, lr=0.1, augment="cifar", log_interval=30))
     assert result.summary["final_eval"]["top1"] > 30.0
+
+
+def test_drop_path_on_a_plain_net_is_a_clear_config_error():
+    from timm_ortho.training import ConfigError, TrainConfig, _create_model
+
+    with pytest.raises(ConfigError, match="drop-path"):
+        _create_model(TrainConfig(model="plain_cnn20", drop_path=0.1), num_classes=10)

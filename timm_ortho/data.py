@@ -37,6 +37,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+# One definition of the CIFAR-10 statistics: the models' pretrained_cfg and the data pipeline agree.
+from .models.plain_cnn import CIFAR10_MEAN, CIFAR10_STD
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -55,8 +58,6 @@ __all__ = [
     "detect_dataset",
 ]
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # The synthetic images are built around mid-grey with colours spread over [0, 1].
 SYNTHETIC_MEAN = (0.5, 0.5, 0.5)
 SYNTHETIC_STD = (0.25, 0.25, 0.25)

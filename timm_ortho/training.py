@@ -543,6 +543,11 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
     try:
         return timm.create_model(cfg.model, init=init, **kwargs), init
     except TypeError as e:
+        if "drop_path_rate" in str(e):
+            raise ConfigError(
+                f"--drop-path: {cfg.model} takes no drop_path_rate (a plain net has no residual branch "
+                "to drop); leave --drop-path out for this model"
+            ) from e
         if "init" not in str(e):
             raise
     # A model without an ``init`` argument (any timm model outside this package).
