@@ -100,6 +100,9 @@ class BatchedOrthonormality:
         """
         key = (tuple(members), dtype, device)
         if key not in self._workspaces:
+            if len(self._workspaces) >= 4 * len(self.buckets):
+                # The selection changes from step to step (e.g. grads that come and go): don't hoard.
+                self._workspaces.clear()
             e = self.entries[members[0]]
             b, s, d = sum(self.entries[i].blocks for i in members), e.layout.size, e.bank.f_in
             self._workspaces[key] = {
