@@ -344,6 +344,10 @@ def test_optimizer_protocol_hooks_closure_zero_grad_and_repr():
     extra = nn.Parameter(torch.zeros(3))
     opt.add_param_group({"params": [extra]})
     assert opt.param_groups[-1]["ortho_decay"] == 0.01
+    groups = len(opt.param_groups)
+    with pytest.raises(ValueError, match="non-negative"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "ortho_decay": -1.0})
+    assert len(opt.param_groups) == groups  # a rejected group is not half-added
     text = repr(opt)
     assert "OrthoModulated" in text and "SGD" in text and "targets: 4" in text
     assert opt.state is opt.base_optimizer.state

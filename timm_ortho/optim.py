@@ -274,11 +274,12 @@ class OrthoModulated(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_decay(param_group.get("ortho_decay", self.defaults["ortho_decay"]))  # before it is added
+        step = self.ortho_step
         self.base_optimizer.add_param_group(param_group)
         added = self.param_groups[-1]
         added.setdefault("ortho_decay", self.defaults["ortho_decay"])
-        added.setdefault("ortho_step", self.ortho_step if len(self.param_groups) > 1 else 0)
-        _check_decay(added["ortho_decay"])
+        added.setdefault("ortho_step", step)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -318,10 +319,6 @@ class OrthoModulated(Optimizer):
                 if i is not None:
                     decay[i] = group["ortho_decay"]
         return 0.5 * (squared * decay.to(squared.device)).sum()
-
-    def layer_residuals(self) -> torch.Tensor:
-        """Per-target ``||Wg Wg^T - I||_F^2`` (without lambda), aligned with ``self.targets``."""
-        return self._batched.squared_residuals()
 
     def remove_hooks(self) -> None:
         """Remove the modulation hooks from the model (the regularizer keeps working)."""

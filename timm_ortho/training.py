@@ -46,8 +46,10 @@ from torch import nn
 
 from .checkpoint import MARKER, CheckpointManager, list_checkpoints, resolve_resume
 from .data import (
+    AugmentKind,
     DataConfig,
     DataError,
+    DatasetKind,
     SeededTransform,
     build_datasets,
     build_loader,
@@ -156,31 +158,31 @@ class TrainConfig:
     mixup_off_epoch: int = 0
     smoothing: float = 0.0
 
-    # data (see DataConfig)
-    data_dir: str | None = None
-    dataset: Literal["auto", "imagefolder", "cifar10", "synthetic"] = "auto"
-    train_split: str = "train"
-    val_split: str = "val"
+    # data: the fields of DataConfig (data_config() projects them), defaults taken from it
+    data_dir: str | None = DataConfig.data_dir
+    dataset: DatasetKind = DataConfig.dataset
+    train_split: str = DataConfig.train_split
+    val_split: str = DataConfig.val_split
     img_size: int | None = None
-    num_classes: int | None = None
-    synthetic_size: int = 5000
-    synthetic_val_size: int = 1000
-    augment: Literal["timm", "cifar", "none"] = "timm"
-    aa: str | None = None
-    reprob: float = 0.0
-    remode: str = "pixel"
-    recount: int = 1
-    hflip: float = 0.5
-    color_jitter: float = 0.4
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
-    interpolation: str = "bilinear"
-    crop_pct: float | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    num_classes: int | None = DataConfig.num_classes
+    synthetic_size: int = DataConfig.synthetic_size
+    synthetic_val_size: int = DataConfig.synthetic_val_size
+    augment: AugmentKind = DataConfig.augment
+    aa: str | None = DataConfig.aa
+    reprob: float = DataConfig.reprob
+    remode: str = DataConfig.remode
+    recount: int = DataConfig.recount
+    hflip: float = DataConfig.hflip
+    color_jitter: float = DataConfig.color_jitter
+    scale: tuple[float, float] = DataConfig.scale
+    ratio: tuple[float, float] = DataConfig.ratio
+    interpolation: str = DataConfig.interpolation
+    crop_pct: float | None = DataConfig.crop_pct
+    mean: tuple[float, float, float] | None = DataConfig.mean
+    std: tuple[float, float, float] | None = DataConfig.std
 
     # run, logging, checkpoints
-    seed: int = 42
+    seed: int = DataConfig.seed
     output: str = "./output"
     experiment: str | None = None
     resume: str | None = None
