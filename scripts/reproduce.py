@@ -4,6 +4,8 @@
     python scripts/reproduce.py trainability   # plain_cnn110 under (a), (b), (c) and cifar_resnet110 (a)
     python scripts/reproduce.py sweep          # modulation band/mode/reference/schedule and ortho_decay
     python scripts/reproduce.py all            # the three, about 30 minutes on a 2-core CPU
+    python scripts/reproduce.py depth          # accuracy against depth, ablations (scripts/depth_suite.py)
+    python scripts/reproduce.py defaults       # the runs that chose the step bound and modulation defaults
     python scripts/reproduce.py protocol       # print the commands of the full CIFAR-10 protocol
 
 Options shared by all suites: ``--data-dir`` (a ``cifar-10-batches-py`` folder; default: the
@@ -288,7 +290,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("suite", choices=["mechanism", "trainability", "sweep", "all", "protocol", "plot"])
+    parser.add_argument(
+        "suite",
+        choices=["mechanism", "trainability", "sweep", "all", "protocol", "plot", "depth", "defaults"],
+    )
     parser.add_argument("--data-dir", default=None, help="cifar-10-batches-py folder (default: synthetic)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--gpu", action="store_true", help="longer budget for a GPU")
@@ -303,7 +308,22 @@ def main() -> None:
     parser.add_argument(
         "--jobs", type=int, default=None, help="parallel single-threaded runs (CPU); default: cores"
     )
+    depth = parser.add_argument_group("depth suite")
+    depth.add_argument("--depths", type=int, nargs="+", default=[20, 44, 110, 1202])
+    depth.add_argument(
+        "--datasets", nargs="+", default=["digits", "synthetic"], choices=["digits", "synthetic"]
+    )
+    depth.add_argument(
+        "--ablate-depths", type=int, nargs="+", default=[44, 110], help="depths with ablations"
+    )
+    depth.add_argument("--deadline", type=float, default=None, help="seconds after which no run starts")
+    depth.add_argument(
+        "--plot-only", action="store_true", help="redraw depth.png and the table from depth.json"
+    )
     args = parser.parse_args()
+    if args.suite in ("depth", "defaults"):
+        run_depth(args)
+        return
     if args.suite == "protocol":
         print(PROTOCOL)
         return
@@ -346,6 +366,64 @@ def main() -> None:
             plot_suite(results, f"{suite}: depth {depth}, {data.source}", args.out / f"{suite}.png")
             print(table(rows))
         print(f"{suite}: {time.perf_counter() - start:.0f} s")
+
+
+def run_depth(args: argparse.Namespace) -> None:
+    """``reproduce.py depth``: see scripts/depth_suite.py."""
+    import depth_suite
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = args.suite
+    if args.plot_only:
+        record = json.loads((args.out / f"{name}.json").read_text())
+        print(depth_suite.table(depth_suite.write(record["results"], record["budget"], args.out, name)))
+        return
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps, batch = args.steps or 300, args.batch_size or 64
+    seeds = args.seeds or [0, 1, 2]
+    if name == "defaults":
+        seeds = args.seeds or [0, 1]
+        jobs = depth_suite.plan_defaults(seeds, steps, batch)
+    else:
+        jobs = depth_suite.plan(args.depths, args.datasets, seeds, steps, batch, args.ablate_depths)
+    processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
+    budget = dict(
+        steps=steps,
+        batch_size=batch,
+        seeds=seeds,
+        depths=args.depths,
+        datasets=args.datasets,
+        ablate_depths=args.ablate_depths,
+        device=args.device,
+        processes=processes,
+        lr=0.1,
+        schedule="cosine",
+        momentum=0.9,
+        precise_bn_batches=20,
+        planned_runs=len(jobs),
+        data={name: depth_suite.DATASETS[name] for name in args.datasets},
+    )
+    print(f"{name} suite: {len(jobs)} runs planned on {args.device} in {processes} processes")
+    bar = tqdm(total=len(jobs), desc=name, unit="run")
+    done: list[dict[str, Any]] = []
+    start = time.perf_counter()
+
+    def on_result(entry: dict[str, Any]) -> None:
+        done.append(entry)
+        bar.update(1)
+        if entry["depth"] == 1202:  # a 1202-layer record lists every layer: keep the JSON small
+            entry["record"]["final"].pop("layer_names", None)
+        if len(done) % 10 == 0:  # keep what finished if the run is cut short
+            depth_suite.write(done, {**budget, "finished_runs": len(done)}, args.out, name)
+
+    depth_suite.run_suite(jobs, args.device, processes, args.deadline, on_result)
+    bar.close()
+    budget.update(finished_runs=len(done), seconds=round(time.perf_counter() - start))
+    rows = depth_suite.write(done, budget, args.out, name)
+    print(depth_suite.table(rows))
+    if len(done) < len(jobs):
+        print(f"deadline: {len(jobs) - len(done)} of {len(jobs)} planned runs were not started")
 
 
 def replot(out: Path) -> None:

@@ -456,18 +456,20 @@ def _leaf_types(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> list[ty
     return [type(gm.get_submodule(n.target)) for n in nodes if n.op == "call_module"]
 
 
+@pytest.mark.parametrize("act", [None, "relu"], ids=["shaped", "relu"])
 @pytest.mark.parametrize("name", [*models(CIFAR_PLAIN), "plain_cnn44_imagenet"])
-def test_plain_net_is_a_single_chain(name):
-    model = create(name)
+def test_plain_net_is_a_single_chain(name, act):
+    model = create(name) if act is None else create(name, act_layer=act)
+    act_type = nn.LeakyReLU if act is None else nn.ReLU
     gm, nodes = _chain_nodes(model)
     assert not [n for n in nodes if n.op == "call_function" and n.target in MERGE_OPS]
     assert not [n for n in nodes if n.op == "call_method" and n.target in MERGE_METHODS]
     assert _is_single_chain(nodes)
     types = _leaf_types(gm, nodes)
     assert types.count(nn.Conv2d) + types.count(nn.Linear) == depth_of(name)
-    # Conv-BN-ReLU triples, in that order
-    triples = [t for t in types if t in (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)]
-    assert triples == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] * (depth_of(name) - 1)
+    # Conv-BN-activation triples, in that order
+    triples = [t for t in types if t in (nn.Conv2d, nn.BatchNorm2d, act_type)]
+    assert triples == [nn.Conv2d, nn.BatchNorm2d, act_type] * (depth_of(name) - 1)
 
 
 def test_residual_twin_is_not_a_chain():

@@ -1,11 +1,18 @@
 """Small, exactly comparable training runs that measure the method's mechanism and trainability.
 
 One :func:`run` trains a model for a fixed number of steps on an in-memory image tensor set (the
-embedded synthetic set, or CIFAR-10 from disk) under one of three regimes:
+embedded synthetic set, scikit-learn's handwritten digits, or CIFAR-10 from disk) under one of four
+regimes:
 
 - ``"l2"``: MSRA init, SGD with L2 weight decay, no modulation (the baseline);
+- ``"default"``: exactly what a user types, ``OrthoModulated(SGD(model.parameters(), lr, momentum),
+  model)`` on the model's defaults, every other option the library's;
 - ``"ortho"``: orthonormal init, ``OrthoModulated(SGD)`` with the orthonormality term, no modulation;
 - ``"ortho_mod"``: ``"ortho"`` plus backward error modulation.
+
+``act_layer``, ``max_grad_ratio`` (the wrapper's step bound), ``clip_grad`` (a user-side global
+gradient-norm clip) and ``precise_bn`` (BN statistics recomputed before evaluation) switch the other
+ingredients on and off for ablations.
 
 Every ``record_every`` steps it records the training loss, the mean absolute cosine between filters
 (averaged over layers, the paper's Fig. 2) and the bottom/top ratio of the error's second moment
@@ -30,10 +37,12 @@ from torch import Tensor, nn
 from .diagnostics import filter_correlation
 from .modulation import ErrorModulation
 from .optim import DEFAULT_ORTHO_DECAY, OrthoModulated, param_groups_for_ortho
+from .precise_bn import recompute_bn_statistics
 
 __all__ = ["RunConfig", "TensorData", "best_by_loss", "load_tensor_data", "run", "run_many"]
 
-Method = Literal["l2", "ortho", "ortho_mod"]
+Method = Literal["l2", "default", "ortho", "ortho_mod"]
+DatasetName = Literal["synthetic", "digits", "cifar10"]
 
 
 @dataclass
@@ -49,14 +58,27 @@ class RunConfig:
     ortho_decay: float = DEFAULT_ORTHO_DECAY
     modulation: dict[str, Any] = field(default_factory=dict)
     """ErrorModulation options for ``"ortho_mod"`` (empty: the library defaults)."""
+    max_grad_ratio: float | None = None
+    """The wrapper's step bound for ``"ortho"``/``"ortho_mod"`` (None: off)."""
+    act_layer: str | None = None
+    """The model's ``act_layer`` (None: the model's default)."""
+    clip_grad: float | None = None
+    """A user-side ``clip_grad_norm_`` on all parameters before every step (None: none)."""
     steps: int = 300
     batch_size: int = 32
+    schedule: Literal["step", "cosine"] = "step"
+    """``"step"``: lr / 10 at ``lr_drops``; ``"cosine"``: cosine decay to 0 over ``steps``."""
     lr_drops: tuple[float, ...] = (0.5, 0.75)
     """Fractions of ``steps`` where the lr is divided by 10 (the paper's 32k/48k of 64k)."""
     seed: int = 0
     record_every: int = 10
     init: str | None = None
     """Override the regime's init (``"msra"`` for l2, ``"orthonormal"`` otherwise)."""
+    wrapper: dict[str, Any] = field(default_factory=dict)
+    """For ``"default"``: OrthoModulated options that differ from the library's (ablations)."""
+    precise_bn: int = 0
+    """Batches of training data to recompute BN statistics with before the second evaluation
+    (``val_acc_precise``); 0 for none."""
 
     def label(self) -> str:
         return f"{self.model}/{self.method}/lr{self.lr:g}/s{self.seed}"
@@ -73,6 +95,30 @@ class TensorData:
     num_classes: int
     source: str
 
+    @property
+    def in_chans(self) -> int:
+        return self.x_train.shape[1]
+
+
+def _digits(img_size: int, n_train: int, seed: int) -> tuple[list[np.ndarray], list[Tensor], str]:
+    """scikit-learn's 1,797 handwritten digits (8x8, grey levels 0-16) as RGB uint8, fixed split."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # an optional dependency: the experiments extra
+        raise ImportError(
+            "the digits data set needs scikit-learn: pip install 'timm_ortho[experiments]'"
+        ) from e
+    bunch = load_digits()
+    images = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)  # the models' stems take 3 channels
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).numpy()
+    n_train = min(n_train, len(images) - 297)
+    split = [order[:n_train], order[len(images) - 297 :]]
+    arrays = [images[i] for i in split]
+    labels = [torch.from_numpy(bunch.target[i]).long() for i in split]
+    source = f"scikit-learn digits ({n_train} train / 297 test, 8px -> {img_size}px, split seed {seed})"
+    return arrays, labels, source
+
 
 def load_tensor_data(
     data_dir: str | Path | None = None,
@@ -81,15 +127,25 @@ def load_tensor_data(
     n_val: int = 1024,
     num_classes: int = 10,
     seed: int = 0,
+    dataset: DatasetName | None = None,
 ) -> TensorData:
-    """The embedded synthetic set (``data_dir=None``) or CIFAR-10's python batches, as tensors.
+    """The embedded synthetic set, scikit-learn's digits or CIFAR-10's python batches, as tensors.
 
-    Images are resized to ``img_size`` (CIFAR only when it differs from 32) and normalized per
-    channel with the training split's mean and standard deviation.
+    ``dataset`` defaults to ``"cifar10"`` when ``data_dir`` is given and ``"synthetic"`` otherwise.
+    Images are resized to ``img_size`` when it differs and normalized per channel with the training
+    split's mean and standard deviation.
     """
     from .data import Cifar10, SyntheticImages
 
-    if data_dir is None:
+    dataset = dataset or ("cifar10" if data_dir is not None else "synthetic")
+    if dataset not in ("synthetic", "digits", "cifar10"):
+        raise ValueError(f"dataset must be 'synthetic', 'digits' or 'cifar10', got {dataset!r}")
+    if dataset == "cifar10" and data_dir is None:
+        raise ValueError("dataset='cifar10' needs data_dir (a cifar-10-batches-py folder)")
+    if dataset == "digits":
+        arrays, labels, source = _digits(img_size, n_train, seed)
+        num_classes = 10
+    elif dataset == "synthetic":
         train = SyntheticImages(n_train, num_classes, img_size, seed=seed, split=0)
         val = SyntheticImages(n_val, num_classes, img_size, seed=seed, split=1)
         arrays = [np.stack([d.render(i) for i in range(len(d))]) for d in (train, val)]
@@ -116,9 +172,19 @@ def load_tensor_data(
     return TensorData(x_train, labels[0], x_val, labels[1], num_classes, source)
 
 
-def _make(cfg: RunConfig, num_classes: int, device: torch.device):
+def _make(cfg: RunConfig, data: TensorData, device: torch.device):
+    model_kwargs: dict[str, Any] = dict(num_classes=data.num_classes, in_chans=data.in_chans)
+    if cfg.act_layer is not None:
+        model_kwargs["act_layer"] = cfg.act_layer
+    if cfg.method == "default":  # the user's call; ablations change one thing through init/wrapper
+        if cfg.init is not None:
+            model_kwargs["init"] = cfg.init
+        model = timm.create_model(cfg.model, **model_kwargs).to(device)
+        sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        opt = OrthoModulated(sgd, model, **cfg.wrapper)
+        return model, opt, opt.modulation or ErrorModulation(model, measure_only=True)
     init = cfg.init or ("msra" if cfg.method == "l2" else "orthonormal")
-    model = timm.create_model(cfg.model, num_classes=num_classes, init=init).to(device)
+    model = timm.create_model(cfg.model, init=init, **model_kwargs).to(device)
     if cfg.method == "l2":
         opt = torch.optim.SGD(
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -126,10 +192,11 @@ def _make(cfg: RunConfig, num_classes: int, device: torch.device):
         probe = ErrorModulation(model, measure_only=True)
         return model, opt, probe
     base = torch.optim.SGD(param_groups_for_ortho(model), lr=cfg.lr, momentum=cfg.momentum)
+    options = dict(ortho_decay=cfg.ortho_decay, max_grad_ratio=cfg.max_grad_ratio)
     if cfg.method == "ortho":
-        opt = OrthoModulated(base, model, ortho_decay=cfg.ortho_decay)
+        opt = OrthoModulated(base, model, **options, modulation=False)
         return model, opt, ErrorModulation(model, measure_only=True)
-    opt = OrthoModulated(base, model, ortho_decay=cfg.ortho_decay, modulation=dict(cfg.modulation))
+    opt = OrthoModulated(base, model, **options, modulation=dict(cfg.modulation) or True)
     return model, opt, opt.modulation
 
 
@@ -150,8 +217,9 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
     """Train one configuration and return its record (config, history, final values, timing)."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    model, opt, probe = _make(cfg, data.num_classes, device)
-    drops = [int(f * cfg.steps) for f in cfg.lr_drops]
+    model, opt, probe = _make(cfg, data, device)
+    drops = [int(f * cfg.steps) for f in cfg.lr_drops] if cfg.schedule == "step" else []
+    base_lrs = [group["lr"] for group in opt.param_groups]
     order = torch.Generator().manual_seed(10_000 + cfg.seed)
     n = len(data.y_train)
     perm, cursor = torch.randperm(n, generator=order), 0
@@ -163,6 +231,9 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
         if step in drops:
             for group in opt.param_groups:
                 group["lr"] *= 0.1
+        elif cfg.schedule == "cosine":
+            for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / cfg.steps))
         if cursor + cfg.batch_size > n:
             perm, cursor = torch.randperm(n, generator=order), 0
         idx = perm[cursor : cursor + cfg.batch_size]
@@ -171,6 +242,8 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.clip_grad is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         opt.step()
         losses.append(loss.detach())
         if (step + 1) % cfg.record_every == 0 or step == cfg.steps - 1:
@@ -200,6 +273,16 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
         "layer_scales": stats.scale.double().cpu().tolist(),
         **(_evaluate(model, data, device) if not diverged else {"val_loss": float("nan"), "val_acc": 0.0}),
     }
+    if cfg.precise_bn and not diverged:
+        batches = (
+            data.x_train[perm[i : i + cfg.batch_size]].to(device)
+            for i in range(0, min(n, cfg.precise_bn * cfg.batch_size), cfg.batch_size)
+        )
+        recompute_bn_statistics(model, batches, cfg.precise_bn)
+        precise = _evaluate(model, data, device)
+        final.update(val_loss_precise=precise["val_loss"], val_acc_precise=precise["val_acc"])
+    elif cfg.precise_bn:
+        final.update(val_loss_precise=float("nan"), val_acc_precise=0.0)
     probe.remove()
     return {"config": asdict(cfg), "history": history, "final": final, "seconds": seconds}
 

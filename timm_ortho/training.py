@@ -56,6 +56,7 @@ from .data import (
     build_transforms,
 )
 from .optim import DEFAULT_ORTHO_DECAY
+from .precise_bn import bn_layers, recompute_bn_statistics
 
 __all__ = [
     "ConfigError",
@@ -82,6 +83,10 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
+DEFAULT_PRECISE_BN_BATCHES = 100
+"""Precise-BN batches for plain nets: enough for stable averages (fvcore uses 200), cheap next to an epoch."""
+
+
 @dataclass
 class TrainConfig:
     """All settings of a run; the command-line flags map one to one onto these fields."""
@@ -109,6 +114,10 @@ class TrainConfig:
     """Modulate during the first N updates only; 0 = for the whole run."""
     error_stats: bool = True
     """Without modulation, still measure the per-layer error moments (hooks that change nothing)."""
+    precise_bn: int | None = None
+    """Batches of training data over which BN statistics are recomputed with the final weights before
+    every evaluation (precise BN); ``None``: ``DEFAULT_PRECISE_BN_BATCHES`` for plain nets (a chain
+    with no shortcut, whose running statistics lag the weights most), 0 (off) for other models."""
 
     # optimizer and schedule
     opt: str = "momentum"
@@ -366,6 +375,14 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     g.add_argument("--mod-max-scale", type=float, default=d.mod_max_scale)
     g.add_argument("--mod-reference", default=d.mod_reference, choices=["previous", "top"])
     g.add_argument(
+        "--precise-bn",
+        type=int,
+        default=d.precise_bn,
+        metavar="N",
+        help=f"recompute BN statistics over N training batches before each evaluation; default: "
+        f"{DEFAULT_PRECISE_BN_BATCHES} for plain nets, 0 (off) for other models",
+    )
+    g.add_argument(
         "--error-stats",
         action=argparse.BooleanOptionalAction,
         default=d.error_stats,
@@ -506,6 +523,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 # pieces of the run
 # ----------------------------------------------------------------------------------------------
 def _validate(cfg: TrainConfig) -> None:
+    if cfg.precise_bn is not None and cfg.precise_bn < 0:
+        raise ConfigError(f"--precise-bn takes a number of batches >= 0 (0: off), got {cfg.precise_bn}")
     if cfg.baseline and cfg.modulation:
         raise ConfigError("--baseline means no modulation; drop --modulation or --baseline")
     if cfg.baseline and cfg.init == "orthonormal":
@@ -691,6 +710,37 @@ def evaluate(
     loss_sum, top1, top5, n = totals.tolist()
     n = max(n, 1.0)
     return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+
+def _precise_bn_batches(cfg: TrainConfig, model: nn.Module) -> int:
+    """``cfg.precise_bn``, or its default: on for plain nets (no shortcut), off for other models."""
+    from .models.plain_cnn import PlainCnn
+
+    if cfg.precise_bn is not None:
+        return cfg.precise_bn
+    return DEFAULT_PRECISE_BN_BATCHES if isinstance(model, PlainCnn) else 0
+
+
+def recalibrate_bn(
+    model: nn.Module, loader: Any, accelerator: Any, num_batches: int, channels_last: bool = False
+) -> int:
+    """Precise BN in a (possibly distributed) run: recompute, then average the statistics over processes.
+
+    Each process averages over its own shard of ``num_batches`` batches; the per-process results are
+    then averaged (every process saw as many batches, so that is the mean over all of them).
+    """
+
+    def images_of(batch: Any) -> torch.Tensor:
+        images = batch[0]
+        return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+    with accelerator.autocast():
+        used = recompute_bn_statistics(model, loader, num_batches, prepare=images_of)
+    if accelerator.num_processes > 1:
+        for layer in bn_layers(model):
+            for buffer in (layer.running_mean, layer.running_var):
+                buffer.copy_(accelerator.reduce(buffer.clone(), reduction="mean"))
+    return used
 
 
 def _save_weights(path: Path, state: dict[str, Any]) -> None:
@@ -924,9 +974,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.torchcompile:
         model = torch.compile(model, backend=cfg.torchcompile)
 
+    precise_bn = _precise_bn_batches(cfg, model)
+    # Its own loader (own order, own generator): recalibrating draws nothing from the training
+    # loader or the global RNG, so a resumed run sees exactly the batches of an uninterrupted one.
+    bn_loader = (
+        build_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed + 1, workers=cfg.workers)
+        if precise_bn
+        else None
+    )
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader
     )
+    if bn_loader is not None:
+        bn_loader = accelerator.prepare(bn_loader)
     set_seed(cfg.seed, device_specific=True)  # per-process randomness (dropout, mixup) from here on
 
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
@@ -1154,6 +1214,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         if finished_epoch:
             progress.epoch, progress.batch = epoch + 1, 0
 
+        if bn_loader is not None:
+            bn_loader.set_epoch(epoch)
+            recalibrate_bn(
+                accelerator.unwrap_model(model), bn_loader, accelerator, precise_bn, cfg.channels_last
+            )
         evaluation = evaluate(model, val_loader, accelerator, cfg.channels_last)
         record = {"type": "eval", "epoch": epoch, "step": progress.updates, "epoch_seconds": epoch_seconds}
         record.update({f"val_{k}": v for k, v in evaluation.items()})

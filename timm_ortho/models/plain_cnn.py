@@ -34,23 +34,25 @@ biases to 0.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, get_device_dtype
+from timm.layers import ClassifierHead, get_act_layer, get_device_dtype
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..ortho import orthonormal_
+from ..shaping import tat_leaky_relu
 
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "INIT_SCHEMES",
+    "TAT_ACT",
     "BasicBlock",
     "CifarResNet",
     "ConvBnAct",
@@ -59,11 +61,15 @@ __all__ = [
     "PlainCnn",
     "StagedCnn",
     "init_layer_",
+    "resolve_act_layer",
 ]
 
 # Per-channel statistics of the 50k CIFAR-10 training images, pixels scaled to [0, 1].
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+TAT_ACT = "leaky_relu_tat"
+"""``act_layer`` name of the depth-shaped leaky ReLU (its slope: :mod:`timm_ortho.shaping`)."""
 
 InitScheme = Literal["orthonormal", "msra"]
 INIT_SCHEMES: tuple[str, ...] = ("orthonormal", "msra")
@@ -140,7 +146,7 @@ def _orthonormal_layers_(layers: Sequence[nn.Conv2d | nn.Linear]) -> None:
 
 
 class ConvBnAct(nn.Module):
-    """One parametric layer of the chain: ``conv (no bias) -> BatchNorm -> ReLU``.
+    """One parametric layer of the chain: ``conv (no bias) -> BatchNorm -> activation`` (ReLU by default).
 
     Built from plain ``torch.nn`` leaves so that ``torch.fx`` traces it as three nodes. The ReLU is
     not in-place: the method hooks layer outputs, and an in-place activation breaks
@@ -153,6 +159,7 @@ class ConvBnAct(nn.Module):
         out_chs: int,
         kernel_size: int = 3,
         stride: int = 1,
+        act_layer: Callable[[], nn.Module] = nn.ReLU,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -162,7 +169,7 @@ class ConvBnAct(nn.Module):
             in_chs, out_chs, kernel_size, stride=stride, padding=kernel_size // 2, bias=False, **dd
         )
         self.bn = nn.BatchNorm2d(out_chs, **dd)
-        self.act = nn.ReLU()
+        self.act = act_layer()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -201,6 +208,7 @@ class BasicBlock(nn.Module):
         in_chs: int,
         out_chs: int,
         stride: int = 1,
+        act_layer: Callable[[], nn.Module] = nn.ReLU,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -208,13 +216,13 @@ class BasicBlock(nn.Module):
         dd = {"device": device, "dtype": dtype}
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
         self.bn1 = nn.BatchNorm2d(out_chs, **dd)
-        self.act1 = nn.ReLU()
+        self.act1 = act_layer()
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, padding=1, bias=False, **dd)
         self.bn2 = nn.BatchNorm2d(out_chs, **dd)
         self.shortcut = (
             PadShortcut(in_chs, out_chs, stride) if stride > 1 or out_chs != in_chs else nn.Identity()
         )
-        self.act2 = nn.ReLU()
+        self.act2 = act_layer()
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = self.shortcut(x)
@@ -238,10 +246,16 @@ class StagedCnn(nn.Module):
         global_pool: timm pooling type (``"avg"``, ``"max"``, ...; ``""`` for none).
         drop_rate: dropout before the classifier.
         init: ``"orthonormal"`` (default) or ``"msra"``, see :func:`init_layer_`.
+        act_layer: the activation of every layer, in timm's convention: a name that
+            ``timm.layers.get_act_layer`` knows (``"relu"``, ``"leaky_relu"``, ``"gelu"``, ...), a class
+            or a no-argument callable, or ``"leaky_relu_tat"``: a leaky ReLU whose slope is derived
+            from the number of activations in the chain by TAT's criterion (see
+            :mod:`timm_ortho.shaping`). ``None``: the family's default (:attr:`default_act`).
     """
 
     block_cls: type[nn.Module] = ConvBnAct
     convs_per_block: int = 1
+    default_act: str = "relu"
     __jit_unused_properties__ = ["num_layers"]  # noqa: RUF012  (TorchScript reads this class attribute)
 
     def __init__(
@@ -254,6 +268,7 @@ class StagedCnn(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         init: InitScheme = "orthonormal",
+        act_layer: str | Callable[[], nn.Module] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -269,6 +284,10 @@ class StagedCnn(nn.Module):
             raise ValueError(f"unknown stem {stem!r}: choose one of {_STEMS}")
         _check_init(init)
         dd = {"device": device, "dtype": dtype}
+        # Activations along the longest path: the stem's and every conv's of every block.
+        act = resolve_act_layer(
+            self.default_act if act_layer is None else act_layer, 1 + sum(depths) * self.convs_per_block
+        )
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -278,11 +297,11 @@ class StagedCnn(nn.Module):
         stem_chs = widths[0]
         self.feature_info = []
         if stem == "cifar":
-            self.stem = ConvBnAct(in_chans, stem_chs, 3, **dd)
+            self.stem = ConvBnAct(in_chans, stem_chs, 3, act_layer=act, **dd)
             self.stem_pool = nn.Identity()
             reduction = 1
         else:
-            self.stem = ConvBnAct(in_chans, stem_chs, 7, stride=2, **dd)
+            self.stem = ConvBnAct(in_chans, stem_chs, 7, stride=2, act_layer=act, **dd)
             # The stem output at stride 2 is a feature level, as in timm's ResNet (5 levels in all).
             self.feature_info.append(dict(num_chs=stem_chs, reduction=2, module="stem"))
             self.stem_pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -295,7 +314,9 @@ class StagedCnn(nn.Module):
             stride = 1 if i == 0 else 2
             reduction *= stride
             blocks = [
-                self.block_cls(prev_chs if j == 0 else width, width, stride=stride if j == 0 else 1, **dd)
+                self.block_cls(
+                    prev_chs if j == 0 else width, width, stride=stride if j == 0 else 1, act_layer=act, **dd
+                )
                 for j in range(depth)
             ]
             stages.append(nn.Sequential(*blocks))
@@ -441,10 +462,15 @@ class StagedCnn(nn.Module):
 
 
 class PlainCnn(StagedCnn):
-    """A plain chain of Conv-BN-ReLU layers (no shortcuts); each block is one :class:`ConvBnAct`."""
+    """A plain chain of Conv-BN-activation layers (no shortcuts); each block is one :class:`ConvBnAct`.
+
+    The default activation is the depth-shaped leaky ReLU (``act_layer="leaky_relu_tat"``), chosen by
+    the depth suite in ``docs/results.md``; ``act_layer="relu"`` gives the paper's exact Conv-BN-ReLU.
+    """
 
     block_cls = ConvBnAct
     convs_per_block = 1
+    default_act = TAT_ACT
 
 
 class CifarResNet(StagedCnn):
@@ -452,6 +478,22 @@ class CifarResNet(StagedCnn):
 
     block_cls = BasicBlock
     convs_per_block = 2
+
+
+def resolve_act_layer(
+    act_layer: str | Callable[[], nn.Module], num_activations: int
+) -> Callable[[], nn.Module]:
+    """The activation factory for a chain of ``num_activations`` activations (see :class:`StagedCnn`)."""
+    if act_layer == TAT_ACT:
+        return tat_leaky_relu(num_activations)
+    if isinstance(act_layer, str):
+        resolved = get_act_layer(act_layer)
+        if resolved is None:
+            raise ValueError(f"unknown act_layer {act_layer!r}: use a timm activation name or {TAT_ACT!r}")
+        return resolved
+    if not callable(act_layer):
+        raise TypeError(f"act_layer must be a name, a class or a callable, got {type(act_layer).__name__}")
+    return act_layer
 
 
 # Conv + FC layers -> n of the 6n + 2 CIFAR layout.

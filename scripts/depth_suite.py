@@ -1,0 +1,286 @@
+"""The depth suite: test accuracy against depth for plain nets under the method, their baselines and
+residual twins, with an ablation of every ingredient of the default recipe.
+
+    python scripts/reproduce.py depth                       # the whole suite (a GPU: about 10 min)
+    python scripts/reproduce.py depth --depths 20 44 --datasets digits --seeds 0   # a slice
+    python scripts/reproduce.py depth --plot-only --out docs/figures             # redraw from JSON
+
+Every regime trains the same number of steps with the same batches per seed (cosine schedule, SGD
+momentum 0.9, lr 0.1); "test acc" is measured with the BN statistics the run ends with and, for the
+"precise" column, after recomputing them over 20 training batches. Runs are ordered by priority
+(the headline comparison at 110 layers first) so that a ``--deadline`` cuts the least important.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from timm_ortho.experiments import RunConfig, load_tensor_data, run
+from timm_ortho.optim import DEFAULT_MODULATION
+
+# label -> (family, RunConfig overrides). "default" is exactly the user's call on the model's defaults.
+REGIMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "method, defaults": ("plain", dict(method="default")),
+    "residual twin, MSRA + L2": ("resnet", dict(method="l2")),
+    "plain, MSRA + L2 (ReLU)": ("plain", dict(method="l2", act_layer="relu")),
+    "paper-exact: ReLU, ortho + modulation": ("plain", dict(method="ortho_mod", act_layer="relu")),
+    # Ablations of the default recipe: one ingredient changed each.
+    "defaults, ReLU activation": ("plain", dict(method="default", act_layer="relu")),
+    "defaults, no orthonormality (MSRA init, no term)": (
+        "plain",
+        dict(method="default", init="msra", wrapper=dict(ortho_decay=0.0)),
+    ),
+    f"defaults, modulation {'off' if DEFAULT_MODULATION else 'on'}": (
+        "plain",
+        dict(method="default", wrapper=dict(modulation=not DEFAULT_MODULATION)),
+    ),
+    "defaults, no step bound": ("plain", dict(method="default", wrapper=dict(max_grad_ratio=None))),
+    "plain, MSRA + L2 (shaped activation)": ("plain", dict(method="l2")),
+}
+CORE = list(REGIMES)[:4]
+ABLATIONS = list(REGIMES)[4:]
+DATASETS = {
+    "digits": dict(dataset="digits", img_size=8, n_train=1500),
+    "synthetic": dict(dataset="synthetic", img_size=16, n_train=4096, n_val=1024),
+}
+
+
+def plan(
+    depths: list[int], datasets: list[str], seeds: list[int], steps: int, batch_size: int, ablate: list[int]
+) -> list[tuple[str, str, int, RunConfig]]:
+    """(dataset, regime, depth, config) by priority, so that a deadline cuts the least important:
+    the core regimes at 110 layers; 1202 layers (defaults, twin, plain baseline) on the first data
+    set; the core regimes at the other depths; the ablations; the rest of 1202."""
+    deepest = [d for d in depths if d >= 1000]
+    others = sorted((d for d in depths if d < 1000), key=lambda d: (d != 110, -d))
+    cells: list[tuple[str, int, list[str]]] = []  # (dataset, depth, regimes)
+    cells += [(name, 110, CORE) for name in datasets if 110 in others]
+    cells += [(datasets[0], d, CORE[:3]) for d in deepest]
+    cells += [(name, d, CORE) for d in others if d != 110 for name in datasets]
+    cells += [(name, d, ABLATIONS) for d in others if d in ablate for name in datasets]
+    cells += [(datasets[0], d, CORE[3:]) for d in deepest]
+    cells += [(name, d, CORE) for d in deepest for name in datasets[1:]]
+    jobs = []
+    for name, depth, labels in cells:
+        for seed in seeds:
+            for label in labels:
+                family, overrides = REGIMES[label]
+                model = f"plain_cnn{depth}" if family == "plain" else f"cifar_resnet{depth}"
+                cfg = RunConfig(
+                    model=model,
+                    lr=0.1,
+                    steps=steps,
+                    batch_size=batch_size,
+                    schedule="cosine",
+                    seed=seed,
+                    record_every=max(1, steps // 10),
+                    precise_bn=20,
+                    **overrides,
+                )
+                jobs.append((name, label, depth, cfg))
+    return jobs
+
+
+# The runs that chose the defaults (plain_cnn110 on digits, same budget as the suite): the step bound's
+# form and size, and the modulation with the bound on. ``reproduce.py defaults`` reruns them.
+DEFAULTS_GRID: dict[str, dict[str, Any]] = {
+    "shaped, no bound": dict(method="ortho"),
+    "shaped, bound 0.005": dict(method="ortho", max_grad_ratio=0.005),
+    "shaped, bound 0.01": dict(method="ortho", max_grad_ratio=0.01),
+    "shaped, bound 0.02": dict(method="ortho", max_grad_ratio=0.02),
+    "shaped, bound 0.05": dict(method="ortho", max_grad_ratio=0.05),
+    "shaped, bound 0.1": dict(method="ortho", max_grad_ratio=0.1),
+    "shaped, user-side clip_grad_norm_ 1.0": dict(method="ortho", clip_grad=1.0),
+    "shaped, bound 0.02 + modulation (top)": dict(method="ortho_mod", max_grad_ratio=0.02),
+    "shaped, bound 0.02 + modulation (previous)": dict(
+        method="ortho_mod", max_grad_ratio=0.02, modulation=dict(reference="previous")
+    ),
+    "shaped, bound 0.1 + modulation (top)": dict(method="ortho_mod", max_grad_ratio=0.1),
+    "ReLU, bound 0.02": dict(method="ortho", max_grad_ratio=0.02, act_layer="relu"),
+    "ReLU, bound 0.02 + modulation (top)": dict(method="ortho_mod", max_grad_ratio=0.02, act_layer="relu"),
+    "ReLU, bound 0.1": dict(method="ortho", max_grad_ratio=0.1, act_layer="relu"),
+    "ReLU, bound 0.1 + modulation (top)": dict(method="ortho_mod", max_grad_ratio=0.1, act_layer="relu"),
+}
+
+
+def plan_defaults(seeds: list[int], steps: int, batch_size: int) -> list[tuple[str, str, int, RunConfig]]:
+    """The :data:`DEFAULTS_GRID` runs (plain_cnn110, digits) with the suite's budget."""
+    return [
+        (
+            "digits",
+            label,
+            110,
+            RunConfig(
+                model="plain_cnn110",
+                lr=0.1,
+                steps=steps,
+                batch_size=batch_size,
+                schedule="cosine",
+                seed=seed,
+                record_every=max(1, steps // 10),
+                precise_bn=20,
+                **overrides,
+            ),
+        )
+        for seed in seeds
+        for label, overrides in DEFAULTS_GRID.items()
+    ]
+
+
+_DATA: dict[str, Any] = {}
+
+
+def _run_one(name: str, cfg: RunConfig, device: str, deadline_at: float | None, threads: int) -> dict | None:
+    """One run in a worker process (data loaded once per process); None once the deadline passed."""
+    import torch
+
+    torch.set_num_threads(threads)
+    if deadline_at is not None and time.time() > deadline_at:
+        return None
+    if name not in _DATA:
+        _DATA[name] = load_tensor_data(**DATASETS[name])
+    return run(cfg, _DATA[name], device)
+
+
+def run_suite(
+    jobs: list[tuple[str, str, int, RunConfig]],
+    device: str,
+    processes: int,
+    deadline: float | None,
+    on_result: Callable[[dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    """Run ``jobs`` in ``processes`` worker processes sharing one device, in priority order.
+
+    No run starts once ``deadline`` seconds have passed; the runs left out are reported by the caller.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    deadline_at = None if deadline is None else time.time() + deadline
+    threads = max(1, (os.cpu_count() or 1) // processes) if device == "cpu" else 1
+    results = []
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+        futures = {
+            pool.submit(_run_one, name, cfg, device, deadline_at, threads): (name, label, depth)
+            for name, label, depth, cfg in jobs
+        }
+        for future in concurrent.futures.as_completed(futures):
+            record = future.result()
+            if record is None:
+                continue
+            name, label, depth = futures[future]
+            entry = {"dataset": name, "regime": label, "depth": depth, "record": record}
+            results.append(entry)
+            on_result(entry)
+    return results
+
+
+def _final(entry: dict[str, Any], key: str) -> float:
+    value = entry["record"]["final"].get(key, float("nan"))
+    return float("nan") if value is None else value
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean, spread and per-seed values of test accuracy per (dataset, regime, depth)."""
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for e in results:
+        groups.setdefault((e["dataset"], e["regime"], e["depth"]), []).append(e)
+    rows = []
+    for (name, label, depth), entries in groups.items():
+        acc = [_final(e, "val_acc") for e in entries]
+        precise = [_final(e, "val_acc_precise") for e in entries]
+        rows.append(
+            dict(
+                dataset=name,
+                regime=label,
+                depth=depth,
+                seeds=[e["record"]["config"]["seed"] for e in entries],
+                acc=acc,
+                acc_precise=precise,
+                diverged=sum(bool(e["record"]["final"]["diverged"]) for e in entries),
+                train_loss=[_final(e, "train_loss") for e in entries],
+                seconds=sum(e["record"]["seconds"] for e in entries),
+            )
+        )
+    return rows
+
+
+def _mean_sd(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| data | depth | regime | test acc (final BN) | test acc (precise BN) | per seed (precise) | NaN |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = {label: i for i, label in enumerate([*REGIMES, *DEFAULTS_GRID])}
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["depth"], order[r["regime"]])):
+        seeds = " / ".join(f"{v:.3f}" for v in r["acc_precise"])
+        lines.append(
+            f"| {r['dataset']} | {r['depth']} | {r['regime']} | {_mean_sd(r['acc'])} | "
+            f"{_mean_sd(r['acc_precise'])} | {seeds} | {r['diverged']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy (precise BN) against depth, one panel per data set; dots are single seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.6), squeeze=False)
+    styles = {
+        "method, defaults": ("tab:green", "o-"),
+        "residual twin, MSRA + L2": ("tab:gray", "s--"),
+        "plain, MSRA + L2 (ReLU)": ("tab:red", "v-"),
+        "paper-exact: ReLU, ortho + modulation": ("tab:blue", "^-"),
+    }
+    for ax, name in zip(axes[0], names, strict=True):
+        for label, (colour, style) in styles.items():
+            mine = sorted(
+                (r for r in rows if r["dataset"] == name and r["regime"] == label), key=lambda r: r["depth"]
+            )
+            if not mine:
+                continue
+            depths = [r["depth"] for r in mine]
+            means = [statistics.fmean(r["acc_precise"]) for r in mine]
+            nan = sum(r["diverged"] for r in mine)
+            ax.plot(depths, means, style, color=colour, label=label + (f" ({nan} diverged)" if nan else ""))
+            for r in mine:
+                ax.plot([r["depth"]] * len(r["acc_precise"]), r["acc_precise"], ".", color=colour, alpha=0.5)
+        ax.set(xscale="log", xlabel="depth (layers)", ylabel="test accuracy (precise BN)", title=name)
+        ax.set_xticks(
+            sorted({r["depth"] for r in rows}), [str(d) for d in sorted({r["depth"] for r in rows})]
+        )
+        ax.axhline(0.1, color="k", lw=0.5, ls=":")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write(
+    results: list[dict[str, Any]], budget: dict[str, Any], out: Path, name: str = "depth"
+) -> list[dict[str, Any]]:
+    rows = summarize(results)
+    payload = {"budget": budget, "rows": rows, "results": results}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    if rows and name == "depth":
+        plot(rows, out / "depth.png")
+    return rows

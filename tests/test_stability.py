@@ -1,0 +1,249 @@
+"""What makes a deep plain net train: the depth-shaped activation, the step bound, precise BN."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import timm_ortho  # noqa: F401  (registers the models)
+from timm_ortho import OrthoModulated
+from timm_ortho.precise_bn import bn_layers, recompute_bn_statistics
+from timm_ortho.shaping import leaky_relu_cmap, network_c0, tat_leaky_relu_slope
+
+# -- the depth-shaped activation -----------------------------------------------------------------
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    c=st.floats(-0.95, 0.95),
+    alpha=st.floats(0.0, 1.0),
+)
+def test_cmap_matches_a_monte_carlo_estimate(c, alpha):
+    """C_alpha(c) against the correlation of the normalized leaky ReLU measured on Gaussian pairs."""
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    y = c * x + math.sqrt(1 - c * c) * torch.randn(n, generator=g, dtype=torch.float64)
+    fx, fy = nn.functional.leaky_relu(x, alpha), nn.functional.leaky_relu(y, alpha)
+    second_moment = (1 + alpha**2) / 2  # E[LReLU(x)^2] for x ~ N(0, 1)
+    measured = float((fx * fy).mean()) / second_moment
+    assert leaky_relu_cmap(c, alpha) == pytest.approx(measured, abs=6e-3)
+
+
+def test_cmap_limits_linear_and_relu():
+    for c in (-0.5, 0.0, 0.3, 0.9):
+        assert leaky_relu_cmap(c, 1.0) == pytest.approx(c)
+        # ReLU's normalized arc-cosine kernel: (sqrt(1 - c^2) + (pi - arccos c) c) / pi.
+        relu = (math.sqrt(1 - c * c) + (math.pi - math.acos(c)) * c) / math.pi
+        assert leaky_relu_cmap(c, 0.0) == pytest.approx(relu)
+
+
+@settings(max_examples=20, deadline=None)
+@given(layers=st.integers(20, 2000), eta=st.floats(0.5, 0.95))
+def test_tat_slope_meets_the_criterion(layers, eta):
+    alpha = tat_leaky_relu_slope(layers, eta)
+    if alpha == 0.0:  # too shallow to reach eta even with ReLU
+        assert network_c0(0.0, layers) <= eta
+    else:
+        assert network_c0(alpha, layers) == pytest.approx(eta, abs=1e-9)
+        assert 0.0 < alpha < 1.0
+
+
+def test_tat_slope_grows_with_depth_and_models_use_it():
+    slopes = [tat_leaky_relu_slope(n) for n in (19, 43, 109, 1201)]
+    assert slopes == sorted(slopes)
+    assert slopes[2] == pytest.approx(0.5856, abs=1e-3)
+    model = timm.create_model("plain_cnn20", num_classes=3)
+    acts = [m for m in model.modules() if isinstance(m, nn.LeakyReLU)]
+    assert len(acts) == 19 and all(a.negative_slope == slopes[0] for a in acts)
+    relu = timm.create_model("plain_cnn20", num_classes=3, act_layer="relu")
+    assert not any(isinstance(m, nn.LeakyReLU) for m in relu.modules())
+    assert sum(isinstance(m, nn.ReLU) for m in relu.modules()) == 19
+    twin = timm.create_model("cifar_resnet20", num_classes=3)
+    assert not any(isinstance(m, nn.LeakyReLU) for m in twin.modules())  # twins keep He et al.'s ReLU
+    gelu = timm.create_model("plain_cnn20", num_classes=3, act_layer="gelu")
+    assert sum(type(m).__name__ == "GELU" for m in gelu.modules()) == 19  # timm's own GELU class
+
+
+def test_bad_activation_and_slope_arguments_are_explained():
+    with pytest.raises(ValueError, match="positive int"):
+        tat_leaky_relu_slope(0)
+    with pytest.raises(ValueError, match="eta"):
+        tat_leaky_relu_slope(10, eta=1.0)
+    with pytest.raises((ValueError, KeyError), match="act"):
+        timm.create_model("plain_cnn20", act_layer="no_such_activation")
+
+
+# -- the step bound ------------------------------------------------------------------------------
+
+
+def small_net(seed: int = 0, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.LeakyReLU(0.5),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.LeakyReLU(0.5),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).to(dtype)
+
+
+def loss_of(model, seed: int, dtype=torch.float64, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 3, 6, 6, generator=g, dtype=dtype)
+    y = torch.randint(0, 5, (6,), generator=g)
+    return nn.functional.cross_entropy(model(x), y) * scale
+
+
+@settings(max_examples=15, deadline=None)
+@given(ratio=st.floats(1e-4, 10.0), scale=st.floats(1e-2, 1e3), seed=st.integers(0, 10_000))
+def test_step_bound_matches_a_naive_loop(ratio, scale, seed):
+    """Each target gradient is min(1, ratio ||W|| / ||g||) * g, computed here layer by layer in float64."""
+    model = small_net(seed % 7)
+    opt = OrthoModulated(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, ortho_decay=1e-3, max_grad_ratio=ratio
+    )
+    loss_of(model, seed, scale=scale).backward()
+    opt.apply_orthonormality()
+    expected = {}
+    for t in opt.targets:
+        g, w = t.param.grad, t.param.detach()
+        factor = min(1.0, ratio * float(w.norm()) / float(g.norm()))
+        expected[t.name] = g * factor
+    other = {n: p.grad.clone() for n, p in model.named_parameters() if p.ndim == 1}
+    opt.bound_gradients()
+    for t in opt.targets:
+        torch.testing.assert_close(t.param.grad, expected[t.name], rtol=1e-6, atol=0)
+        assert float(t.param.grad.norm()) <= ratio * float(t.param.detach().norm()) * (1 + 1e-6)
+    for n, p in model.named_parameters():  # BN and bias gradients are not targets: untouched
+        if p.ndim == 1:
+            assert torch.equal(p.grad, other[n])
+
+
+def test_step_bound_leaves_small_and_zero_gradients_bit_identical():
+    model = small_net()
+    opt = OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, max_grad_ratio=1e6)
+    loss_of(model, 0).backward()
+    opt.targets[0].param.grad.zero_()
+    before = [t.param.grad.clone() for t in opt.targets]
+    opt.bound_gradients()
+    for t, g in zip(opt.targets, before, strict=True):
+        assert torch.equal(t.param.grad, g)
+
+
+def test_step_bound_under_a_grad_scaler_sees_unscaled_gradients():
+    """A step under GradScaler (power-of-two scale: exact) equals the unscaled step bit for bit."""
+    model = small_net(dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    make = lambda m: OrthoModulated(torch.optim.SGD(m.parameters(), lr=0.1), m, max_grad_ratio=0.01)  # noqa: E731
+    opt, ref_opt = make(model), make(reference)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler.scale(loss_of(model, 3, torch.float32)).backward()
+    scaler.step(opt)
+    loss_of(reference, 3, torch.float32).backward()
+    ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_step_bound_keeps_a_blown_up_start_finite():
+    """ReLU plain_cnn44, lr 1.0: the first gradients explode toward the stem; the bound keeps it finite."""
+    torch.manual_seed(0)
+    model = timm.create_model("plain_cnn44", num_classes=4, act_layer="relu")
+    opt = OrthoModulated(
+        torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9), model, ortho_decay=1e-3, max_grad_ratio=0.1
+    )
+    for step in range(6):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for t in opt.targets:  # at most ratio * lr * sum of momentum factors relative growth per step
+        assert float(t.param.detach().norm()) < 10 * math.sqrt(t.f_out)
+
+
+def test_step_bound_validates_and_follows_the_group_field():
+    model = small_net()
+    for bad in (0, -1.0, float("inf"), float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="max_grad_ratio"):
+            OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, max_grad_ratio=bad)
+    opt = OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, max_grad_ratio=None)
+    assert opt.param_groups[0]["max_grad_ratio"] is None
+    opt.param_groups[0]["max_grad_ratio"] = 1e-3
+    loss_of(model, 0).backward()
+    opt.bound_gradients()
+    for t in opt.targets:
+        assert float(t.param.grad.norm()) <= 1e-3 * float(t.param.detach().norm()) * (1 + 1e-6)
+
+
+# -- precise BN ----------------------------------------------------------------------------------
+
+
+def test_precise_bn_is_the_average_of_batch_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Dropout(0.0), nn.BatchNorm2d(3))
+    model.eval()
+    weights = copy.deepcopy(model.state_dict())
+    batches = [torch.randn(5, 2, 4, 4) * (i + 1) + i for i in range(4)]
+    used = recompute_bn_statistics(model, iter(batches), num_batches=3)
+    assert used == 3 and not model.training
+    with torch.no_grad():
+        outs = [model[0](b) for b in batches[:3]]
+    mean = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, mean)
+    torch.testing.assert_close(model[1].running_var, var)
+    assert model[1].momentum == 0.1  # restored
+    for k, v in model.state_dict().items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, weights[k])
+
+
+def test_precise_bn_takes_pairs_and_a_prepare_function_and_refuses_nothing():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+    pairs = [(torch.randn(4, 2, 3, 3), torch.zeros(4)) for _ in range(2)]
+    assert recompute_bn_statistics(model, pairs, num_batches=10) == 2
+    assert recompute_bn_statistics(model, [{"x": pairs[0][0]}], 1, prepare=lambda b: b["x"]) == 1
+    before = model[1].running_mean.clone()
+    with pytest.raises(ValueError, match="no batch"):
+        recompute_bn_statistics(model, [], 5)
+    assert torch.equal(model[1].running_mean, before)  # left as they were
+    with pytest.raises(ValueError, match="num_batches"):
+        recompute_bn_statistics(model, pairs, 0)
+    with pytest.raises(TypeError, match="prepare"):
+        recompute_bn_statistics(model, ["not a tensor"], 1)
+    assert bn_layers(nn.Linear(2, 2)) == []
+
+
+def test_precise_bn_recovers_what_stale_statistics_hide():
+    """A deep chain whose running statistics lag its weights evaluates far off the batch statistics;
+    recomputed statistics bring eval-mode outputs back to train-mode ones on the same data."""
+    torch.manual_seed(0)
+    model = timm.create_model("plain_cnn20", num_classes=4)
+    x = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():  # change the weights after the statistics were taken
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(torch.empty(m.weight.shape[0], 1, 1, 1).uniform_(0.2, 3.0))
+        model.train()
+        target = model(x)
+    model.eval()
+    with torch.no_grad():
+        stale = (model(x) - target).abs().mean()
+    recompute_bn_statistics(model, [x], 1)
+    with torch.no_grad():
+        fresh = (model(x) - target).abs().mean()
+    assert fresh < 0.05 * stale
