@@ -320,6 +320,9 @@ def main() -> None:
     depth.add_argument(
         "--plot-only", action="store_true", help="redraw depth.png and the table from depth.json"
     )
+    depth.add_argument(
+        "--append", action="store_true", help="keep the runs in --out's JSON and run only the missing ones"
+    )
     args = parser.parse_args()
     if args.suite in ("depth", "defaults"):
         run_depth(args)
@@ -387,7 +390,14 @@ def run_depth(args: argparse.Namespace) -> None:
         jobs = depth_suite.plan_defaults(seeds, steps, batch)
     else:
         jobs = depth_suite.plan(args.depths, args.datasets, seeds, steps, batch, args.ablate_depths)
+    previous: list[dict[str, Any]] = []
+    if args.append and (args.out / f"{name}.json").exists():
+        previous = json.loads((args.out / f"{name}.json").read_text())["results"]
+        have = {(e["dataset"], e["regime"], e["depth"], e["record"]["config"]["seed"]) for e in previous}
+        jobs = [j for j in jobs if (j[0], j[1], j[2], j[3].seed) not in have]
+        print(f"appending to {len(previous)} finished runs in {args.out / f'{name}.json'}")
     processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     budget = dict(
         steps=steps,
         batch_size=batch,
@@ -406,24 +416,27 @@ def run_depth(args: argparse.Namespace) -> None:
     )
     print(f"{name} suite: {len(jobs)} runs planned on {args.device} in {processes} processes")
     bar = tqdm(total=len(jobs), desc=name, unit="run")
-    done: list[dict[str, Any]] = []
+    done: list[dict[str, Any]] = list(previous)
     start = time.perf_counter()
 
     def on_result(entry: dict[str, Any]) -> None:
+        entry["device"] = device_name
         done.append(entry)
         bar.update(1)
         if entry["depth"] == 1202:  # a 1202-layer record lists every layer: keep the JSON small
             entry["record"]["final"].pop("layer_names", None)
-        if len(done) % 10 == 0:  # keep what finished if the run is cut short
+        if len(done) % 10 == 0 or len(jobs) <= 30:  # keep what finished if the run is cut short
             depth_suite.write(done, {**budget, "finished_runs": len(done)}, args.out, name)
 
     depth_suite.run_suite(jobs, args.device, processes, args.deadline, on_result)
     bar.close()
-    budget.update(finished_runs=len(done), seconds=round(time.perf_counter() - start))
+    budget.update(finished_runs=len(done) - len(previous), seconds=round(time.perf_counter() - start))
     rows = depth_suite.write(done, budget, args.out, name)
     print(depth_suite.table(rows))
-    if len(done) < len(jobs):
-        print(f"deadline: {len(jobs) - len(done)} of {len(jobs)} planned runs were not started")
+    if len(done) - len(previous) < len(jobs):
+        print(
+            f"deadline: {len(jobs) - len(done) + len(previous)} of {len(jobs)} planned runs were not started"
+        )
 
 
 def replot(out: Path) -> None:

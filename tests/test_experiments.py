@@ -51,3 +51,28 @@ def test_same_seed_same_result_and_best_by_loss(data):
     assert serial[0]["final"]["train_loss"] == a["final"]["train_loss"]
     diverged = {**a, "final": {**a["final"], "diverged": True, "train_loss": float("nan")}}
     assert best_by_loss([diverged, a]) is a
+
+
+def test_digits_split_is_fixed_normalized_and_disjoint():
+    digits = load_tensor_data(dataset="digits", img_size=8, n_train=1500)
+    assert digits.x_train.shape == (1500, 3, 8, 8) and digits.x_val.shape == (297, 3, 8, 8)
+    assert digits.num_classes == 10 and "digits" in digits.source
+    torch.testing.assert_close(digits.x_train.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    train_rows = {tuple(r.tolist()) for r in digits.x_train.flatten(1)}
+    assert not any(tuple(r.tolist()) in train_rows for r in digits.x_val.flatten(1)[:50])
+    again = load_tensor_data(dataset="digits", img_size=8, n_train=1500)
+    assert torch.equal(again.y_val, digits.y_val)
+    with pytest.raises(ValueError, match="data_dir"):
+        load_tensor_data(dataset="cifar10")
+
+
+def test_the_default_regime_is_the_users_call_and_precise_bn_is_reported(data):
+    from timm_ortho.optim import DEFAULT_MAX_GRAD_RATIO
+
+    cfg = RunConfig(model="plain_cnn20", method="default", steps=3, batch_size=8, record_every=3, precise_bn=2)
+    record = run(cfg, data)
+    final = record["final"]
+    assert 0 <= final["val_acc_precise"] <= 1 and math.isfinite(final["val_loss_precise"])
+    assert DEFAULT_MAX_GRAD_RATIO is not None  # the default recipe bounds the step
+    ablated = RunConfig(**{**cfg.__dict__, "wrapper": {"max_grad_ratio": None}, "act_layer": "relu"})
+    assert run(ablated, data)["final"]["train_loss"] != final["train_loss"]

@@ -437,3 +437,27 @@ def test_drop_path_on_a_plain_net_is_a_clear_config_error():
 
     with pytest.raises(ConfigError, match="drop-path"):
         _create_model(TrainConfig(model="plain_cnn20", drop_path=0.1), num_classes=10)
+
+
+def test_precise_bn_is_on_for_plain_nets_and_recomputes_the_statistics(tmp_path, capsys):
+    from timm_ortho.precise_bn import bn_layers
+
+    plain = train(tiny(tmp_path, experiment="plain"))
+    assert "precise BN over 100 batches" in plain.summary["method"]
+    assert "step bound |grad| <= 0.01 |W| per layer" in plain.summary["method"]
+    # The returned model carries statistics recomputed from scratch over N batches (the loader has 8):
+    # the counter restarts at 0 and counts only those.
+    assert all(int(m.num_batches_tracked) == 8 for m in bn_layers(plain.model))
+    three = train(tiny(tmp_path, experiment="three", precise_bn=3))
+    assert "precise BN over 3 batches" in three.summary["method"]
+    assert all(int(m.num_batches_tracked) == 3 for m in bn_layers(three.model))
+    twin = train(tiny(tmp_path, experiment="twin", model="cifar_resnet20"))
+    assert "precise BN off" in twin.summary["method"]
+    off = train(tiny(tmp_path, experiment="off", precise_bn=0, max_grad_ratio=0.0))
+    assert "precise BN off" in off.summary["method"] and "step bound off" in off.summary["method"]
+    assert all(int(m.num_batches_tracked) == 8 for m in bn_layers(off.model))  # the 8 training batches
+    assert not torch.equal(three.model.stem.bn.running_mean, off.model.stem.bn.running_mean)
+    assert main(["--precise-bn", "-1", "--output", str(tmp_path)]) == 2
+    assert "--precise-bn takes a number of batches >= 0" in capsys.readouterr().err
+    assert main(["--max-grad-ratio", "-1", "--output", str(tmp_path)]) == 2
+    assert "--max-grad-ratio must be" in capsys.readouterr().err

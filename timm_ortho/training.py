@@ -28,6 +28,7 @@ bit-identical weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,7 +36,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +56,7 @@ from .data import (
     build_loader,
     build_transforms,
 )
-from .optim import DEFAULT_ORTHO_DECAY
+from .optim import DEFAULT_MAX_GRAD_RATIO, DEFAULT_ORTHO_DECAY
 from .precise_bn import bn_layers, recompute_bn_statistics
 
 __all__ = [
@@ -102,6 +103,8 @@ class TrainConfig:
     """MSRA init + L2 weight decay, no orthonormality term, no modulation."""
     ortho_decay: float = DEFAULT_ORTHO_DECAY
     ortho_form: Literal["auto", "coupled", "decoupled"] = "auto"
+    max_grad_ratio: float | None = DEFAULT_MAX_GRAD_RATIO
+    """The step bound of :class:`~timm_ortho.OrthoModulated`; ``None`` or 0: off."""
     ortho_exclude: list[str] | None = None
     modulation: bool = False
     mod_band: float | None = None
@@ -347,6 +350,13 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     )
     g.add_argument("--ortho-form", default=d.ortho_form, choices=["auto", "coupled", "decoupled"])
     g.add_argument(
+        "--max-grad-ratio",
+        type=float,
+        default=d.max_grad_ratio,
+        help="step bound: every regularized weight's gradient is scaled so that |grad| <= RATIO |W| "
+        "(per layer, inside the optimizer step); 0 turns it off",
+    )
+    g.add_argument(
         "--ortho-exclude",
         nargs="+",
         default=d.ortho_exclude,
@@ -523,6 +533,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 # pieces of the run
 # ----------------------------------------------------------------------------------------------
 def _validate(cfg: TrainConfig) -> None:
+    if cfg.max_grad_ratio is not None and not 0 <= cfg.max_grad_ratio < math.inf:
+        raise ConfigError(f"--max-grad-ratio must be a finite number >= 0 (0: off), got {cfg.max_grad_ratio}")
     if cfg.precise_bn is not None and cfg.precise_bn < 0:
         raise ConfigError(f"--precise-bn takes a number of batches >= 0 (0: off), got {cfg.precise_bn}")
     if cfg.baseline and cfg.modulation:
@@ -741,6 +753,25 @@ def recalibrate_bn(
             for buffer in (layer.running_mean, layer.running_var):
                 buffer.copy_(accelerator.reduce(buffer.clone(), reduction="mean"))
     return used
+
+
+@contextlib.contextmanager
+def precise_bn_for_eval(
+    model: nn.Module, loader: Any, accelerator: Any, num_batches: int, channels_last: bool = False
+) -> Iterator[None]:
+    """Recomputed BN statistics inside the block (evaluation, saving the evaluated weights), the
+    training ones restored after it: evaluating never changes the state that training continues
+    from, so a run resumed from any checkpoint ends exactly where an uninterrupted one does."""
+    layers = bn_layers(model)
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
+    recalibrate_bn(model, loader, accelerator, num_batches, channels_last)
+    try:
+        yield
+    finally:
+        for m, (mean, var, count) in zip(layers, saved, strict=True):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
 
 
 def _save_weights(path: Path, state: dict[str, Any]) -> None:
@@ -962,19 +993,22 @@ def train(cfg: TrainConfig) -> TrainResult:
             form=cfg.ortho_form,
             exclude=cfg.ortho_exclude,
             modulation=modulation,
+            max_grad_ratio=cfg.max_grad_ratio or None,
         )
         optimizer = ortho
         targets = ortho.targets
         probe = ortho.modulation
         method = (
             f"{init_desc} init, orthonormality regularizer lambda={cfg.ortho_decay:g} on "
-            f"{len(targets)} weights (no L2 on them), modulation "
-            f"{_describe_modulation(cfg)}"
+            f"{len(targets)} weights (no L2 on them), step bound "
+            f"{f'|grad| <= {cfg.max_grad_ratio:g} |W| per layer' if cfg.max_grad_ratio else 'off'}, "
+            f"modulation {_describe_modulation(cfg)}"
         )
+    precise_bn = _precise_bn_batches(cfg, model)
+    method += f", precise BN {f'over {precise_bn} batches' if precise_bn else 'off'}"
     if cfg.torchcompile:
         model = torch.compile(model, backend=cfg.torchcompile)
 
-    precise_bn = _precise_bn_batches(cfg, model)
     # Its own loader (own order, own generator): recalibrating draws nothing from the training
     # loader or the global RNG, so a resumed run sees exactly the batches of an uninterrupted one.
     bn_loader = (
@@ -1214,46 +1248,63 @@ def train(cfg: TrainConfig) -> TrainResult:
         if finished_epoch:
             progress.epoch, progress.batch = epoch + 1, 0
 
-        if bn_loader is not None:
-            bn_loader.set_epoch(epoch)
-            recalibrate_bn(
-                accelerator.unwrap_model(model), bn_loader, accelerator, precise_bn, cfg.channels_last
+        with contextlib.ExitStack() as evaluation_state:
+            if bn_loader is not None:  # evaluated (and saved) with precise BN, trained on unchanged
+                bn_loader.set_epoch(epoch)
+                evaluation_state.enter_context(
+                    precise_bn_for_eval(
+                        accelerator.unwrap_model(model), bn_loader, accelerator, precise_bn, cfg.channels_last
+                    )
+                )
+                if ema is not None:
+                    evaluation_state.enter_context(
+                        precise_bn_for_eval(ema.module, bn_loader, accelerator, precise_bn, cfg.channels_last)
+                    )
+            evaluation = evaluate(model, val_loader, accelerator, cfg.channels_last)
+            record = {
+                "type": "eval",
+                "epoch": epoch,
+                "step": progress.updates,
+                "epoch_seconds": epoch_seconds,
+            }
+            record.update({f"val_{k}": v for k, v in evaluation.items()})
+            if ema is not None:
+                ema_eval = evaluate(ema.module, val_loader, accelerator, cfg.channels_last)
+                record.update({f"ema_val_{k}": v for k, v in ema_eval.items()})
+            is_best = progress.best_top1 is None or evaluation["top1"] > progress.best_top1
+            if is_best:
+                progress.best_top1, progress.best_epoch = evaluation["top1"], epoch
+            progress.last_eval = evaluation
+            record.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
+            metrics.write(record)
+            accelerator.log(_scalars(record), step=progress.updates)
+            _log.info(
+                "epoch %d/%d (update %d): val loss %.4f, top-1 %.2f%%, top-5 %.2f%%%s; "
+                "best top-1 %.2f%% (epoch %d)",
+                epoch + 1,
+                epochs,
+                progress.updates,
+                evaluation["loss"],
+                evaluation["top1"],
+                evaluation["top5"],
+                f"; EMA top-1 {ema_eval['top1']:.2f}%" if ema_eval else "",
+                progress.best_top1,
+                progress.best_epoch + 1,
             )
-        evaluation = evaluate(model, val_loader, accelerator, cfg.channels_last)
-        record = {"type": "eval", "epoch": epoch, "step": progress.updates, "epoch_seconds": epoch_seconds}
-        record.update({f"val_{k}": v for k, v in evaluation.items()})
-        if ema is not None:
-            ema_eval = evaluate(ema.module, val_loader, accelerator, cfg.channels_last)
-            record.update({f"ema_val_{k}": v for k, v in ema_eval.items()})
-        is_best = progress.best_top1 is None or evaluation["top1"] > progress.best_top1
-        if is_best:
-            progress.best_top1, progress.best_epoch = evaluation["top1"], epoch
-        progress.last_eval = evaluation
-        record.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
-        metrics.write(record)
-        accelerator.log(_scalars(record), step=progress.updates)
-        _log.info(
-            "epoch %d/%d (update %d): val loss %.4f, top-1 %.2f%%, top-5 %.2f%%%s; "
-            "best top-1 %.2f%% (epoch %d)",
-            epoch + 1,
-            epochs,
-            progress.updates,
-            evaluation["loss"],
-            evaluation["top1"],
-            evaluation["top5"],
-            f"; EMA top-1 {ema_eval['top1']:.2f}%" if ema_eval else "",
-            progress.best_top1,
-            progress.best_epoch + 1,
-        )
-        save_weights("last.pth", epoch, evaluation)
-        if is_best:
-            save_weights("model_best.pth", epoch, evaluation)
+            save_weights("last.pth", epoch, evaluation)
+            if is_best:
+                save_weights("model_best.pth", epoch, evaluation)
         saved = checkpoints.save(progress.updates, {"epoch": progress.epoch, "batch": progress.batch})
         _log.info("checkpoint %s", saved)
         if progress.updates >= stop_at:
             stopped = True
 
     # --- the end ----------------------------------------------------------------------------------
+    if bn_loader is not None and samples_seen > 0:  # the returned model carries what was evaluated
+        for module in (accelerator.unwrap_model(model), ema.module if ema is not None else None):
+            if module is not None:
+                bn_loader.set_epoch(epoch)
+                recalibrate_bn(module, bn_loader, accelerator, precise_bn, cfg.channels_last)
     pngs: list[str] = []
     if probe is not None and is_main and samples_seen > 0:  # a backward ran in this process
         from .plots import plot_error_moments, plot_ratio_history

@@ -326,7 +326,7 @@ class StagedCnn(nn.Module):
 
         self.num_features = prev_chs
         self.head = ClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
-        self.head_hidden_size = self.head.num_features
+        self.head_hidden_size = prev_chs  # no pre-logits layer: the pooled features
 
         self.init_weights(init)
 
@@ -371,7 +371,7 @@ class StagedCnn(nn.Module):
         """
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, **get_device_dtype(self))
-        self.head_hidden_size = self.head.num_features
+        self.head_hidden_size = self.num_features
         if isinstance(self.head.fc, nn.Linear):
             init_layer_(self.head.fc, self.init_scheme)
 
@@ -439,7 +439,7 @@ class StagedCnn(nn.Module):
         if prune_head or prune_end:
             self.num_classes = 0
             self.head.reset(0, "", in_features=self.num_features, **get_device_dtype(self))
-            self.head_hidden_size = self.head.num_features
+            self.head_hidden_size = self.num_features
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
