@@ -56,7 +56,10 @@ def compare(depth: int, args: argparse.Namespace, name: str) -> dict[str, Any]:
     plans = {}
     for label, (family, method) in REGIMES.items():
         model = f"plain_cnn{depth}" if family == "plain" else f"cifar_resnet{depth}"
-        plans[label] = dict(model=model, method=method, steps=args.steps, batch_size=args.batch_size)
+        # The paper's exact Conv-BN-ReLU chain (the models' default activation is depth-shaped).
+        plans[label] = dict(
+            model=model, method=method, steps=args.steps, batch_size=args.batch_size, act_layer="relu"
+        )
     grid_cfgs = [RunConfig(**plan, lr=lr, seed=args.seeds[0]) for plan in plans.values() for lr in args.lrs]
     grid = run_many(grid_cfgs, args.data_kwargs, args.device, args.jobs, bar.update)
     per_regime = {label: grid[i * len(args.lrs) : (i + 1) * len(args.lrs)] for i, label in enumerate(plans)}
@@ -178,7 +181,9 @@ SWEEP_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
     """Modulation rule options, then its schedule, then ortho_decay, on plain_cnn44 at one lr."""
-    base = dict(model="plain_cnn44", steps=args.steps, batch_size=args.batch_size, lr=args.sweep_lr)
+    base = dict(
+        model="plain_cnn44", steps=args.steps, batch_size=args.batch_size, lr=args.sweep_lr, act_layer="relu"
+    )
     runs = (len(SWEEP_RULES) + 1 + len(SWEEP_DECAYS)) * len(args.seeds)
     bar = tqdm(total=runs, desc="sweep", unit="run")
     rule_cfgs = [

@@ -69,7 +69,9 @@ def test_digits_split_is_fixed_normalized_and_disjoint():
 def test_the_default_regime_is_the_users_call_and_precise_bn_is_reported(data):
     from timm_ortho.optim import DEFAULT_MAX_GRAD_RATIO
 
-    cfg = RunConfig(model="plain_cnn20", method="default", steps=3, batch_size=8, record_every=3, precise_bn=2)
+    cfg = RunConfig(
+        model="plain_cnn20", method="default", steps=3, batch_size=8, record_every=3, precise_bn=2
+    )
     record = run(cfg, data)
     final = record["final"]
     assert 0 <= final["val_acc_precise"] <= 1 and math.isfinite(final["val_loss_precise"])

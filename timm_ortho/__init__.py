@@ -6,6 +6,8 @@ Importing the package registers the plain-CNN family with timm (``timm.list_mode
 from . import models  # noqa: F401  (registers the architectures with timm)
 from .optim import OrthoModulated, param_groups_for_ortho
 from .ortho import mean_abs_cosine, orthonormal_, orthonormality_grad, orthonormality_penalty
+from .precise_bn import recompute_bn_statistics
+from .shaping import tat_leaky_relu_slope
 from .targets import FilterBank, find_targets
 
 __version__ = "0.1.0"
@@ -19,4 +21,6 @@ __all__ = [
     "orthonormality_grad",
     "orthonormality_penalty",
     "param_groups_for_ortho",
+    "recompute_bn_statistics",
+    "tat_leaky_relu_slope",
 ]
