@@ -282,12 +282,15 @@ def plot_sweep(out: dict[str, Any], path: Path) -> None:
 
 
 PROTOCOL = """# The paper's CIFAR-10 protocol (batch 128, lr 0.1, momentum 0.9, 64k iterations, lr /10 at
-# 32k and 48k, no augmentation), one run per line; needs the cifar-10-batches-py folder.
+# 32k and 48k, no augmentation), one run per line; needs the cifar-10-batches-py folder. The paper's
+# runs use its exact chain (ReLU) and no step bound; the last line is this library's defaults.
 for model in plain_cnn44 plain_cnn110 cifar_resnet44 cifar_resnet110; do
   run="accelerate launch scripts/train_cifar.py --data-dir $CIFAR --model $model"
-  $run --baseline --output runs/$model-l2
-  $run --no-modulation --output runs/$model-ortho
-  $run --modulation --output runs/$model-ortho-mod
+  paper="--model-kwargs act_layer=relu --max-grad-ratio 0"
+  $run --baseline $paper --output runs/$model-l2
+  $run --no-modulation $paper --output runs/$model-ortho
+  $run --modulation $paper --output runs/$model-ortho-mod
+  $run --output runs/$model-defaults
 done"""
 
 
