@@ -247,3 +247,16 @@ def test_precise_bn_recovers_what_stale_statistics_hide():
     with torch.no_grad():
         fresh = (model(x) - target).abs().mean()
     assert fresh < 0.05 * stale
+
+
+def test_step_bound_on_half_precision_weights_does_not_overflow():
+    """A float16 gradient whose norm exceeds float16's range is bounded, not zeroed by an inf norm."""
+    model = nn.Sequential(nn.Linear(4000, 8, bias=False)).half()
+    opt = OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, max_grad_ratio=0.5)
+    w = model[0].weight
+    w.grad = torch.full_like(w, 300.0)  # ||g|| = 300 * sqrt(32000) ~ 5.4e4 per 8 rows: near fp16's max
+    w.grad[0] = 3000.0  # now beyond it
+    opt.bound_gradients()
+    assert torch.isfinite(w.grad).all() and w.grad.abs().max() > 0
+    expected = 0.5 * float(w.detach().float().norm())
+    assert float(w.grad.float().norm()) == pytest.approx(expected, rel=5e-3)  # float16 rounding

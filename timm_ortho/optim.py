@@ -296,13 +296,15 @@ class OrthoModulated(Optimizer):
             return
         grads = [p.grad for p in params]
         device = grads[0].device
-        g_norm = torch.stack(torch._foreach_norm(grads)).to(device=device, dtype=torch.float32)
-        w_norm = torch.stack(torch._foreach_norm(params)).to(device=device, dtype=torch.float32)
+        # Norms accumulated in float32: a half-precision gradient's norm can overflow its own dtype.
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        g_norm = torch.stack(torch._foreach_norm(grads, dtype=dtype)).to(device)
+        w_norm = torch.stack(torch._foreach_norm(params, dtype=dtype)).to(device)
         if len(set(ratios)) == 1:  # the common case: a Python scalar, no host-to-device copy
             allowed = w_norm * ratios[0]
         else:
-            allowed = torch.tensor(ratios, dtype=torch.float32).to(device, non_blocking=True) * w_norm
-        factor = (allowed / g_norm.clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+            allowed = torch.tensor(ratios, dtype=dtype).to(device, non_blocking=True) * w_norm
+        factor = (allowed / g_norm.clamp_min(torch.finfo(dtype).tiny)).clamp(max=1.0)
         factor = torch.where(g_norm > 0, factor, torch.ones_like(factor))
         torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factor.unbind(), grads, strict=True)])
 
