@@ -73,19 +73,23 @@ def plan(
             for label in labels:
                 family, overrides = REGIMES[label]
                 model = f"plain_cnn{depth}" if family == "plain" else f"cifar_resnet{depth}"
-                cfg = RunConfig(
-                    model=model,
-                    lr=0.1,
-                    steps=steps,
-                    batch_size=batch_size,
-                    schedule="cosine",
-                    seed=seed,
-                    record_every=max(1, steps // 10),
-                    precise_bn=20,
-                    **overrides,
-                )
-                jobs.append((name, label, depth, cfg))
+                jobs.append((name, label, depth, suite_config(model, seed, steps, batch_size, overrides)))
     return jobs
+
+
+def suite_config(model: str, seed: int, steps: int, batch_size: int, overrides: dict[str, Any]) -> RunConfig:
+    """One run of the suite's budget: SGD momentum 0.9, lr 0.1, cosine, precise BN over 20 batches."""
+    return RunConfig(
+        model=model,
+        lr=0.1,
+        steps=steps,
+        batch_size=batch_size,
+        schedule="cosine",
+        seed=seed,
+        record_every=max(1, steps // 10),
+        precise_bn=20,
+        **overrides,
+    )
 
 
 # The runs that chose the defaults (plain_cnn110 on digits, same budget as the suite): the step bound's
@@ -113,22 +117,7 @@ DEFAULTS_GRID: dict[str, dict[str, Any]] = {
 def plan_defaults(seeds: list[int], steps: int, batch_size: int) -> list[tuple[str, str, int, RunConfig]]:
     """The :data:`DEFAULTS_GRID` runs (plain_cnn110, digits) with the suite's budget."""
     return [
-        (
-            "digits",
-            label,
-            110,
-            RunConfig(
-                model="plain_cnn110",
-                lr=0.1,
-                steps=steps,
-                batch_size=batch_size,
-                schedule="cosine",
-                seed=seed,
-                record_every=max(1, steps // 10),
-                precise_bn=20,
-                **overrides,
-            ),
-        )
+        ("digits", label, 110, suite_config("plain_cnn110", seed, steps, batch_size, overrides))
         for seed in seeds
         for label, overrides in DEFAULTS_GRID.items()
     ]
