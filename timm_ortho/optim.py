@@ -30,6 +30,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .batched import BatchedOrthonormality
+from .forms import resolve_form
 from .targets import FilterBank, find_targets
 
 __all__ = ["OrthoModulated", "param_groups_for_ortho"]
@@ -49,8 +50,9 @@ class OrthoModulated(Optimizer):
         ortho_decay: ``lambda`` of ``R = lambda/2 * sum ||Wg Wg^T - I||_F^2``. Stored as the
             param-group field ``"ortho_decay"`` so schedulers and per-group settings can change it.
         form: ``"coupled"`` adds ``dR/dW`` to the gradient; ``"decoupled"`` applies it to the weight
-            scaled by the lr. ``"auto"`` picks decoupled for optimizers with ``betas`` (the Adam
-            family and its relatives) and coupled otherwise (SGD, RMSprop, ...).
+            scaled by the lr. ``"auto"`` follows the optimizer's kind (:mod:`timm_ortho.forms`):
+            coupled for SGD-like updates (SGD, LARS, ...), decoupled for adaptive ones (the Adam
+            family, RMSprop, Adagrad, Adafactor, Lion, ...).
         weight_decay_policy: target weights must not also receive L2 decay. ``"split"`` moves them
             into sibling param groups with ``weight_decay=0`` and warns; ``"error"`` raises instead.
         include, exclude, skip_stem, skip_classifier, include_depthwise: which weights are targets,
@@ -89,8 +91,7 @@ class OrthoModulated(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         _check_decay(ortho_decay)
-        if form not in ("auto", "coupled", "decoupled"):
-            raise ValueError(f"form must be 'auto', 'coupled' or 'decoupled', got {form!r}")
+        self.form: Literal["coupled", "decoupled"] = resolve_form(optimizer, form)
         if weight_decay_policy not in ("split", "error"):
             raise ValueError(f"weight_decay_policy must be 'split' or 'error', got {weight_decay_policy!r}")
 
@@ -120,9 +121,6 @@ class OrthoModulated(Optimizer):
             )
         self._check_owned()
         self._target_index = {id(t.param): i for i, t in enumerate(self.targets)}
-        self.form: Literal["coupled", "decoupled"] = (
-            form if form != "auto" else ("decoupled" if "betas" in optimizer.defaults else "coupled")
-        )
         self._separate_weight_decay(weight_decay_policy)
 
         self.defaults.update(ortho_decay=ortho_decay, ortho_step=0)
