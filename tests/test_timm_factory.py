@@ -260,3 +260,19 @@ def test_skipped_amp_step_applies_nothing():
     for n, v in model.state_dict().items():
         if n.endswith("weight"):
             assert torch.equal(v, before[n]), n
+
+
+def test_param_groups_for_ortho_follow_timms_decay_rules(vit):
+    """The hand-built groups: targets without decay, the rest as timm's param_groups_weight_decay."""
+    from timm.optim import param_groups_weight_decay
+
+    from timm_ortho import param_groups_for_ortho
+
+    groups = param_groups_for_ortho(vit, 0.05, exclude=["head.*"])
+    names = {id(p): n for n, p in vit.named_parameters()}
+    got = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+    timm_groups = param_groups_weight_decay(vit, 0.05, no_weight_decay_list=vit.no_weight_decay())
+    expected = {names[id(p)]: g["weight_decay"] for g in timm_groups for p in g["params"]}
+    targets = {n for n in expected if n.endswith(".weight") and n != "head.weight" and expected[n]}
+    assert got == {n: 0.0 if n in targets else wd for n, wd in expected.items()}
+    assert got["pos_embed"] == 0.0 and got["head.weight"] == 0.05 and len(targets) == 9  # conv + 8 linear

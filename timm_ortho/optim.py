@@ -357,22 +357,21 @@ def param_groups_for_ortho(
     """Param groups for a base optimizer in which no target weight gets L2 decay.
 
     Three groups (empty ones left out): the target weights with ``weight_decay=0`` (the
-    orthonormality term replaces decay on them), other parameters of two or more dimensions (e.g. a
-    position embedding) with ``weight_decay``, and 1-D parameters (biases, norm scales) without
-    decay, as timm's optimizer factory treats them.
+    orthonormality term replaces decay on them), the other parameters timm's
+    ``param_groups_weight_decay`` decays (e.g. 2-D embeddings) with ``weight_decay``, and those it
+    leaves without decay (1-D parameters, biases, the model's ``no_weight_decay()`` names).
     """
+    from timm.optim import param_groups_weight_decay
+
     banks = list(targets) if targets is not None else find_targets(model, **target_kwargs)
     ids = {id(t.param) for t in banks}
-    ortho, decayed, flat = [], [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in ids:
-            ortho.append(p)
-        elif p.ndim <= 1:
-            flat.append(p)
-        else:
-            decayed.append(p)
+    no_decay_names = getattr(model, "no_weight_decay", lambda: set())()
+    ortho = [p for p in model.parameters() if p.requires_grad and id(p) in ids]
+    decayed: list[nn.Parameter] = []
+    flat: list[nn.Parameter] = []
+    # timm sorts the parameters (weight_decay=1 only marks its decayed group); targets are taken out.
+    for group in param_groups_weight_decay(model, 1.0, no_weight_decay_list=no_decay_names):
+        (decayed if group["weight_decay"] else flat).extend(p for p in group["params"] if id(p) not in ids)
     groups = [
         {"params": ortho, "weight_decay": 0.0},
         {"params": decayed, "weight_decay": weight_decay},
