@@ -125,6 +125,23 @@ def test_built_optimizers_get_their_form_and_step(model, name, form):
     assert opt.ortho_step == 1
 
 
+def test_every_ortho_name_builds_with_its_form(model):
+    """Each ``ortho_<name>`` of timm's registry (apex / bitsandbytes need CUDA) builds and has its form."""
+    built = 0
+    for name in list_optimizers("ortho_*"):
+        base = name.removeprefix("ortho_")
+        if base.startswith(("fused", "bnb")):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. Kron's advice to install opt_einsum
+            warnings.filterwarnings("error", message="OrthoModulated")  # no form guessed
+            opt = create_optimizer_v2(model, name, lr=1e-3, weight_decay=1e-4)
+        assert opt.form == known_form(get_optimizer_info(base).opt_class), name
+        opt.remove_hooks()
+        built += 1
+    assert built > 80
+
+
 @pytest.mark.parametrize("form", ["coupled", "decoupled"])
 def test_form_override_is_kept(model, form):
     opt = OrthoModulated(torch.optim.RMSprop(model.parameters(), lr=1e-3), model, form=form)
