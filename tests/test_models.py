@@ -1,7 +1,8 @@
 """The registered model family against timm's model contract and METHOD.md section 5.
 
-Mirrors timm's own model tests (default cfgs, forward_intermediates, features_only, reset_classifier,
-grad checkpointing) for every registered name, at tiny inputs (16x16 CIFAR, 32x32 ImageNet), and
+Mirrors timm's own model tests (forward, backward, default cfgs, TorchScript, features_only,
+forward_intermediates, fx, fx + TorchScript, reset_classifier, grad checkpointing) for every
+registered name, at tiny inputs (16x16 CIFAR, 32x32 ImageNet), and
 checks the method's claims: the plain nets are a single chain, the layer shapes are the paper's, the
 orthonormal init gives orthonormal filters and every CIFAR layer has ``f_in >= f_out``.
 """
@@ -71,7 +72,7 @@ def create(name: str, **kwargs) -> nn.Module:
     # of float64 QR, tested separately on narrow variants (and in full under -m slow).
     if is_imagenet(name):
         kwargs.setdefault("init", "msra")
-    key = (name, *sorted(kwargs.items()))
+    key = (name, repr(sorted(kwargs.items())))
     if key not in _BUILT:
         _BUILT[key] = timm.create_model(name, **kwargs)
     return copy.deepcopy(_BUILT[key])
@@ -348,15 +349,106 @@ def test_group_matcher_covers_every_parameter(name):
         assert all(n.startswith("stem.") for n in grouping[0])
 
 
-@pytest.mark.parametrize("name", ["plain_cnn20", "cifar_resnet20"])
-def test_torchscript_forward(name):
-    model = create(name).eval()
+def _script(module: nn.Module) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.script is deprecated upstream; it still works
-        scripted = torch.jit.script(model)
+        return torch.jit.script(module)
+
+
+@pytest.mark.parametrize("name", models(ALL))
+def test_torchscript_forward(name):
+    model = create(name).eval()
+    scripted = _script(model)
     x = tiny_input(name)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))
+
+
+# --- timm's tests/test_models.py checks, for every registered name at a tiny size -----------------
+
+
+@pytest.mark.parametrize("name", models(ALL))
+def test_backward_reaches_every_parameter(name):
+    """timm's test_model_backward: 42 classes, every parameter gets a gradient, no NaN."""
+    model = create(name, num_classes=42).train()
+    out = model(tiny_input(name))
+    assert out.shape == (2, 42) and not torch.isnan(out).any()
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+
+
+def _fx_model(model: nn.Module, train: bool = False) -> nn.Module:
+    """The whole model as an fx feature extractor returning its output, traced the way timm's tests do."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(),
+        autowrap_functions=get_notrace_functions(),
+        param_shapes_constant=True,
+    )
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(
+        model.train(train),
+        train_return_nodes=[train_nodes[-1]],
+        eval_return_nodes=[eval_nodes[-1]],
+        tracer_kwargs=tracer_kwargs,
+    )
+
+
+@pytest.mark.parametrize("name", models(ALL))
+def test_fx_forward_matches_eager(name):
+    """timm's test_model_forward_fx: the traced graph gives exactly the module's output."""
+    model = create(name).eval()
+    x = tiny_input(name)
+    with torch.inference_mode():
+        expected = model(x)
+        got = torch.cat(tuple(_fx_model(model).eval()(x).values()))
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", models(ALL))
+def test_fx_backward_reaches_every_parameter(name):
+    """timm's test_model_backward_fx."""
+    fx_model = _fx_model(create(name, num_classes=42), train=True)
+    out = torch.cat(tuple(fx_model(tiny_input(name)).values()))
+    assert out.shape == (2, 42) and not torch.isnan(out).any()
+    out.mean().backward()
+    missing = [n for n, p in fx_model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+
+
+@pytest.mark.parametrize("name", models(ALL))
+def test_fx_then_torchscript(name):
+    """timm's test_model_forward_fx_torchscript: script the traced graph (string annotations break it)."""
+    with timm.set_scriptable(True):
+        model = create(name).eval()
+    scripted = _script(_fx_model(model).eval())
+    x = tiny_input(name)
+    with torch.inference_mode():
+        got = torch.cat(tuple(scripted(x).values()))
+        expected = model(x)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("name", models(ALL))
+def test_features_only_fx_torchscript_with_caller_feature_cfg(name):
+    """timm's test_model_forward_torchscript_with_features_fx: the caller's feature_cfg is merged."""
+    with timm.set_scriptable(True):
+        model = create(name, features_only=True, feature_cfg={"feature_cls": "fx"}).eval()
+    levels = 5 if is_imagenet(name) else 3
+    assert type(model).__name__ == "FeatureGraphNet" and len(model.feature_info) == levels
+    scripted = _script(model)
+    x = tiny_input(name)
+    with torch.inference_mode():
+        outs, expected = scripted(x), model(x)
+    assert isinstance(outs, list) and len(outs) == levels
+    for a, b in zip(outs, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    # the caller's keys win over the builder's, the builder's fill the rest
+    picked = create(name, features_only=True, feature_cfg={"out_indices": (1,)})
+    assert picked.feature_info.channels() == [model.feature_info.channels()[1]]
 
 
 # --- the method's claims --------------------------------------------------------------------------

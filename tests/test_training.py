@@ -352,6 +352,85 @@ def test_resume_errors_are_clear(tmp_path):
     assert main(["--resume", str(tmp_path), "--output", str(tmp_path)]) == 2
 
 
+def test_resume_accepts_a_file_like_timms_resume(tmp_path):
+    """timm's --resume takes a checkpoint file: a file in a checkpoint folder, or a run's last.pth."""
+    run = tmp_path / "run"
+    for updates in (5, 9):
+        folder = run / "checkpoints" / f"ckpt-{updates:09d}"
+        folder.mkdir(parents=True)
+        (folder / MARKER).write_text(json.dumps({"updates": updates}))
+        (folder / "model.safetensors").write_bytes(b"")
+    older = run / "checkpoints" / "ckpt-000000005"
+    assert resolve_resume(str(older / "model.safetensors"), None) == older
+    (run / "last.pth").write_bytes(b"")
+    assert resolve_resume(str(run / "last.pth"), None) == run / "checkpoints" / "ckpt-000000009"
+    (run / "model_best.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="hold no optimizer state"):
+        resolve_resume(str(run / "model_best.pth"), None)
+    partial = run / "checkpoints" / "ckpt-000000011"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="incomplete checkpoint"):
+        resolve_resume(str(partial / "model.safetensors"), None)
+
+
+def test_timm_flag_names_are_accepted():
+    args = build_parser().parse_args(
+        ["--amp", "--amp-dtype", "bfloat16", "--log-wandb", "--log-with", "tensorboard", "-vb", "7"]
+    )
+    cfg = config_from_args(args)
+    assert cfg.amp and cfg.amp_dtype == "bfloat16" and cfg.validation_batch_size == 7
+    assert cfg.log_with == ["wandb", "tensorboard"]  # in either order, nothing is lost
+    cfg = config_from_args(build_parser().parse_args(["--log-with", "tensorboard", "--log-wandb"]))
+    assert cfg.log_with == ["tensorboard", "wandb"]
+    cfg = config_from_args(build_parser("cifar").parse_args([]))
+    assert not cfg.amp and cfg.amp_dtype == "float16" and cfg.log_with is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--amp-dtype", "float64"])
+
+
+@pytest.mark.parametrize("preset", ["imagenet", "cifar"])
+def test_help_shows_every_default_once(preset):
+    import argparse
+
+    parser = build_parser(preset)
+    formatter = parser._get_formatter()
+    shown = 0
+    for action in parser._actions:
+        text = " ".join(formatter._format_action(action).split())
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if action.default is argparse.SUPPRESS:  # an alias of another flag, which shows the default
+            assert "same as --" in text and "default" not in text, text
+            continue
+        assert text.count("default") == 1 and f"(default: {action.default})" in text, text
+        shown += 1
+    assert " ".join(parser.format_help().split()).count("(default: ") == shown > 80
+
+
+def test_amp_flag_sets_mixed_precision(tmp_path):
+    result = train(tiny(tmp_path, amp=True, amp_dtype="bfloat16", max_steps=1))
+    assert result.summary["mixed_precision"] == "bf16"
+
+
+def test_trainer_builds_the_optimizer_with_timms_factory(tmp_path, monkeypatch):
+    """The script's optimizer is create_ortho_optimizer: timm's param groups, targets without L2."""
+    import timm_ortho.factory as factory
+
+    calls = []
+    create = factory.create_ortho_optimizer
+
+    def recording(model, opt, **kwargs):
+        calls.append((opt, kwargs))
+        return create(model, opt, **kwargs)
+
+    monkeypatch.setattr(factory, "create_ortho_optimizer", recording)
+    train(tiny(tmp_path, max_steps=1, ortho_exclude=["head.fc.weight"], weight_decay=1e-3))
+    ((opt, kwargs),) = calls
+    assert opt == "momentum" and kwargs["weight_decay"] == 1e-3
+    assert kwargs["target_kwargs"] == {"exclude": ["head.fc.weight"]}
+
+
 def test_one_run_folder_holds_one_timeline(tmp_path, capsys):
     for updates in (5, 9):
         folder = tmp_path / "run" / "checkpoints" / f"ckpt-{updates:09d}"

@@ -65,7 +65,9 @@ def resolve_resume(resume: str, run_dir: Path | None) -> Path:
     """The checkpoint folder that ``--resume`` names.
 
     ``resume`` is a checkpoint folder, a run folder (its newest checkpoint is taken), a
-    ``checkpoints`` folder, or ``auto`` / ``latest`` for the newest checkpoint of ``run_dir``.
+    ``checkpoints`` folder, or ``auto`` / ``latest`` for the newest checkpoint of ``run_dir``. As with
+    timm's ``--resume FILE``, it may also name a file: one inside a checkpoint folder stands for that
+    folder, and a run folder's ``last.pth`` for the run's newest checkpoint.
     """
     if resume in ("auto", "latest"):
         if run_dir is None:
@@ -73,6 +75,17 @@ def resolve_resume(resume: str, run_dir: Path | None) -> Path:
         candidates = [run_dir / "checkpoints"]
     else:
         path = Path(resume).expanduser()
+        if path.is_file():
+            # A file inside a checkpoint folder (complete or not) stands for the folder; a run's
+            # last.pth for the run folder, whose newest checkpoint is taken below.
+            in_checkpoint = (path.parent / MARKER).is_file() or _NAME.match(path.parent.name)
+            if not in_checkpoint and path.name != "last.pth":
+                raise FileNotFoundError(
+                    f"--resume {resume}: this file is not part of a checkpoint (weights files such as "
+                    "model_best.pth hold no optimizer state). Name a checkpoint folder ckpt-<updates>, "
+                    "a file in one, a run folder or its last.pth"
+                )
+            path = path.parent
         if (path / MARKER).is_file():
             return path
         if path.is_dir() and _NAME.match(path.name):

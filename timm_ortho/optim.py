@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .batched import BatchedOrthonormality
+from .forms import resolve_form
 from .targets import FilterBank, find_targets
 
 __all__ = ["OrthoModulated", "param_groups_for_ortho"]
@@ -57,8 +58,9 @@ class OrthoModulated(Optimizer):
         ortho_decay: ``lambda`` of ``R = lambda/2 * sum ||Wg Wg^T - I||_F^2``. Stored as the
             param-group field ``"ortho_decay"`` so schedulers and per-group settings can change it.
         form: ``"coupled"`` adds ``dR/dW`` to the gradient; ``"decoupled"`` applies it to the weight
-            scaled by the lr. ``"auto"`` picks decoupled for optimizers with ``betas`` (the Adam
-            family and its relatives) and coupled otherwise (SGD, RMSprop, ...).
+            scaled by the lr. ``"auto"`` follows the optimizer's kind (:mod:`timm_ortho.forms`):
+            coupled for SGD-like updates (SGD, LARS, ...), decoupled for adaptive ones (the Adam
+            family, RMSprop, Adagrad, Adafactor, Lion, ...).
         weight_decay_policy: target weights must not also receive L2 decay. ``"split"`` moves them
             into sibling param groups with ``weight_decay=0`` and warns; ``"error"`` raises instead.
         include, exclude, skip_stem, skip_classifier, include_depthwise: which weights are targets,
@@ -106,8 +108,7 @@ class OrthoModulated(Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         _check_decay(ortho_decay)
         _check_ratio(max_grad_ratio)
-        if form not in ("auto", "coupled", "decoupled"):
-            raise ValueError(f"form must be 'auto', 'coupled' or 'decoupled', got {form!r}")
+        self.form: Literal["coupled", "decoupled"] = resolve_form(optimizer, form)
         if weight_decay_policy not in ("split", "error"):
             raise ValueError(f"weight_decay_policy must be 'split' or 'error', got {weight_decay_policy!r}")
 
@@ -137,9 +138,6 @@ class OrthoModulated(Optimizer):
             )
         self._check_owned()
         self._target_index = {id(t.param): i for i, t in enumerate(self.targets)}
-        self.form: Literal["coupled", "decoupled"] = (
-            form if form != "auto" else ("decoupled" if "betas" in optimizer.defaults else "coupled")
-        )
         self._separate_weight_decay(weight_decay_policy)
 
         self.defaults.update(ortho_decay=ortho_decay, ortho_step=0, max_grad_ratio=max_grad_ratio)
@@ -421,22 +419,21 @@ def param_groups_for_ortho(
     """Param groups for a base optimizer in which no target weight gets L2 decay.
 
     Three groups (empty ones left out): the target weights with ``weight_decay=0`` (the
-    orthonormality term replaces decay on them), other parameters of two or more dimensions (e.g. a
-    position embedding) with ``weight_decay``, and 1-D parameters (biases, norm scales) without
-    decay, as timm's optimizer factory treats them.
+    orthonormality term replaces decay on them), the other parameters timm's
+    ``param_groups_weight_decay`` decays (e.g. 2-D embeddings) with ``weight_decay``, and those it
+    leaves without decay (1-D parameters, biases, the model's ``no_weight_decay()`` names).
     """
+    from timm.optim import param_groups_weight_decay
+
     banks = list(targets) if targets is not None else find_targets(model, **target_kwargs)
     ids = {id(t.param) for t in banks}
-    ortho, decayed, flat = [], [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in ids:
-            ortho.append(p)
-        elif p.ndim <= 1:
-            flat.append(p)
-        else:
-            decayed.append(p)
+    no_decay_names = getattr(model, "no_weight_decay", lambda: set())()
+    ortho = [p for p in model.parameters() if p.requires_grad and id(p) in ids]
+    decayed: list[nn.Parameter] = []
+    flat: list[nn.Parameter] = []
+    # timm sorts the parameters (weight_decay=1 only marks its decayed group); targets are taken out.
+    for group in param_groups_weight_decay(model, 1.0, no_weight_decay_list=no_decay_names):
+        (decayed if group["weight_decay"] else flat).extend(p for p in group["params"] if id(p) not in ids)
     groups = [
         {"params": ortho, "weight_decay": 0.0},
         {"params": decayed, "weight_decay": weight_decay},

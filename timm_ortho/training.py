@@ -152,6 +152,9 @@ class TrainConfig:
     batch_size: int = 128
     validation_batch_size: int | None = None
     grad_accum_steps: int = 1
+    amp: bool = False
+    """Mixed precision in ``amp_dtype`` (as timm's ``--amp``); off: what ``accelerate launch`` says."""
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
     workers: int = 4
     pin_memory: bool | None = None
     channels_last: bool = False
@@ -287,12 +290,12 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     g.add_argument("--dataset", default=d.dataset, choices=["auto", "imagefolder", "cifar10", "synthetic"])
     g.add_argument("--train-split", default=d.train_split)
     g.add_argument("--val-split", default=d.val_split)
-    g.add_argument("--img-size", type=int, default=d.img_size, help="default: the model's input size")
+    g.add_argument("--img-size", type=int, default=d.img_size, help="None: the model's input size")
     g.add_argument(
         "--num-classes",
         type=int,
         default=d.num_classes,
-        help="checked against the data; synthetic set: number of classes (default 10)",
+        help="checked against the data; None with the synthetic set: 10 classes",
     )
     g.add_argument("--synthetic-size", type=int, default=d.synthetic_size, help="synthetic training images")
     g.add_argument("--synthetic-val-size", type=int, default=d.synthetic_val_size)
@@ -303,7 +306,12 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
         help="timm: random resized crop etc.; cifar: pad-4 crop + flip; none",
     )
     g.add_argument(
-        "--no-aug", dest="augment", action="store_const", const="none", help="same as --augment none"
+        "--no-aug",
+        dest="augment",
+        action="store_const",
+        const="none",
+        default=argparse.SUPPRESS,  # an alias: --augment shows the default
+        help="same as --augment none",
     )
     g.add_argument("--aa", default=d.aa, help="auto-augment policy, e.g. rand-m9-mstd0.5-inc1")
     g.add_argument("--reprob", type=float, default=d.reprob, help="random erasing probability")
@@ -323,7 +331,7 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
         dest="pin_memory",
         action=argparse.BooleanOptionalAction,
         default=d.pin_memory,
-        help="pinned host memory (default: on when training on CUDA)",
+        help="pinned host memory (None: on when training on CUDA)",
     )
 
     g = p.add_argument_group("model and method")
@@ -335,7 +343,7 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
         "--init",
         default=d.init,
         choices=["orthonormal", "msra"],
-        help="default: orthonormal, or msra with --baseline",
+        help="None: orthonormal, or msra with --baseline",
     )
     g.add_argument(
         "--baseline",
@@ -373,11 +381,16 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
         "--mod-band",
         type=float,
         default=d.mod_band,
-        help="quasi-isometry constant A >= 1 (None: library default)",
+        help="quasi-isometry constant A >= 1 (None: ErrorModulation's own)",
     )
-    g.add_argument("--mod-mode", default=d.mod_mode, choices=["clamp", "match"], help="None: library default")
     g.add_argument(
-        "--mod-statistic", default=d.mod_statistic, choices=["total", "mean"], help="None: library default"
+        "--mod-mode", default=d.mod_mode, choices=["clamp", "match"], help="None: ErrorModulation's own"
+    )
+    g.add_argument(
+        "--mod-statistic",
+        default=d.mod_statistic,
+        choices=["total", "mean"],
+        help="None: ErrorModulation's own",
     )
     g.add_argument(
         "--mod-include-classifier", action=argparse.BooleanOptionalAction, default=d.mod_include_classifier
@@ -408,7 +421,7 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--opt", default=d.opt, help="timm optimizer name (momentum = SGD without Nesterov)")
     g.add_argument(
-        "--lr", type=float, default=d.lr, help="learning rate; default: --lr-base scaled by the global batch"
+        "--lr", type=float, default=d.lr, help="learning rate; None: --lr-base scaled by the global batch"
     )
     g.add_argument("--lr-base", type=float, default=d.lr_base)
     g.add_argument("--lr-base-size", type=int, default=d.lr_base_size)
@@ -453,8 +466,16 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", "-b", type=int, default=d.batch_size, help="per process")
-    g.add_argument("--validation-batch-size", type=int, default=d.validation_batch_size)
+    g.add_argument(
+        "--validation-batch-size", "-vb", type=int, default=d.validation_batch_size, help="None: --batch-size"
+    )
     g.add_argument("--grad-accum-steps", type=int, default=d.grad_accum_steps)
+    g.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision in --amp-dtype (as timm); without it, accelerate launch's --mixed_precision",
+    )
+    g.add_argument("--amp-dtype", default=d.amp_dtype, choices=["float16", "bfloat16"])
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (timm converter)")
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=d.torchcompile, metavar="BACKEND")
@@ -477,7 +498,8 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     g.add_argument(
         "--resume",
         default=d.resume,
-        help="checkpoint folder, run folder, or 'auto' (newest of --experiment; none yet: start fresh)",
+        help="checkpoint folder, a file in one (or a run's last.pth, as timm's --resume FILE), run folder, "
+        "or 'auto' (newest of --experiment; none yet: start fresh)",
     )
     g.add_argument(
         "--checkpoint-interval",
@@ -487,12 +509,30 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     )
     g.add_argument("--checkpoint-hist", type=int, default=d.checkpoint_hist, help="checkpoints kept")
     g.add_argument("--log-interval", type=int, default=d.log_interval, help="updates between log records")
-    g.add_argument("--log-with", nargs="+", default=d.log_with, help="accelerate trackers, e.g. tensorboard")
+    g.add_argument(
+        "--log-with",
+        nargs="+",
+        action="extend",
+        default=d.log_with,
+        help="accelerate trackers, e.g. tensorboard",
+    )
+    g.add_argument(
+        "--log-wandb",
+        dest="log_with",
+        action="append_const",
+        const="wandb",
+        default=argparse.SUPPRESS,  # an alias: --log-with shows the default
+        help="same as --log-with wandb (timm's flag)",
+    )
 
     if preset == "cifar":
         p.set_defaults(**CIFAR_PROTOCOL)
     elif preset != "imagenet":
         raise ValueError(f"unknown preset {preset!r}")
+    for action in p._actions:
+        # ArgumentDefaultsHelpFormatter appends "(default: ...)" only to options that have a help text.
+        if action.help is None and action.default is not argparse.SUPPRESS:
+            action.help = "(default: %(default)s)"
     return p
 
 
@@ -550,6 +590,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--iterations must be positive, got {cfg.iterations}")
     if cfg.epochs < 1 and cfg.iterations is None:
         raise ConfigError(f"--epochs must be positive, got {cfg.epochs}")
+    if cfg.amp_dtype not in ("float16", "bfloat16"):
+        raise ConfigError(f"--amp-dtype must be float16 or bfloat16, got {cfg.amp_dtype!r}")
 
 
 def _default_img_size(model_name: str) -> int:
@@ -865,14 +907,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
 
     from .diagnostics import filter_correlation, layer_penalties
+    from .factory import create_ortho_optimizer
     from .modulation import ErrorModulation
-    from .optim import OrthoModulated, param_groups_for_ortho
+    from .optim import OrthoModulated
     from .targets import find_targets
 
     _validate(cfg)
     t_start = time.perf_counter()
     accelerator = Accelerator(
         cpu=_cpu_only_multiprocess(),
+        # None leaves the choice to `accelerate launch --mixed_precision` / its config file.
+        mixed_precision=({"float16": "fp16", "bfloat16": "bf16"}[cfg.amp_dtype] if cfg.amp else None),
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=_available_trackers(cfg.log_with) or None,
         step_scheduler_with_optimizer=False,
@@ -980,20 +1025,22 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.error_stats:
             probe = ErrorModulation(model, targets=targets, measure_only=True)
     else:
-        groups = param_groups_for_ortho(model, cfg.weight_decay, targets=targets)
-        base = create_optimizer_v2(groups, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **opt_kwargs)
         if cfg.modulation:
             modulation: bool | dict[str, Any] = _modulation_options(cfg)
         else:
             modulation = {"measure_only": True} if cfg.error_stats else False
-        ortho = OrthoModulated(
-            base,
+        # timm's parameter groups (no_weight_decay(), 1-D parameters), the targets without L2.
+        ortho = create_ortho_optimizer(
             model,
+            cfg.opt,
+            lr=lr,
+            weight_decay=cfg.weight_decay,
             ortho_decay=cfg.ortho_decay,
             form=cfg.ortho_form,
-            exclude=cfg.ortho_exclude,
             modulation=modulation,
             max_grad_ratio=cfg.max_grad_ratio or None,
+            target_kwargs={"exclude": cfg.ortho_exclude},
+            **opt_kwargs,
         )
         optimizer = ortho
         targets = ortho.targets

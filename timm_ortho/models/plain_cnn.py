@@ -31,8 +31,9 @@ PyTorch's default uniform init as in timm's ResNet). Both set BatchNorm to weigh
 biases to 0.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: torch.fx copies a forward's annotations into the
+# code it generates, and TorchScript cannot resolve them as strings (``Unknown type name``), which
+# breaks fx + TorchScript. The annotations below are valid at runtime on Python >= 3.10.
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -508,13 +509,10 @@ _IMAGENET_DEPTHS = {44: (8, 10, 16, 8), 110: (10, 13, 75, 10)}
 def _create(model_cls: type[StagedCnn], variant: str, pretrained: bool = False, **kwargs: Any) -> StagedCnn:
     # timm's features_only default is 5 levels; these nets have 3 (CIFAR) or 5 (ImageNet).
     levels = len(kwargs["depths"]) + int(kwargs.get("stem", "cifar") == "imagenet")
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        feature_cfg=dict(flatten_sequential=True, out_indices=tuple(range(levels))),
-        **kwargs,
-    )
+    # A caller's feature_cfg (e.g. {"feature_cls": "fx"}) is merged over these defaults.
+    feature_cfg = dict(flatten_sequential=True, out_indices=tuple(range(levels)))
+    feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
+    return build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 def _create_plain_cifar(depth: int, pretrained: bool, **kwargs: Any) -> PlainCnn:
