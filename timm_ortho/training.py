@@ -402,7 +402,7 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
         type=int,
         default=d.precise_bn,
         metavar="N",
-        help=f"recompute BN statistics over N training batches before each evaluation; default: "
+        help=f"recompute BN statistics over N training batches before each evaluation; when not given: "
         f"{DEFAULT_PRECISE_BN_BATCHES} for plain nets, 0 (off) for other models",
     )
     g.add_argument(
