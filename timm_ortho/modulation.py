@@ -378,15 +378,15 @@ class _TracedModulation(torch.autograd.Function):
 
     Under ``torch.compile`` a tensor hook on an intermediate output and the Python-side chain state
     of the eager path both break the graph. Here the state travels with the gradients instead:
-    every target's forward threads a small *token* through the layers, ``(y, t_in) -> (y, t_out)``
-    (nothing copied). In backward, the gradient that reaches ``t_out`` from the layer
-    above carries the chain's state, ``[log_ref, has_ref, log_n per slot, log_s per slot]``; this
-    layer measures its error, applies the same rule as the eager hook (:func:`_log_scale`,
-    :func:`_next_log_ref`), rescales the error and passes the state down as the gradient of
-    ``t_in``. The top of the chain gets a zero gradient (``has_ref = 0``: no reference, ``s = 1``).
-    Below the bottom layer the token is the module's *sink*, a leaf whose gradient is the whole
-    record of the backward; a post-accumulate-grad hook publishes it. Everything in backward is
-    tensor arithmetic without branches on values, so inductor fuses it.
+    every target's forward threads a small *token* through the layers, ``(y, t_in) -> (y, t_out)``.
+    In backward, the gradient that reaches ``t_out`` from the layer above carries the chain's state,
+    ``[log_ref, has_ref, log_n per slot, log_s per slot]``; this layer measures its error, applies
+    the same rule as the eager hook (:func:`_log_scale`, :func:`_next_log_ref`), rescales the
+    error and passes the state down as the gradient of ``t_in``. The top of the chain gets a zero
+    gradient (``has_ref = 0``: no reference, ``s = 1``). Below the bottom layer the token is the
+    module's *sink*, a leaf whose gradient is the whole record of the backward; a
+    post-accumulate-grad hook publishes it. Everything in backward is tensor arithmetic without
+    branches on values, so inductor fuses it.
 
     The token also orders the hooks: layer ``l``'s backward needs the token gradient of the layer
     above it in forward order, as the eager hooks' firing order is on one device.
@@ -395,19 +395,22 @@ class _TracedModulation(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y: Tensor, token: Tensor, slot: int, rule: _Rule) -> tuple[Tensor, Tensor]:
         ctx.slot, ctx.rule = slot, rule
-        # y is declared modified in place (it is not): a returned input would otherwise be a view,
-        # and the in-place activation that often follows a conv (ReLU(inplace=True)) refuses to
-        # modify the view of a custom Function's output. Nothing is copied either way.
-        ctx.mark_dirty(y)
-        return y, token.view_as(token)
+        # A copy, which inductor fuses into the consumers of y. Returning y itself would make it a
+        # view, which the in-place activation that often follows a conv (ReLU(inplace=True))
+        # refuses to modify; declaring y dirty (ctx.mark_dirty) avoids that but, when dynamo
+        # compiles the conv as a frame of its own (after a graph break), its backward then
+        # received a zero error and its rescaling was lost (tested).
+        return y.clone(), token.view_as(token)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor, state: Tensor) -> tuple[Tensor, Tensor, None, None]:
         rule, slot = ctx.rule, ctx.slot
         with torch.no_grad():  # the factor is a constant of the backward, also under create_graph
-            log_n = torch.linalg.vector_norm(g, dtype=state.dtype).log()
+            norm = torch.linalg.vector_norm(g, dtype=state.dtype)
             if rule.statistic == "mean":
-                log_n = log_n - 0.5 * math.log(g.numel())
+                # numel ** -0.5, not math.log(numel): with dynamic shapes numel is symbolic.
+                norm = norm * g.numel() ** -0.5
+            log_n = norm.log()
             out = state.clone()
             out[_HEAD + slot] = log_n
             if rule.modulate:
@@ -528,6 +531,7 @@ class ErrorModulation:
         self._slot = 0
         self._traced_names: list[str] = []
         self._traced_modulate = False
+        self._traced_forward = False  # the current root forward started in a compiled frame
         self._sink: Tensor | None = None
         self._sink_handle: RemovableHandle | None = None
         weight = next(modules[0].parameters(), None)
@@ -672,17 +676,25 @@ class ErrorModulation:
             # Traced: only attribute stores, which dynamo replays after the graph at every call.
             self._token, self._slot, self._traced_names = None, 0, []
             self._traced_modulate = self._active_now and not self.measure_only
+            self._traced_forward = True
             return
         # A root forward during backward is a checkpoint recompute of the whole model: it belongs
         # to the pass being backpropagated, not to a new one.
         if _graph_task_id() < 0:
             self._current = _Pass()
+            self._traced_forward = False
 
     def _on_output(self, name: str, module: nn.Module, args: Any, output: Any) -> Tensor | None:
         if self._removed or not isinstance(output, Tensor) or not output.requires_grad:
             return None
         if torch.compiler.is_compiling():
             return self._on_output_traced(name, output)
+        if self._traced_forward:
+            # A part of a compiled forward that dynamo runs eagerly (e.g. a checkpointed segment it
+            # cannot trace): it joins the forward's token chain, one chain as in eager mode. Inside
+            # backward it is a checkpoint recompute, whose outputs are never backpropagated
+            # (non-reentrant) or cannot join the token chain (reentrant): left alone.
+            return None if _graph_task_id() >= 0 else self._on_output_traced(name, output)
         if not self.record_when_inactive and not self.measure_only and not self.active:
             return None
         task = _graph_task_id()
