@@ -10,6 +10,7 @@ docs/modulation.md.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import tempfile
@@ -19,6 +20,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from timm_ortho.modulation import ErrorModulation, ModulationStats, scale_factor, simulate_chain
@@ -704,6 +706,252 @@ def test_plain44_bottom_top_ratio_moves_toward_one() -> None:
     assert on < off - math.log(10)  # toward 1 by more than 10x
     top = measure_plain44({"reference": "top"})
     assert abs(math.log(float(top.bottom_top_ratio()))) <= 2 * math.log(2.0) + 1e-4
+
+
+# -- cost: ops dispatched per hook ----------------------------------------------------------------
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every aten op dispatched while active (a kernel launch each, on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def backward_ops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> collections.Counter[str]:
+    model.zero_grad(set_to_none=True)
+    loss = loss_of(model, x, y)
+    with CountOps() as count:
+        loss.backward()
+    return count.ops
+
+
+# Ops that read a tensor's value on the host: a host-device synchronization on a GPU.
+SYNCING = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "allclose"}
+
+
+@pytest.mark.parametrize(
+    ("options", "top", "below"),
+    [
+        ({"measure_only": True}, 1, 1),  # the norm; its log is taken in last_stats
+        (
+            {"band": 1.3},
+            2,
+            10,
+        ),  # reference="top": norm, log | sub, shrink, nan_to_num, exp, 3 for the reference, mul
+        ({"band": 1.3, "mode": "clamp", "reference": "previous"}, 2, 11),  # + the add of log s
+    ],
+)
+def test_ops_per_hook(options: dict, top: int, below: int) -> None:
+    # The hooks' ops are the difference between a backward with and without them (same graph
+    # otherwise). Before this budget the modulating hook dispatched 14-15 ops and the measuring 3.
+    layers = 8
+    model, x, y = make_chain(layers, dtype=torch.float32)
+    plain = backward_ops(model, x, y)
+    with ErrorModulation(model, **options) as em:
+        hooked = backward_ops(model, x, y)
+        stats = em.last_stats()
+    extra = hooked - plain
+    assert sum(extra.values()) <= top + below * (layers - 1), extra
+    assert extra["linalg_vector_norm"] == layers  # one reduction per layer
+    assert not SYNCING & set(hooked), hooked  # no value read on the host
+    if options.get("measure_only"):
+        assert set(extra) == {"linalg_vector_norm"}  # nothing else, not even the multiply
+    else:
+        assert (stats.scale != 1).sum() >= 2  # the rule ran
+        assert extra["mul"] == layers - 1  # the top's error is left alone: no multiply
+
+
+def test_last_stats_is_batched() -> None:
+    # The bookkeeping runs once after the backward, in a number of ops that does not grow with depth.
+    counts = []
+    for layers in (3, 9):
+        model, x, y = make_chain(layers, dtype=torch.float32)
+        with ErrorModulation(model, band=1.3) as em:
+            grads(model, x, y)
+            with CountOps() as count:
+                em.last_stats()
+        counts.append(sum(count.ops.values()))
+        assert not SYNCING & set(count.ops)
+    assert counts[0] == counts[1]
+
+
+# -- torch.compile ---------------------------------------------------------------------------------
+
+
+def graph_breaks(model: nn.Module, x: torch.Tensor) -> int:
+    torch._dynamo.reset()
+    try:
+        return torch._dynamo.explain(model)(x).graph_break_count
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_has_no_more_graph_breaks_than_without() -> None:
+    # Before the traced path: 9 breaks on plain_cnn20 and plain_cnn110 (tensor hooks registered in
+    # forward hooks, the graph-task-id query), 0 without the modulation.
+    model, x, _ = make_chain(6, dtype=torch.float32)
+    without = graph_breaks(model, x)
+    for options in ({}, {"measure_only": True}, {"reference": "previous", "statistic": "mean"}):
+        with ErrorModulation(model, **options):
+            assert graph_breaks(model, x) == without == 0, options
+    timm = pytest.importorskip("timm")
+    import timm_ortho  # noqa: F401  (registers the plain nets)
+
+    net = timm.create_model("plain_cnn20", num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    without = graph_breaks(net, x)
+    with ErrorModulation(net):
+        assert graph_breaks(net, x) == without == 0
+
+
+def compiled_vs_eager(model, x, y, options: dict, backend: str):
+    """Gradients and statistics of an eager and a compiled backward with the same options."""
+    with ErrorModulation(model, **options) as em:
+        eager = grads(model, x, y)
+        eager_stats = em.last_stats()
+        torch._dynamo.reset()
+        try:
+            compiled_model = torch.compile(model, backend=backend)
+            for _ in range(2):  # the second call runs the cached graph
+                model.zero_grad(set_to_none=True)
+                loss_of(compiled_model, x, y).backward()
+                compiled = {n: p.grad.clone() for n, p in model.named_parameters()}
+                compiled_stats = em.last_stats()
+        finally:
+            torch._dynamo.reset()
+    return eager, eager_stats, compiled, compiled_stats
+
+
+def assert_same_run(eager, eager_stats, compiled, compiled_stats, rtol: float) -> None:
+    assert compiled_stats.names == eager_stats.names
+    assert compiled_stats.modulated == eager_stats.modulated
+    assert compiled_stats.scale.dtype == eager_stats.scale.dtype
+    assert torch.equal(compiled_stats.scale == 1, eager_stats.scale == 1)  # the same layers rescaled
+    for field_ in ("scale", "q_before", "q_after"):
+        torch.testing.assert_close(
+            getattr(compiled_stats, field_), getattr(eager_stats, field_), rtol=rtol, atol=0, msg=field_
+        )
+    for k in eager:
+        assert_rel(compiled[k], eager[k], 10 * rtol, floor=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"band": 1.3},
+        {"band": 1.3, "mode": "clamp", "reference": "previous", "max_scale": 1.5},
+        {"band": 1.2, "statistic": "mean"},
+        {"measure_only": True},
+    ],
+)
+def test_compiled_matches_eager(options: dict) -> None:
+    # aot_eager: dynamo + AOT autograd (the traced backward) without inductor's code generation.
+    model, x, y = make_chain(6, seed=9, dtype=torch.float32)
+    eager, eager_stats, compiled, compiled_stats = compiled_vs_eager(model, x, y, options, "aot_eager")
+    if not options.get("measure_only"):
+        assert (eager_stats.scale != 1).sum() >= 2
+    assert_same_run(eager, eager_stats, compiled, compiled_stats, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_with_inductor_matches_eager() -> None:
+    model, x, y = make_chain(5, seed=9, dtype=torch.float32)
+    eager, eager_stats, compiled, compiled_stats = compiled_vs_eager(model, x, y, {"band": 1.3}, "inductor")
+    assert (eager_stats.scale != 1).sum() >= 2
+    assert_same_run(eager, eager_stats, compiled, compiled_stats, rtol=1e-4)
+
+
+def test_compiled_inplace_activation_retain_graph_and_passes() -> None:
+    # A conv followed directly by an in-place ReLU (no BN): the identity must not hand out a view.
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers += [nn.Conv2d(3 if i == 0 else 6, 6, 3, padding=1), nn.ReLU(inplace=True)]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(6 * 16, 5))
+    x, y = torch.randn(4, 3, 4, 4), torch.randint(0, 5, (4,))
+    eager, eager_stats, compiled, compiled_stats = compiled_vs_eager(model, x, y, {"band": 1.01}, "aot_eager")
+    assert (eager_stats.scale != 1).any()
+    assert_same_run(eager, eager_stats, compiled, compiled_stats, rtol=1e-5)
+
+    model, x, y = make_chain(5, seed=2, dtype=torch.float32)
+    x1, y1, x2, y2 = x[:2], y[:2], x[2:], y[2:]
+    with ErrorModulation(model, band=1.3) as em:
+        g1, s1 = _run_alone(model, em, x1, y1)
+        _, s2 = _run_alone(model, em, x2, y2)
+        torch._dynamo.reset()
+        try:
+            compiled_model = torch.compile(model, backend="aot_eager")
+            model.zero_grad(set_to_none=True)
+            loss = loss_of(compiled_model, x1, y1)
+            for _ in range(2):  # a second backward through a retained graph: a fresh chain
+                loss.backward(retain_graph=True)
+                torch.testing.assert_close(em.last_stats().scale, s1, rtol=1e-5, atol=0)
+            for k in g1:
+                assert_rel(model.get_parameter(k).grad, 2 * g1[k], 1e-4, floor=1e-6)
+            l1, l2 = loss_of(compiled_model, x1, y1), loss_of(compiled_model, x2, y2)
+            l2.backward()  # two forwards, then their backwards: each its own chain
+            torch.testing.assert_close(em.last_stats().scale, s2, rtol=1e-5, atol=0)
+            l1.backward()
+            torch.testing.assert_close(em.last_stats().scale, s1, rtol=1e-5, atol=0)
+        finally:
+            torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("reference", ["previous", "top"])
+def test_compiled_with_checkpointing(reference: str) -> None:
+    # Dynamo cannot trace the hooks' attribute stores inside a checkpointed segment (a HOP): one
+    # graph break, and dynamo then runs the looped segments eagerly while the rest stays compiled.
+    # The eager part joins the forward's token chain: one chain, the same factors and gradients as
+    # without compile. (The stem, compiled as a frame of its own there, lost its rescaling when the
+    # identity returned its input marked dirty instead of a copy; reference="previous" and
+    # band=1.01 rescale it.)
+    model, x, y = make_chain(7, seed=4, dtype=torch.float32)
+    model.checkpoint = False  # non-reentrant
+    without = graph_breaks(model, x)
+    with ErrorModulation(model, band=1.01, reference=reference):
+        assert graph_breaks(model, x) <= without + 1
+    eager, eager_stats, compiled, compiled_stats = compiled_vs_eager(
+        model, x, y, {"band": 1.01, "reference": reference}, "aot_eager"
+    )
+    assert eager_stats.scale[-1] != 1  # the stem is rescaled
+    assert_same_run(eager, eager_stats, compiled, compiled_stats, rtol=1e-5)
+
+
+def test_compiled_schedule_does_not_recompile_every_step() -> None:
+    model, x, y = make_chain(4, dtype=torch.float32)
+    compiles = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        compiles.append(1)
+        return gm.forward
+
+    plain = grads(model, x, y)
+    torch._dynamo.reset()
+    try:
+        with ErrorModulation(model, band=1.01, schedule=3) as em:
+            compiled_model = torch.compile(model, backend=backend)
+            modulated = []
+            for step in range(6):
+                em.set_step(step)
+                model.zero_grad(set_to_none=True)
+                loss_of(compiled_model, x, y).backward()
+                modulated.append(em.last_stats().modulated)
+            g = {n: p.grad for n, p in model.named_parameters()}
+            assert modulated == [True] * 3 + [False] * 3
+            for k in plain:  # schedule off: the factor is exactly 1
+                torch.testing.assert_close(g[k], plain[k], rtol=1e-5, atol=1e-7)
+        assert len(compiles) == 2  # one graph while on, one once off; not one per step
+        torch._dynamo.reset()
+        with ErrorModulation(model, schedule=0, record_when_inactive=False):
+            assert graph_breaks(model, x) == 0
+    finally:
+        torch._dynamo.reset()
 
 
 # -- data parallel -----------------------------------------------------------------------------------

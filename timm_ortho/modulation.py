@@ -124,6 +124,15 @@ def _check_reference(reference: str) -> None:
         raise ValueError(f"reference must be one of {_REFERENCES}, got {reference!r}")
 
 
+def _finite(log_n: Tensor) -> Tensor:
+    """``isfinite(log_n)`` as ``|log_n| < inf`` (False for +-inf and NaN).
+
+    Two kernels: ``torch.isfinite`` is a composite that dispatches four (abs, ne, eq, mul), and this
+    runs once per layer per backward.
+    """
+    return log_n.abs() < math.inf
+
+
 def _next_log_ref(log_after: Tensor, log_ref: Tensor, reference: str) -> Tensor:
     """The reference for the next layer down.
 
@@ -132,8 +141,8 @@ def _next_log_ref(log_after: Tensor, log_ref: Tensor, reference: str) -> Tensor:
     reference (its log is +-inf or NaN).
     """
     if reference == "previous":
-        return torch.where(torch.isfinite(log_after), log_after, log_ref)
-    return torch.where(torch.isfinite(log_ref), log_ref, log_after)
+        return torch.where(_finite(log_after), log_after, log_ref)
+    return torch.where(_finite(log_ref), log_ref, log_after)
 
 
 def _as_float(t: Tensor | float) -> Tensor:
@@ -303,15 +312,32 @@ class _Pass:
     A pass is started by every forward of the root model. Its chain state (reference, records) is
     reset when a backward first reaches it and published when that backward finishes, so a second
     backward through the same graph (``retain_graph=True``) starts a fresh chain.
+
+    The hooks only append 0-d tensors here; stacking them and deriving moments and scales happens
+    once per backward, in :meth:`ErrorModulation.last_stats`.
     """
 
     open: bool = False
     modulate: bool = False
     log_ref: Tensor | None = None
+    """None until the top of the chain has fired (then its log-norm, valid or not)."""
     names: list[str] = field(default_factory=list)
-    log_n: list[Tensor] = field(default_factory=list)
+    stat: list[Tensor] = field(default_factory=list)
+    """Per layer: the log-norm (modulating pass) or the norm (measuring pass, logs taken later)."""
     log_s: list[Tensor] = field(default_factory=list)
+    """``log s`` of every layer below the top (the top's is 0)."""
     scale: list[Tensor] = field(default_factory=list)
+    """``s`` of every layer below the top, the very tensors the errors were multiplied by."""
+
+
+@dataclass(frozen=True, eq=False)
+class _TracedRecord:
+    """What a compiled backward left in the token sink (see :class:`_TracedModulation`)."""
+
+    record: Tensor
+    names: list[str]
+    """Module names in forward order (slot order)."""
+    modulated: bool
 
 
 def _graph_task_id() -> int:
@@ -324,6 +350,80 @@ def _stack(values: list[Tensor], device: torch.device, dtype: torch.dtype) -> Te
     if not values:
         return torch.empty(0, device=device, dtype=dtype)
     return torch.stack([v.to(device=device, dtype=dtype) for v in values])
+
+
+# -- the traced path (torch.compile) -------------------------------------------------------------
+
+# Layout of the chain token's gradient (and of the sink's record): the reference log-norm, a flag
+# "a layer above has fired", then one log-norm per slot, then one log-scale per slot.
+_REF, _HAS_REF, _HEAD = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """The constants of the rule, passed to the traced identity (hashable, so dynamo treats them as
+    constants of the graph)."""
+
+    band: float
+    mode: str
+    max_scale: float | None
+    reference: str
+    statistic: str
+    modulate: bool
+    slots: int
+
+
+class _TracedModulation(torch.autograd.Function):
+    """The per-layer hook as an autograd identity that dynamo traces into the compiled graph.
+
+    Under ``torch.compile`` a tensor hook on an intermediate output and the Python-side chain state
+    of the eager path both break the graph. Here the state travels with the gradients instead:
+    every target's forward threads a small *token* through the layers, ``(y, t_in) -> (y, t_out)``.
+    In backward, the gradient that reaches ``t_out`` from the layer above carries the chain's state,
+    ``[log_ref, has_ref, log_n per slot, log_s per slot]``; this layer measures its error, applies
+    the same rule as the eager hook (:func:`_log_scale`, :func:`_next_log_ref`), rescales the
+    error and passes the state down as the gradient of ``t_in``. The top of the chain gets a zero
+    gradient (``has_ref = 0``: no reference, ``s = 1``). Below the bottom layer the token is the
+    module's *sink*, a leaf whose gradient is the whole record of the backward; a
+    post-accumulate-grad hook publishes it. Everything in backward is tensor arithmetic without
+    branches on values, so inductor fuses it.
+
+    The token also orders the hooks: layer ``l``'s backward needs the token gradient of the layer
+    above it in forward order, as the eager hooks' firing order is on one device.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, token: Tensor, slot: int, rule: _Rule) -> tuple[Tensor, Tensor]:
+        ctx.slot, ctx.rule = slot, rule
+        # A copy, which inductor fuses into the consumers of y. Returning y itself would make it a
+        # view, which the in-place activation that often follows a conv (ReLU(inplace=True))
+        # refuses to modify; declaring y dirty (ctx.mark_dirty) avoids that but, when dynamo
+        # compiles the conv as a frame of its own (after a graph break), its backward then
+        # received a zero error and its rescaling was lost (tested).
+        return y.clone(), token.view_as(token)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, state: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        rule, slot = ctx.rule, ctx.slot
+        with torch.no_grad():  # the factor is a constant of the backward, also under create_graph
+            norm = torch.linalg.vector_norm(g, dtype=state.dtype)
+            if rule.statistic == "mean":
+                # numel ** -0.5, not math.log(numel): with dynamic shapes numel is symbolic.
+                norm = norm * g.numel() ** -0.5
+            log_n = norm.log()
+            out = state.clone()
+            out[_HEAD + slot] = log_n
+            if rule.modulate:
+                log_ref = torch.where(state[_HAS_REF] > 0, state[_REF], math.nan)
+                log_s = _log_scale(log_n, log_ref, rule.band, rule.mode, rule.max_scale)
+                after = log_n + log_s if rule.reference == "previous" else log_n
+                out[_REF] = _next_log_ref(after, log_ref, rule.reference)
+                out[_HAS_REF] = 1.0
+                out[_HEAD + rule.slots + slot] = log_s
+                scale = log_s.exp()
+        if rule.modulate:
+            g = g * scale
+        return g, out, None, None
 
 
 # -- the hooks -----------------------------------------------------------------------------------
@@ -396,10 +496,10 @@ class ErrorModulation:
         self.include_classifier = bool(include_classifier)
         self.max_scale = None if max_scale is None else float(max_scale)
         self.reference: Reference = reference
+        self._step = 0
         self.schedule = schedule  # validated by the property setter
         self.measure_only = bool(measure_only)
         self.record_when_inactive = bool(record_when_inactive)
-        self._step = 0
 
         in_model = {id(m) for m in model.modules()}
         # Hooked modules in registration order (the statistics list them in firing order instead).
@@ -422,9 +522,21 @@ class ErrorModulation:
 
         self._current: _Pass | None = None
         self._in_backward: dict[int, _Pass] = {}  # graph task id -> pass opened in it
-        self._last: _Pass | None = None
+        self._last: _Pass | _TracedRecord | None = None
         self._last_stats: ModulationStats | None = None
         self._removed = False
+        # The traced path (torch.compile): the chain token of the forward being traced, the next
+        # slot, the names in forward order, and the sink that collects each backward's record.
+        self._token: Tensor | None = None
+        self._slot = 0
+        self._traced_names: list[str] = []
+        self._traced_modulate = False
+        self._traced_forward = False  # the current root forward started in a compiled frame
+        self._sink: Tensor | None = None
+        self._sink_handle: RemovableHandle | None = None
+        weight = next(modules[0].parameters(), None)
+        if weight is not None:  # made here so that a compiled forward finds it (no graph break)
+            self._make_sink(weight.device, compute_dtype(weight.dtype))
         self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._start_pass)]
         for name, module in zip(self.module_names, modules, strict=True):
             self._handles.append(module.register_forward_hook(functools.partial(self._on_output, name)))
@@ -436,6 +548,7 @@ class ErrorModulation:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         self._step = step
+        self._active_now = self.active
 
     @property
     def step(self) -> int:
@@ -450,6 +563,9 @@ class ErrorModulation:
     def schedule(self, schedule: Schedule) -> None:
         _check_schedule(schedule)
         self._schedule = schedule
+        # A compiled forward reads this bool, not the step: dynamo guards on what it reads, and a
+        # guard on the step would recompile at every optimizer update.
+        self._active_now = self.active
 
     @property
     def active(self) -> bool:
@@ -470,8 +586,12 @@ class ErrorModulation:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._sink_handle is not None:
+            self._sink_handle.remove()
+            self._sink_handle = None
         self._removed = True
         self._current = None
+        self._token = None
         self._in_backward.clear()
 
     @property
@@ -499,7 +619,8 @@ class ErrorModulation:
         """Statistics of the last finished backward (no host-device synchronization).
 
         When several forward passes finish in one backward (e.g. ``(loss1 + loss2).backward()``), the
-        pass finished last is reported.
+        pass finished last is reported (eager; under ``torch.compile`` see docs/modulation.md).
+        The hooks only keep 0-d tensors; they are stacked and turned into moments here, once.
         """
         if self._last_stats is None:
             p = self._last
@@ -508,36 +629,74 @@ class ErrorModulation:
                     "no backward has gone through the modulation hooks yet: run a forward of the model "
                     "with grad enabled and a backward first"
                 )
-            device = p.log_n[0].device
-            dtype = torch.float64 if any(t.dtype == torch.float64 for t in p.log_n) else torch.float32
-            log_n = _stack(p.log_n, device, dtype)
-            if p.modulate:
-                log_s = _stack(p.log_s, device, dtype)
-                scale = _stack(p.scale, device, dtype)
+            if isinstance(p, _TracedRecord):
+                self._last_stats = self._traced_stats(p)
             else:
-                log_s, scale = torch.zeros_like(log_n), torch.ones_like(log_n)
-            self._last_stats = ModulationStats(
-                names=list(p.names),
-                q_before=(2.0 * log_n).exp(),
-                q_after=(2.0 * (log_n + log_s)).exp(),
-                scale=scale,
-                modulated=p.modulate,
-                statistic=self.statistic,
-            )
+                self._last_stats = self._eager_stats(p)
         return self._last_stats
+
+    def _eager_stats(self, p: _Pass) -> ModulationStats:
+        device = p.stat[0].device
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in p.stat) else torch.float32
+        stat = _stack(p.stat, device, dtype)
+        if p.modulate:
+            log_n = stat
+            # The top of the chain only set the reference: log s = 0, s = 1.
+            log_s = torch.cat([log_n.new_zeros(1), _stack(p.log_s, device, dtype)])
+            scale = torch.cat([log_n.new_ones(1), _stack(p.scale, device, dtype)])
+        else:
+            log_n = stat.log()
+            log_s, scale = torch.zeros_like(log_n), torch.ones_like(log_n)
+        return ModulationStats(
+            names=list(p.names),
+            q_before=(2.0 * log_n).exp(),
+            q_after=(2.0 * (log_n + log_s)).exp(),
+            scale=scale,
+            modulated=p.modulate,
+            statistic=self.statistic,
+        )
+
+    def _traced_stats(self, r: _TracedRecord) -> ModulationStats:
+        fired, slots = len(r.names), len(self.module_names)
+        # Slots are in forward order; the statistics list the top of the chain first.
+        log_n = r.record[_HEAD : _HEAD + fired].flip(0)
+        log_s = r.record[_HEAD + slots : _HEAD + slots + fired].flip(0)
+        return ModulationStats(
+            names=r.names[::-1],
+            q_before=(2.0 * log_n).exp(),
+            q_after=(2.0 * (log_n + log_s)).exp(),
+            scale=log_s.exp(),
+            modulated=r.modulated,
+            statistic=self.statistic,
+        )
 
     # -- hook glue --------------------------------------------------------------------------------
     def _start_pass(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            # Traced: only attribute stores, which dynamo replays after the graph at every call.
+            self._token, self._slot, self._traced_names = None, 0, []
+            self._traced_modulate = self._active_now and not self.measure_only
+            self._traced_forward = True
+            return
         # A root forward during backward is a checkpoint recompute of the whole model: it belongs
         # to the pass being backpropagated, not to a new one.
         if _graph_task_id() < 0:
             self._current = _Pass()
+            self._traced_forward = False
 
-    def _on_output(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_output(self, name: str, module: nn.Module, args: Any, output: Any) -> Tensor | None:
         if self._removed or not isinstance(output, Tensor) or not output.requires_grad:
-            return
+            return None
+        if torch.compiler.is_compiling():
+            return self._on_output_traced(name, output)
+        if self._traced_forward:
+            # A part of a compiled forward that dynamo runs eagerly (e.g. a checkpointed segment it
+            # cannot trace): it joins the forward's token chain, one chain as in eager mode. Inside
+            # backward it is a checkpoint recompute, whose outputs are never backpropagated
+            # (non-reentrant) or cannot join the token chain (reentrant): left alone.
+            return None if _graph_task_id() >= 0 else self._on_output_traced(name, output)
         if not self.record_when_inactive and not self.measure_only and not self.active:
-            return
+            return None
         task = _graph_task_id()
         if task >= 0:
             # Recompute inside backward (gradient checkpointing). Reentrant checkpointing backprops
@@ -550,6 +709,7 @@ class ErrorModulation:
         else:
             p = self._current_or_new()
         output.register_hook(functools.partial(self._on_error, p, name))
+        return None
 
     def _current_or_new(self) -> _Pass:
         # Only reached when a target runs outside a root forward (a submodule called directly).
@@ -562,7 +722,7 @@ class ErrorModulation:
         p.open = True
         p.modulate = self.active and not self.measure_only
         p.log_ref = None
-        p.names, p.log_n, p.log_s, p.scale = [], [], [], []
+        p.names, p.stat, p.log_s, p.scale = [], [], [], []
         self._in_backward[task] = p
         Variable._execution_engine.queue_callback(functools.partial(self._close, p, task))
 
@@ -573,31 +733,94 @@ class ErrorModulation:
             self._last, self._last_stats = p, None
 
     def _on_error(self, p: _Pass, name: str, g: Tensor) -> Tensor | None:
+        """The tensor hook: per layer one reduction, and on modulating passes below the top the rule.
+
+        Dispatched ops (``torch.profiler`` / a dispatch mode show them; tests/test_modulation.py
+        counts them): a measuring pass 1 (the norm); the top of a modulating chain 2 (norm, log);
+        every layer below it 10 with ``reference="top"`` (norm, log, sub, shrink, nan_to_num, exp,
+        abs, lt, where, and the multiply of the error), 11 with ``"previous"`` (+ add). Stacking,
+        logs of measured norms and moments are left to :meth:`last_stats`.
+        """
         if self._removed or g.numel() == 0:
             return None
         if not p.open:
             self._open(p, _graph_task_id())
-        # Fused float32 reduction (float64 stays float64): no g*g temporary, exact dtype under autocast.
-        # On the detached error: the factor is a constant of the backward, also under create_graph.
-        log_n = torch.linalg.vector_norm(g.detach(), dtype=compute_dtype(g.dtype)).log()
-        if self.statistic == "mean":
-            log_n = log_n - 0.5 * math.log(g.numel())
         p.names.append(name)
-        p.log_n.append(log_n)
-        if not p.modulate:
-            return None
-        log_ref = p.log_ref
-        if log_ref is None:
-            log_ref = torch.full_like(log_n, math.nan)  # the top: no reference yet, s = 1
-        elif log_ref.device != log_n.device:
-            log_ref = log_ref.to(log_n.device, non_blocking=True)
-        log_s = _log_scale(log_n, log_ref, self.band, self.mode, self.max_scale)
-        p.log_ref = _next_log_ref(log_n + log_s, log_ref, self.reference)
-        scale = log_s.exp()
-        p.log_s.append(log_s)
-        p.scale.append(scale)
+        # no_grad instead of g.detach(): the factor is a constant of the backward, also under
+        # create_graph=True, and no op is dispatched for it.
+        with torch.no_grad():
+            # Fused float32 reduction (float64 stays float64): no g*g temporary, exact under autocast.
+            norm = torch.linalg.vector_norm(g, dtype=compute_dtype(g.dtype))
+            if not p.modulate:
+                p.stat.append(norm if self.statistic == "total" else norm * g.numel() ** -0.5)
+                return None
+            log_n = norm.log()
+            if self.statistic == "mean":
+                log_n = log_n - 0.5 * math.log(g.numel())
+            p.stat.append(log_n)
+            log_ref = p.log_ref
+            if log_ref is None:
+                # The top of the chain: it only sets the reference (valid or not: an invalid one is
+                # replaced by the next valid moment in _next_log_ref). s = 1, the error is untouched.
+                p.log_ref = log_n
+                return None
+            if log_ref.device != log_n.device:
+                log_ref = log_ref.to(log_n.device, non_blocking=True)
+            log_s = _log_scale(log_n, log_ref, self.band, self.mode, self.max_scale)
+            # "top" keeps the reference once valid, and takes log_n + 0 = log_n while it is not.
+            after = log_n + log_s if self.reference == "previous" else log_n
+            p.log_ref = _next_log_ref(after, log_ref, self.reference)
+            scale = log_s.exp()
+            p.log_s.append(log_s)
+            p.scale.append(scale)
         # g * 1.0 is exact (also for inf, nan and -0.0), so untouched layers stay bit-identical.
         return g * scale
+
+    # -- traced path (torch.compile) --------------------------------------------------------------
+    def _make_sink(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """A leaf whose gradient is the record of one compiled backward (see _TracedModulation)."""
+        if self._sink_handle is not None:
+            self._sink_handle.remove()
+        self._sink = torch.zeros(_HEAD + 2 * len(self.module_names), device=device, dtype=dtype)
+        self._sink.requires_grad_(True)
+        self._sink_handle = self._sink.register_post_accumulate_grad_hook(self._publish)
+        return self._sink
+
+    def _publish(self, sink: Tensor) -> None:
+        # Runs eagerly after the compiled backward, once per backward call: a second backward
+        # through a retained graph brings a fresh record.
+        record, sink.grad = sink.grad, None
+        if record is None or self._removed:
+            return
+        self._last = _TracedRecord(record, list(self._traced_names), self._traced_modulate)
+        self._last_stats = None
+
+    def _on_output_traced(self, name: str, output: Tensor) -> Tensor | None:
+        modulate = self._traced_modulate
+        if not modulate and not self.record_when_inactive and not self.measure_only:
+            return None
+        slot = self._slot
+        if slot >= len(self.module_names):  # a target called more often than there are slots
+            return None
+        token = self._token
+        if token is None:
+            token = self._sink
+            dtype = compute_dtype(output.dtype)
+            if token is None or token.device != output.device or token.dtype != dtype:
+                token = self._make_sink(output.device, dtype)  # model moved since construction
+        rule = _Rule(
+            self.band,
+            self.mode,
+            self.max_scale,
+            self.reference,
+            self.statistic,
+            modulate,
+            len(self.module_names),
+        )
+        output, self._token = _TracedModulation.apply(output, token, slot, rule)
+        self._slot = slot + 1
+        self._traced_names.append(name)
+        return output
 
 
 def _check_schedule(schedule: object) -> None:
