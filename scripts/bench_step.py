@@ -7,12 +7,13 @@ Sections:
   1. regularizer vs floor: ``OrthoModulated.apply_orthonormality`` on timm resnet50's weights against
      the same Gram products done as one pre-stacked float32 ``baddbmm`` + ``bmm`` per weight shape.
   2. full iteration (forward, backward, step) on plain_cnn56 at batch 64, 32 px: the term
-     (``OrthoModulated(SGD)``), the modulation (``ErrorModulation`` hooks on SGD + weight decay) and
-     both (``OrthoModulated(SGD, modulation=True)``), each as a ratio to plain SGD with weight decay
-     measured in the same run. Targets: term <= 1.03, term + modulation <= 1.05.
+     (``OrthoModulated(SGD)``) without and with the step bound (``max_grad_ratio``, the default),
+     the modulation (``ErrorModulation`` hooks on SGD + weight decay) and term + modulation without
+     and with the bound, each as a ratio to plain SGD with weight decay measured in the same run.
+     Targets: term <= 1.03 (also with the bound), term + modulation <= 1.05, all three <= 1.08.
   3. the regularizer's share of a resnet50 iteration at batch 8, 64 and 256, from the measured
      regularizer time and the measured per-image cost of forward + backward.
-  4. the same four variants as in 2 on resnet50.
+  4. the same variants as in 2 on resnet50.
 
 Every timing is the median of interleaved repetitions (A, B, A, B, ...), so that load from other
 processes hits both sides alike. Nothing here is asserted: read the ratios.
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import timm_ortho
 from timm_ortho.batched import BatchedOrthonormality
 from timm_ortho.modulation import ErrorModulation
+from timm_ortho.optim import DEFAULT_MAX_GRAD_RATIO
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -105,19 +107,24 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     return run
 
 
-VARIANTS = ("sgd+wd", "mod", "term", "term+mod")
+VARIANTS = ("sgd+wd", "mod", "term", "term+bound", "term+mod", "term+mod+bound")
 LABELS = {
     "sgd+wd": "SGD + weight decay (baseline)",
     "mod": "modulation (hooks) + SGD + wd",
-    "term": "term (OrthoModulated)",
+    "term": "term (no step bound)",
+    "term+bound": "term + step bound (the defaults)",
     "term+mod": "term + modulation",
+    "term+mod+bound": "term + modulation + step bound",
 }
-TARGETS = {"term": 1.03, "term+mod": 1.05}  # CPU, plain_cnn56, batch 64, 32 px (issue 13)
+# CPU, plain_cnn56, batch 64, 32 px: the term and term + modulation (issue 13), and with the step
+# bound (issue 9).
+TARGETS = {"term": 1.03, "term+mod": 1.05, "term+bound": 1.03, "term+mod+bound": 1.08}
 
 
 def variants(name: str, batch: int, size: int, **kwargs) -> dict[str, Callable[[], None]]:
     """Identical models and data: SGD + weight decay, the same with the modulation hooks, the
-    orthonormality term (``OrthoModulated(SGD)``, no L2 on its weights), and term + modulation."""
+    orthonormality term (``OrthoModulated(SGD)``, no L2 on its weights) without and with the step
+    bound, and term + modulation without and with it."""
     torch.manual_seed(0)
     reference = timm.create_model(name, **kwargs)
     x = torch.randn(batch, 3, size, size)
@@ -133,7 +140,10 @@ def variants(name: str, batch: int, size: int, **kwargs) -> dict[str, Callable[[
         else:
             groups = timm_ortho.param_groups_for_ortho(model)
             opt = timm_ortho.OrthoModulated(
-                torch.optim.SGD(groups, lr=0.01, momentum=0.9), model, modulation=label == "term+mod"
+                torch.optim.SGD(groups, lr=0.01, momentum=0.9),
+                model,
+                modulation="mod" in label,
+                max_grad_ratio=DEFAULT_MAX_GRAD_RATIO if "bound" in label else None,
             )
         steps[label] = train_step(model, opt, x, y)
     return steps
