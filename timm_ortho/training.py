@@ -1068,6 +1068,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     if bn_loader is not None:
         bn_loader = accelerator.prepare(bn_loader)
+    # Precise BN runs the model without DDP and without torch.compile: its cumulative averages
+    # (momentum=None) would make a compiled model recompile and break its graph.
+    eager_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     set_seed(cfg.seed, device_specific=True)  # per-process randomness (dropout, mixup) from here on
 
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
@@ -1300,7 +1303,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 bn_loader.set_epoch(epoch)
                 evaluation_state.enter_context(
                     precise_bn_for_eval(
-                        accelerator.unwrap_model(model), bn_loader, accelerator, precise_bn, cfg.channels_last
+                        eager_model, bn_loader, accelerator, precise_bn, cfg.channels_last
                     )
                 )
                 if ema is not None:
@@ -1348,7 +1351,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # --- the end ----------------------------------------------------------------------------------
     if bn_loader is not None and samples_seen > 0:  # the returned model carries what was evaluated
-        for module in (accelerator.unwrap_model(model), ema.module if ema is not None else None):
+        for module in (eager_model, ema.module if ema is not None else None):
             if module is not None:
                 bn_loader.set_epoch(epoch)
                 recalibrate_bn(module, bn_loader, accelerator, precise_bn, cfg.channels_last)
