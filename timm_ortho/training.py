@@ -1052,7 +1052,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             f"modulation {_describe_modulation(cfg)}"
         )
     precise_bn = _precise_bn_batches(cfg, model)
-    method += f", precise BN {f'over {precise_bn} batches' if precise_bn else 'off'}"
+    method += f", precise BN {f'over up to {precise_bn} batches' if precise_bn else 'off'}"
     if cfg.torchcompile:
         model = torch.compile(model, backend=cfg.torchcompile)
 
