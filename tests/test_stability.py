@@ -260,3 +260,15 @@ def test_step_bound_on_half_precision_weights_does_not_overflow():
     assert torch.isfinite(w.grad).all() and w.grad.abs().max() > 0
     expected = 0.5 * float(w.detach().float().norm())
     assert float(w.grad.float().norm()) == pytest.approx(expected, rel=5e-3)  # float16 rounding
+
+
+def test_step_bound_lets_a_zero_initialized_layer_start_moving():
+    """||W|| = 0 would allow no step at all; the norm floor (1e-3) lets the layer leave zero."""
+    model = small_net()
+    with torch.no_grad():
+        model[3].weight.zero_()
+    opt = OrthoModulated(torch.optim.SGD(model.parameters(), lr=1.0), model, max_grad_ratio=0.1)
+    loss_of(model, 0).backward()
+    opt.step()
+    moved = float(model[3].weight.detach().norm())
+    assert 0 < moved <= 0.1 * 1e-3 * (1 + 1e-9)

@@ -47,6 +47,7 @@ DEFAULT_ORTHO_DECAY = 1e-5
 # set) for a step 1.5x slower on a GPU, so it is off by default.
 DEFAULT_MODULATION = False
 DEFAULT_MAX_GRAD_RATIO: float | None = 0.01
+_MIN_WEIGHT_NORM = 1e-3
 
 
 class OrthoModulated(Optimizer):
@@ -276,9 +277,9 @@ class OrthoModulated(Optimizer):
     def bound_gradients(self) -> None:
         """Scale target gradients so that ``||grad_l|| <= max_grad_ratio * ||W_l||``; called by step().
 
-        ``factor_l = min(1, ratio * ||W_l|| / ||grad_l||)``, computed for all layers with two foreach
-        norms and one vector expression: no host sync. A zero gradient keeps factor 1; a non-finite
-        one stays non-finite (a GradScaler never lets such a step through).
+        ``factor_l = min(1, ratio * max(||W_l||, 1e-3) / ||grad_l||)``, computed for all layers with
+        two foreach norms and one vector expression: no host sync. A zero gradient keeps factor 1; a
+        non-finite one stays non-finite (a GradScaler never lets such a step through).
         """
         params: list[Tensor] = []
         ratios: list[float] = []
@@ -296,14 +297,15 @@ class OrthoModulated(Optimizer):
         device = grads[0].device
         # Norms accumulated in float32: a half-precision gradient's norm can overflow its own dtype.
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        g_norm = torch.stack(torch._foreach_norm(grads, dtype=dtype)).to(device)
-        w_norm = torch.stack(torch._foreach_norm(params, dtype=dtype)).to(device)
+        g_norm = torch.stack(torch._foreach_norm(grads, dtype=dtype))
+        # A weight norm floor (as in adaptive gradient clipping) lets a zero-initialized layer move.
+        w_norm = torch.stack(torch._foreach_norm(params, dtype=dtype)).clamp_min(_MIN_WEIGHT_NORM)
         if len(set(ratios)) == 1:  # the common case: a Python scalar, no host-to-device copy
             allowed = w_norm * ratios[0]
         else:
             allowed = torch.tensor(ratios, dtype=dtype).to(device, non_blocking=True) * w_norm
+        # A zero gradient divides into inf or a huge number, clamped to 1: left exactly as it is.
         factor = (allowed / g_norm.clamp_min(torch.finfo(dtype).tiny)).clamp(max=1.0)
-        factor = torch.where(g_norm > 0, factor, torch.ones_like(factor))
         torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factor.unbind(), grads, strict=True)])
 
     @torch.no_grad()

@@ -1302,9 +1302,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if bn_loader is not None:  # evaluated (and saved) with precise BN, trained on unchanged
                 bn_loader.set_epoch(epoch)
                 evaluation_state.enter_context(
-                    precise_bn_for_eval(
-                        eager_model, bn_loader, accelerator, precise_bn, cfg.channels_last
-                    )
+                    precise_bn_for_eval(eager_model, bn_loader, accelerator, precise_bn, cfg.channels_last)
                 )
                 if ema is not None:
                     evaluation_state.enter_context(
