@@ -79,9 +79,9 @@ def plan(
 
 def suite_config(model: str, seed: int, steps: int, batch_size: int, overrides: dict[str, Any]) -> RunConfig:
     """One run of the suite's budget: SGD momentum 0.9, lr 0.1, cosine, precise BN over 20 batches."""
+    overrides = {"lr": 0.1, **overrides}
     return RunConfig(
         model=model,
-        lr=0.1,
         steps=steps,
         batch_size=batch_size,
         schedule="cosine",
@@ -120,6 +120,30 @@ def plan_defaults(seeds: list[int], steps: int, batch_size: int) -> list[tuple[s
         ("digits", label, 110, suite_config("plain_cnn110", seed, steps, batch_size, overrides))
         for seed in seeds
         for label, overrides in DEFAULTS_GRID.items()
+    ]
+
+
+# The 1202-layer question: does a smaller step bound let the deepest chain learn at the suite's
+# budget? A bound of ``r`` per layer moves the function by about ``r * sqrt(L)`` to ``r * L`` for ``L``
+# layers stepping in random to aligned directions, so the bound that worked at 110 layers (0.01) is
+# 3 to 10 times too large at 1202. ``reproduce.py deep`` runs these (plain_cnn1202, a GPU).
+DEEP_GRID: dict[str, dict[str, Any]] = {
+    "defaults, bound 0.003": dict(method="default", wrapper=dict(max_grad_ratio=0.003)),
+    "defaults, bound 0.001": dict(method="default", wrapper=dict(max_grad_ratio=0.001)),
+    "defaults, bound 0.0003": dict(method="default", wrapper=dict(max_grad_ratio=0.0003)),
+    "defaults, lr 0.02": dict(method="default", lr=0.02),
+}
+
+
+def plan_deep(
+    seeds: list[int], steps: int, batch_size: int, datasets: list[str]
+) -> list[tuple[str, str, int, RunConfig]]:
+    """The :data:`DEEP_GRID` runs at 1202 layers, every seed of the first data set first."""
+    return [
+        (name, label, 1202, suite_config("plain_cnn1202", seed, steps, batch_size, overrides))
+        for name in datasets
+        for seed in seeds
+        for label, overrides in DEEP_GRID.items()
     ]
 
 
@@ -215,7 +239,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| data | depth | regime | test acc (final BN) | test acc (precise BN) | per seed (precise) | NaN |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = {label: i for i, label in enumerate([*REGIMES, *DEFAULTS_GRID])}
+    order = {label: i for i, label in enumerate([*REGIMES, *DEFAULTS_GRID, *DEEP_GRID])}
     for r in sorted(rows, key=lambda r: (r["dataset"], r["depth"], order[r["regime"]])):
         seeds = " / ".join(f"{v:.3f}" for v in r["acc_precise"])
         lines.append(

@@ -6,6 +6,7 @@
     python scripts/reproduce.py all            # the three, about 30 minutes on a 2-core CPU
     python scripts/reproduce.py depth          # accuracy against depth, ablations (scripts/depth_suite.py)
     python scripts/reproduce.py defaults       # the runs that chose the step bound and modulation defaults
+    python scripts/reproduce.py deep           # plain_cnn1202: the step bound's size at 1202 layers (a GPU)
     python scripts/reproduce.py protocol       # print the commands of the full CIFAR-10 protocol
 
 Options shared by all suites: ``--data-dir`` (a ``cifar-10-batches-py`` folder; default: the
@@ -300,7 +301,17 @@ def main() -> None:
     )
     parser.add_argument(
         "suite",
-        choices=["mechanism", "trainability", "sweep", "all", "protocol", "plot", "depth", "defaults"],
+        choices=[
+            "mechanism",
+            "trainability",
+            "sweep",
+            "all",
+            "protocol",
+            "plot",
+            "depth",
+            "defaults",
+            "deep",
+        ],
     )
     parser.add_argument("--data-dir", default=None, help="cifar-10-batches-py folder (default: synthetic)")
     parser.add_argument("--device", default="auto")
@@ -332,7 +343,7 @@ def main() -> None:
         "--append", action="store_true", help="keep the runs in --out's JSON and run only the missing ones"
     )
     args = parser.parse_args()
-    if args.suite in ("depth", "defaults"):
+    if args.suite in ("depth", "defaults", "deep"):
         run_depth(args)
         return
     if args.suite == "protocol":
@@ -396,6 +407,8 @@ def run_depth(args: argparse.Namespace) -> None:
     if name == "defaults":
         seeds = args.seeds or [0, 1]
         jobs = depth_suite.plan_defaults(seeds, steps, batch)
+    elif name == "deep":
+        jobs = depth_suite.plan_deep(seeds, steps, batch, args.datasets)
     else:
         jobs = depth_suite.plan(args.depths, args.datasets, seeds, steps, batch, args.ablate_depths)
     previous: list[dict[str, Any]] = []
