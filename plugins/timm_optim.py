@@ -1,7 +1,7 @@
 """timm's optimizer factory with the orthonormality term in place of weight decay.
 
-    from timm_ortho.plugins.timm_optim import create_ortho_optimizer
-    opt = create_ortho_optimizer(model, "sgd", lr=0.1, weight_decay=1e-4, ortho_decay=1e-4, modulation=True)
+    from timm_ortho.plugins.timm_optim import create_optimizer
+    opt = create_optimizer(model, "sgd", lr=0.1, weight_decay=1e-4, ortho_decay=1e-4, modulation=True)
 
 is ``timm.optim.create_optimizer_v2(model, "ortho_sgd", ...)``: timm's own parameter groups
 (``no_weight_decay()``, ``layer_decay``, ``param_group_fn``, ``filter_bias_and_bn``), the regularized
@@ -9,6 +9,6 @@ Conv/Linear weights without L2, wrapped in ``OrthoModulated``. The implementatio
 :mod:`timm_ortho.factory`; this module keeps the plug-in's import path.
 """
 
-from timm_ortho.factory import create_ortho_optimizer
+from timm_ortho.factory import create_optimizer, create_ortho_optimizer
 
-__all__ = ["create_ortho_optimizer"]
+__all__ = ["create_optimizer", "create_ortho_optimizer"]

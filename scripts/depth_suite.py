@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from timm_ortho.experiments import RunConfig, load_tensor_data, run
 from timm_ortho.optim import DEFAULT_MODULATION
+from timm_ortho.train.experiments import RunConfig, load_tensor_data, run
 
 # label -> (family, RunConfig overrides). "default" is exactly the user's call on the model's defaults.
 REGIMES: dict[str, tuple[str, dict[str, Any]]] = {

@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timm_ortho.experiments import RunConfig, best_by_loss, load_tensor_data, run_many
+from timm_ortho.train.experiments import RunConfig, best_by_loss, load_tensor_data, run_many
 
 REGIMES = {
     "(a) MSRA + L2": ("plain", "l2"),

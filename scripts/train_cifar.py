@@ -20,7 +20,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timm_ortho.training import main
+from timm_ortho.train.loop import main
 
 if __name__ == "__main__":
     sys.exit(main(preset="cifar"))

@@ -5,7 +5,7 @@
     accelerate launch scripts/train_imagenet.py --data-dir /data/imagenet --model resnet34 --baseline
 
 Without ``--data-dir`` it trains on the embedded synthetic data set. All flags: ``--help``; the guide:
-docs/training.md. The loop itself lives in :mod:`timm_ortho.training`.
+docs/training.md. The loop itself lives in :mod:`timm_ortho.train.loop`.
 """
 
 import sys
@@ -16,7 +16,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timm_ortho.training import main
+from timm_ortho.train.loop import main
 
 if __name__ == "__main__":
     sys.exit(main(preset="imagenet"))

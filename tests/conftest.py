@@ -1,8 +1,86 @@
 """Shared test settings: deterministic, single-threaded-friendly, no network."""
 
-import os
+from __future__ import annotations
 
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# ----------------------------------------------------------------------------------------------
+# data in the real on-disk formats, for the data, training and experiment tests
+# ----------------------------------------------------------------------------------------------
+def _write_cifar(root: Path, per_batch: int = 4, test: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
+    """A tiny ``cifar-10-batches-py`` in the release's format: python-2 style bytes keys, channel-major rows.
+
+    Returns the images (N, 32, 32, 3) and labels of the train and test splits.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
+    with (folder / "batches.meta").open("wb") as f:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}, f)
+    out: dict[str, list[np.ndarray]] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
+    for name, n, split in [
+        *[(f"data_batch_{i}", per_batch, "train") for i in range(1, 6)],
+        ("test_batch", test, "test"),
+    ]:
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        rows = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # R plane, G plane, B plane
+        with (folder / name).open("wb") as f:
+            pickle.dump(
+                {b"batch_label": name.encode(), b"labels": labels, b"data": rows, b"filenames": []}, f
+            )
+        out[f"{split}_x"].append(images)
+        out[f"{split}_y"].append(np.asarray(labels))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _write_image_folder(
+    root: Path, classes=("cat", "dog", "emu"), per_class: int = 3, size: int = 20
+) -> Path:
+    """``root/train/<class>/*.png|jpg`` and ``root/val/<class>/*``: a tiny ImageNet-layout tree."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "val"):
+        for ci, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+                pixels[..., ci % 3] = 255  # a class-coloured channel
+                ext = "png" if i % 2 == 0 else "jpg"
+                Image.fromarray(pixels).save(d / f"{split}_{name}_{i}.{ext}")
+    return root
+
+
+@pytest.fixture
+def write_cifar():
+    """``write_cifar(root, per_batch=4, test=6, seed=0)``: a tiny CIFAR-10 release under ``root``."""
+    return _write_cifar
+
+
+@pytest.fixture
+def write_image_folder():
+    """``write_image_folder(root, classes=..., per_class=3, size=20)``: a tiny ImageFolder tree."""
+    return _write_image_folder

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pickle
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from timm_ortho.data import (
+from timm_ortho.train.data import (
     CIFAR_LAYOUT,
     Cifar10,
     DataConfig,
@@ -24,63 +23,6 @@ from timm_ortho.data import (
     build_transforms,
     detect_dataset,
 )
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers that write data in the real on-disk formats
-# ----------------------------------------------------------------------------------------------
-def write_cifar(root: Path, per_batch: int = 4, test: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
-    """A tiny ``cifar-10-batches-py`` in the release's format: python-2 style bytes keys, channel-major rows.
-
-    Returns the images (N, 32, 32, 3) and labels of the train and test splits.
-    """
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    names = [
-        b"airplane",
-        b"automobile",
-        b"bird",
-        b"cat",
-        b"deer",
-        b"dog",
-        b"frog",
-        b"horse",
-        b"ship",
-        b"truck",
-    ]
-    with (folder / "batches.meta").open("wb") as f:
-        pickle.dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}, f)
-    out: dict[str, list[np.ndarray]] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
-    for name, n, split in [
-        *[(f"data_batch_{i}", per_batch, "train") for i in range(1, 6)],
-        ("test_batch", test, "test"),
-    ]:
-        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).tolist()
-        rows = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # R plane, G plane, B plane
-        with (folder / name).open("wb") as f:
-            pickle.dump(
-                {b"batch_label": name.encode(), b"labels": labels, b"data": rows, b"filenames": []}, f
-            )
-        out[f"{split}_x"].append(images)
-        out[f"{split}_y"].append(np.asarray(labels))
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def write_image_folder(root: Path, classes=("cat", "dog", "emu"), per_class: int = 3, size: int = 20) -> Path:
-    """``root/train/<class>/*.png|jpg`` and ``root/val/<class>/*``: a tiny ImageNet-layout tree."""
-    rng = np.random.default_rng(1)
-    for split in ("train", "val"):
-        for ci, name in enumerate(classes):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
-                pixels[..., ci % 3] = 255  # a class-coloured channel
-                ext = "png" if i % 2 == 0 else "jpg"
-                Image.fromarray(pixels).save(d / f"{split}_{name}_{i}.{ext}")
-    return root
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +76,7 @@ def test_synthetic_is_learnable_by_an_independent_linear_classifier():
 # ----------------------------------------------------------------------------------------------
 # CIFAR-10 pickles
 # ----------------------------------------------------------------------------------------------
-def test_cifar_reads_the_release_format(tmp_path):
+def test_cifar_reads_the_release_format(tmp_path, write_cifar):
     truth = write_cifar(tmp_path)
     for root in (tmp_path, tmp_path / "cifar-10-batches-py"):  # the parent or the folder itself
         train, test = Cifar10(root, train=True), Cifar10(root, train=False)
@@ -150,7 +92,7 @@ def test_cifar_reads_the_release_format(tmp_path):
     assert ds.kind == "cifar10" and ds.num_classes == 10 and ds.native_size == 32
 
 
-def test_cifar_errors_name_the_path_and_layout(tmp_path):
+def test_cifar_errors_name_the_path_and_layout(tmp_path, write_cifar):
     with pytest.raises(DataError) as e:
         Cifar10(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(e.value) and "data_batch_1" in str(e.value)
@@ -177,7 +119,7 @@ def test_cifar_errors_name_the_path_and_layout(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # ImageFolder
 # ----------------------------------------------------------------------------------------------
-def test_image_folder_through_timm(tmp_path):
+def test_image_folder_through_timm(tmp_path, write_image_folder):
     write_image_folder(tmp_path)
     assert detect_dataset(tmp_path) == "imagefolder"
     cfg = DataConfig(data_dir=str(tmp_path), img_size=16, aa="rand-m9-mstd0.5", reprob=0.5)
@@ -190,7 +132,7 @@ def test_image_folder_through_timm(tmp_path):
     assert train_tf(image).shape == (3, 16, 16) and eval_tf(image).shape == (3, 16, 16)
 
 
-def test_image_folder_errors_name_the_path_and_layout(tmp_path):
+def test_image_folder_errors_name_the_path_and_layout(tmp_path, write_image_folder):
     with pytest.raises(DataError) as e:
         build_datasets(DataConfig(data_dir=str(tmp_path / "missing")))
     assert str(tmp_path / "missing") in str(e.value) and "<data-dir>/train/<class name>" in str(e.value)

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from test_data import write_cifar
 
-from timm_ortho.experiments import RunConfig, best_by_loss, load_tensor_data, run, run_many
+from timm_ortho.train.experiments import RunConfig, best_by_loss, load_tensor_data, run, run_many
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def test_synthetic_tensors_are_normalized_and_contiguous(data):
     assert "synthetic" in data.source and data.num_classes == 10
 
 
-def test_cifar_tensors_from_the_release_format(tmp_path):
+def test_cifar_tensors_from_the_release_format(tmp_path, write_cifar):
     write_cifar(tmp_path)
     loaded = load_tensor_data(tmp_path, img_size=8, n_train=10, n_val=4)
     assert loaded.x_train.shape == (10, 3, 8, 8) and loaded.y_val.shape == (4,)

@@ -29,10 +29,9 @@ from timm.models import FeatureInfo, group_parameters
 from torch import nn
 
 from timm_ortho import find_targets, orthonormality_penalty
+from timm_ortho.constants import CIFAR10_MEAN, CIFAR10_STD
 from timm_ortho.models import plain_cnn
 from timm_ortho.models.plain_cnn import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
     BasicBlock,
     CifarResNet,
     PadShortcut,
@@ -709,9 +708,11 @@ def test_batched_orthonormal_init_draws_each_layer_independently(monkeypatch, ch
 
 
 def test_cifar_statistics_agree_with_the_data_module():
-    from timm_ortho import data
+    from timm_ortho.train import data
 
     assert (CIFAR10_MEAN, CIFAR10_STD) == (data.CIFAR10_MEAN, data.CIFAR10_STD)
+    cfg = timm.create_model("plain_cnn20").pretrained_cfg
+    assert (tuple(cfg["mean"]), tuple(cfg["std"])) == (CIFAR10_MEAN, CIFAR10_STD)
 
 
 def test_bad_layouts_are_clear_errors():

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from timm_ortho.modulation import ErrorModulation, ModulationStats, scale_factor, simulate_chain
-from timm_ortho.plots import plot_error_moments, plot_ratio_history
+from timm_ortho.train.plots import plot_error_moments, plot_ratio_history
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import write_cifar, write_image_folder
 
-from timm_ortho.checkpoint import (
+from timm_ortho.train.checkpoint import (
     MARKER,
     CheckpointManager,
     latest_checkpoint,
     list_checkpoints,
     resolve_resume,
 )
-from timm_ortho.training import (
+from timm_ortho.train.loop import (
     CIFAR_PROTOCOL,
     TrainConfig,
     _build_schedule,
@@ -130,7 +129,7 @@ def test_synthetic_end_to_end(tmp_path):
         assert any(run.rglob("events.out.tfevents.*"))
 
 
-def test_image_folder_run_with_timm_augmentation(tmp_path):
+def test_image_folder_run_with_timm_augmentation(tmp_path, write_image_folder):
     write_image_folder(tmp_path / "data", per_class=4)
     cfg = tiny(
         tmp_path,
@@ -149,7 +148,7 @@ def test_image_folder_run_with_timm_augmentation(tmp_path):
     assert result.summary["ema_eval"] is not None
 
 
-def test_cifar_protocol_on_a_pickle_directory(tmp_path):
+def test_cifar_protocol_on_a_pickle_directory(tmp_path, write_cifar):
     write_cifar(tmp_path / "data", per_batch=4)
     args = build_parser("cifar").parse_args(
         [
@@ -222,7 +221,7 @@ def test_baseline_uses_l2_and_the_method_does_not(tmp_path):
 
 
 def test_bf16_on_cpu(tmp_path, monkeypatch):
-    import timm_ortho.training as training
+    import timm_ortho.train.loop as training
 
     dtypes: list[torch.dtype] = []
     create = training._create_model
@@ -512,7 +511,7 @@ def test_a_short_run_learns_the_synthetic_set(tmp_path):
 
 
 def test_drop_path_on_a_plain_net_is_a_clear_config_error():
-    from timm_ortho.training import ConfigError, TrainConfig, _create_model
+    from timm_ortho.train.loop import ConfigError, TrainConfig, _create_model
 
     with pytest.raises(ConfigError, match="drop-path"):
         _create_model(TrainConfig(model="plain_cnn20", drop_path=0.1), num_classes=10)

@@ -6,7 +6,7 @@ and an ``ortho_<name>`` optimizer for every optimizer of timm's factory
 """
 
 from . import models  # noqa: F401  (registers the architectures with timm)
-from .factory import create_ortho_optimizer, register_timm_optimizers
+from .factory import create_optimizer, create_ortho_optimizer, register_timm_optimizers
 from .optim import OrthoModulated, param_groups_for_ortho
 from .ortho import mean_abs_cosine, orthonormal_, orthonormality_grad, orthonormality_penalty
 from .precise_bn import recompute_bn_statistics
@@ -20,6 +20,7 @@ register_timm_optimizers()
 __all__ = [
     "FilterBank",
     "OrthoModulated",
+    "create_optimizer",
     "create_ortho_optimizer",
     "find_targets",
     "mean_abs_cosine",

@@ -2,7 +2,8 @@
 
 Two ways in, one implementation:
 
-* ``create_ortho_optimizer(model, "adamw", lr=..., weight_decay=..., ortho_decay=...)``;
+* ``create_optimizer(model, "adamw", lr=..., weight_decay=..., ortho_decay=...)``, the one place in
+  this project that builds the wrapped optimizer;
 * ``timm.optim.create_optimizer_v2(model, "ortho_adamw", ..., ortho_decay=...)``, and therefore
   timm's ``train.py --opt ortho_adamw --opt-kwargs ortho_decay=1e-4 modulation=True``: importing
   :mod:`timm_ortho` registers an ``ortho_<name>`` entry for every optimizer in timm's registry
@@ -32,7 +33,13 @@ from torch.optim import Optimizer
 
 from .optim import DEFAULT_MAX_GRAD_RATIO, DEFAULT_MODULATION, DEFAULT_ORTHO_DECAY, OrthoModulated
 
-__all__ = ["ORTHO_OPTIONS", "ORTHO_PREFIX", "create_ortho_optimizer", "register_timm_optimizers"]
+__all__ = [
+    "ORTHO_OPTIONS",
+    "ORTHO_PREFIX",
+    "create_optimizer",
+    "create_ortho_optimizer",
+    "register_timm_optimizers",
+]
 
 _log = logging.getLogger("timm_ortho")
 
@@ -50,6 +57,7 @@ ORTHO_OPTIONS = (
     "skip_stem",
     "skip_classifier",
     "include_depthwise",
+    "targets",
 )
 
 _SPLIT_WARNING = "OrthoModulated: the orthonormality term replaces weight decay"
@@ -101,7 +109,7 @@ def _wrap(base: Optimizer, model: nn.Module, name: str, options: dict[str, Any])
     return wrapped
 
 
-def create_ortho_optimizer(
+def create_optimizer(
     model: nn.Module,
     opt: str = "sgd",
     lr: float | None = None,
@@ -124,15 +132,15 @@ def create_ortho_optimizer(
         lr, weight_decay, momentum: as in ``create_optimizer_v2``. ``weight_decay`` reaches only the
             parameters timm decays that are not targets (e.g. a ViT's position embedding).
         ortho_decay, modulation, max_grad_ratio, form: see :class:`~timm_ortho.OrthoModulated`.
-        target_kwargs: ``include``, ``exclude``, ``skip_stem``, ... (see :func:`~timm_ortho.find_targets`)
-            and ``weight_decay_policy``.
+        target_kwargs: ``include``, ``exclude``, ``skip_stem``, ... (see :func:`~timm_ortho.find_targets`),
+            or ``targets`` (an already-found list), and ``weight_decay_policy``.
         **timm_kwargs: everything else ``create_optimizer_v2`` takes (``layer_decay``,
             ``param_group_fn``, ``filter_bias_and_bn``, ``foreach``, ``betas``, ``eps``, ...).
     """
     from timm.optim import create_optimizer_v2
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"create_ortho_optimizer needs the model (an nn.Module), got {type(model).__name__}")
+        raise TypeError(f"create_optimizer needs the model (an nn.Module), got {type(model).__name__}")
     name = _base_name(opt)
     base = create_optimizer_v2(
         model, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum, **timm_kwargs
@@ -145,6 +153,9 @@ def create_ortho_optimizer(
         **(target_kwargs or {}),
     }
     return _wrap(base, model, ORTHO_PREFIX + name, options)
+
+
+create_ortho_optimizer = create_optimizer  # the name of releases before 0.2
 
 
 def _ortho_aware(create: Callable[..., Optimizer]) -> Callable[..., Optimizer]:

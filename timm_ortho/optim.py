@@ -66,6 +66,8 @@ class OrthoModulated(Optimizer):
             into sibling param groups with ``weight_decay=0`` and warns; ``"error"`` raises instead.
         include, exclude, skip_stem, skip_classifier, include_depthwise: which weights are targets,
             see :func:`~timm_ortho.targets.find_targets`.
+        targets: the :class:`~timm_ortho.targets.FilterBank` list, when the caller has already found
+            it (so that the model is walked once); then the selection options above must stay unset.
         modulation: ``False`` (default), ``True``, a dict of
             :class:`~timm_ortho.modulation.ErrorModulation` options, or an ``ErrorModulation``.
         max_grad_ratio: the step bound. Inside ``step()``, after the orthonormality term is added,
@@ -94,6 +96,7 @@ class OrthoModulated(Optimizer):
         include_depthwise: bool = False,
         modulation: bool | dict[str, Any] | Any = DEFAULT_MODULATION,
         max_grad_ratio: float | None = DEFAULT_MAX_GRAD_RATIO,
+        targets: Sequence[FilterBank] | None = None,
     ) -> None:
         # super().__init__() is not called on purpose: params, groups and state stay the base's.
         if isinstance(optimizer, OrthoModulated):
@@ -122,14 +125,20 @@ class OrthoModulated(Optimizer):
         self._patch_step_function()
         self.base_optimizer = optimizer
 
-        found = find_targets(
-            model,
-            include=include,
-            exclude=exclude,
-            skip_stem=skip_stem,
-            skip_classifier=skip_classifier,
-            include_depthwise=include_depthwise,
+        selection = dict(
+            include=include, exclude=exclude, skip_stem=skip_stem, skip_classifier=skip_classifier
         )
+        if targets is not None:
+            chosen = sorted(k for k, v in selection.items() if v) + (
+                ["include_depthwise"] * include_depthwise
+            )
+            if chosen:
+                raise ValueError(
+                    f"pass either targets or the options that find them ({', '.join(chosen)}), not both"
+                )
+            found = list(targets)
+        else:
+            found = find_targets(model, **selection, include_depthwise=include_depthwise)
         self.targets: list[FilterBank] = [t for t in found if t.param.requires_grad]
         if not self.targets:
             raise ValueError(

@@ -46,12 +46,11 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
+from ..constants import CIFAR10_MEAN, CIFAR10_STD
 from ..ortho import orthonormal_
 from ..shaping import tat_leaky_relu
 
 __all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
     "INIT_SCHEMES",
     "TAT_ACT",
     "BasicBlock",
@@ -64,10 +63,6 @@ __all__ = [
     "init_layer_",
     "resolve_act_layer",
 ]
-
-# Per-channel statistics of the 50k CIFAR-10 training images, pixels scaled to [0, 1].
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 TAT_ACT = "leaky_relu_tat"
 """``act_layer`` name of the depth-shaped leaky ReLU (its slope: :mod:`timm_ortho.shaping`)."""

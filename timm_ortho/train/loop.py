@@ -12,13 +12,13 @@ decay, no modulation). Everything else is shared and built on Hugging Face Accel
   ``accelerator.prepare`` so that the regularizer sees unscaled gradients once per update;
 - a timm LR schedule stepped per update with ``step_update`` (kept out of ``prepare``, registered for
   checkpointing), optional SyncBatchNorm (timm's converter), ``torch.compile`` and ``ModelEmaV3``;
-- rotating, crash-safe checkpoints (:mod:`timm_ortho.checkpoint`) and an exact ``--resume``;
+- rotating, crash-safe checkpoints (:mod:`timm_ortho.train.checkpoint`) and an exact ``--resume``;
 - evaluation each epoch (top-1, top-5, loss via ``gather_for_metrics``), a JSON-lines metrics file,
   Accelerate trackers when installed, the method's per-layer statistics every ``--log-interval``
   updates, a PNG of the per-layer error moments and a summary at the end.
 
 Exact resume: the data order and each sample's augmentation depend only on ``(seed, epoch, index)``
-(see :mod:`timm_ortho.data`), the loader draws nothing from the global RNG, and the checkpoint holds
+(see :mod:`timm_ortho.train.data`), the loader draws nothing from the global RNG, and the checkpoint holds
 the model, the optimizer (with its ``ortho_decay`` / ``ortho_step`` fields that drive the modulation
 schedule), the GradScaler, the LR schedule, the EMA weights, each process's RNG states and the
 position in the epoch, which ``skip_first_batches`` restores. On a CPU the resumed run ends with
@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..optim import DEFAULT_MAX_GRAD_RATIO, DEFAULT_ORTHO_DECAY
+from ..precise_bn import bn_layers, recompute_bn_statistics
 from .checkpoint import MARKER, CheckpointManager, list_checkpoints, resolve_resume
 from .data import (
     AugmentKind,
@@ -56,8 +58,6 @@ from .data import (
     build_loader,
     build_transforms,
 )
-from .optim import DEFAULT_MAX_GRAD_RATIO, DEFAULT_ORTHO_DECAY
-from .precise_bn import bn_layers, recompute_bn_statistics
 
 __all__ = [
     "ConfigError",
@@ -606,8 +606,8 @@ def _create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
     """The model and a description of its initialization."""
     import timm
 
-    from .ortho import orthonormal_
-    from .targets import find_targets
+    from ..ortho import orthonormal_
+    from ..targets import find_targets
 
     kwargs: dict[str, Any] = {"num_classes": num_classes, **cfg.model_kwargs}
     if cfg.drop is not None:
@@ -768,7 +768,7 @@ def evaluate(
 
 def _precise_bn_batches(cfg: TrainConfig, model: nn.Module) -> int:
     """``cfg.precise_bn``, or its default: on for plain nets (no shortcut), off for other models."""
-    from .models.plain_cnn import PlainCnn
+    from ..models.plain_cnn import PlainCnn
 
     if cfg.precise_bn is not None:
         return cfg.precise_bn
@@ -906,11 +906,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     from timm.utils import ModelEmaV3
     from tqdm.auto import tqdm
 
-    from .diagnostics import filter_correlation, layer_penalties
-    from .factory import create_ortho_optimizer
-    from .modulation import ErrorModulation
-    from .optim import OrthoModulated
-    from .targets import find_targets
+    from ..diagnostics import filter_correlation, layer_penalties
+    from ..factory import create_ortho_optimizer
+    from ..modulation import ErrorModulation
+    from ..optim import OrthoModulated
+    from ..targets import find_targets
 
     _validate(cfg)
     t_start = time.perf_counter()

@@ -19,7 +19,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .modulation import ModulationStats
+from ..modulation import ModulationStats
 
 __all__ = ["plot_error_moments", "plot_ratio_history"]
 

@@ -38,7 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 # One definition of the CIFAR-10 statistics: the models' pretrained_cfg and the data pipeline agree.
-from .models.plain_cnn import CIFAR10_MEAN, CIFAR10_STD
+from ..constants import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = [
     "CIFAR10_MEAN",

@@ -34,10 +34,10 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from .diagnostics import filter_correlation
-from .modulation import ErrorModulation
-from .optim import DEFAULT_ORTHO_DECAY, OrthoModulated, param_groups_for_ortho
-from .precise_bn import recompute_bn_statistics
+from ..diagnostics import filter_correlation
+from ..modulation import ErrorModulation
+from ..optim import DEFAULT_ORTHO_DECAY, OrthoModulated, param_groups_for_ortho
+from ..precise_bn import recompute_bn_statistics
 
 __all__ = ["RunConfig", "TensorData", "best_by_loss", "load_tensor_data", "run", "run_many"]
 
