@@ -19,27 +19,18 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # data in the real on-disk formats, for the data, training and experiment tests
 # ----------------------------------------------------------------------------------------------
 def _write_cifar(root: Path, per_batch: int = 4, test: int = 6, seed: int = 0) -> dict[str, np.ndarray]:
-    """A tiny ``cifar-10-batches-py`` in the release's format: python-2 style bytes keys, channel-major rows.
+    """A tiny ``cifar-10-batches-py`` in the release's format: channel-major rows, str keys and names.
 
-    Returns the images (N, 32, 32, 3) and labels of the train and test splits.
+    The release's python-2 pickles load with str keys under ``encoding="latin1"`` (what torchvision
+    uses), so str keys here read the same way. Returns the images (N, 32, 32, 3) and labels of the
+    train and test splits.
     """
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    names = [
-        b"airplane",
-        b"automobile",
-        b"bird",
-        b"cat",
-        b"deer",
-        b"dog",
-        b"frog",
-        b"horse",
-        b"ship",
-        b"truck",
-    ]
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     with (folder / "batches.meta").open("wb") as f:
-        pickle.dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}, f)
+        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
     out: dict[str, list[np.ndarray]] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
     for name, n, split in [
         *[(f"data_batch_{i}", per_batch, "train") for i in range(1, 6)],
@@ -49,9 +40,7 @@ def _write_cifar(root: Path, per_batch: int = 4, test: int = 6, seed: int = 0) -
         labels = rng.integers(0, 10, n).tolist()
         rows = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # R plane, G plane, B plane
         with (folder / name).open("wb") as f:
-            pickle.dump(
-                {b"batch_label": name.encode(), b"labels": labels, b"data": rows, b"filenames": []}, f
-            )
+            pickle.dump({"batch_label": name, "labels": labels, "data": rows, "filenames": []}, f)
         out[f"{split}_x"].append(images)
         out[f"{split}_y"].append(np.asarray(labels))
     return {k: np.concatenate(v) for k, v in out.items()}

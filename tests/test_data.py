@@ -90,6 +90,10 @@ def test_cifar_reads_the_release_format(tmp_path, write_cifar):
     assert detect_dataset(tmp_path) == "cifar10"
     ds = build_datasets(DataConfig(data_dir=str(tmp_path), img_size=32))
     assert ds.kind == "cifar10" and ds.num_classes == 10 and ds.native_size == 32
+    # The batch files in a folder of another name (torchvision alone wants cifar-10-batches-py).
+    renamed = (tmp_path / "cifar-10-batches-py").rename(tmp_path / "my_cifar")
+    assert np.array_equal(np.asarray(Cifar10(renamed, train=False)[5][0]), truth["test_x"][5])
+    assert detect_dataset(renamed) == "cifar10"
 
 
 def test_cifar_errors_name_the_path_and_layout(tmp_path, write_cifar):
@@ -106,9 +110,18 @@ def test_cifar_errors_name_the_path_and_layout(tmp_path, write_cifar):
         Cifar10(tmp_path)
 
     with (folder / "test_batch").open("wb") as f:
-        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
+        pickle.dump({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, f)
     with pytest.raises(DataError, match=r"\[N, 3072\]"):
         Cifar10(tmp_path, train=False)
+    with (folder / "test_batch").open("wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1, 2]}, f)
+    with pytest.raises(DataError, match="2 images but 3 labels"):
+        Cifar10(tmp_path, train=False)
+    with (folder / "test_batch").open("wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "targets": [0, 1]}, f)
+    with pytest.raises(DataError) as e:
+        Cifar10(tmp_path, train=False)
+    assert "no 'labels' entry" in str(e.value) and str(folder / "test_batch") in str(e.value)
 
     (folder / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(DataError) as e:

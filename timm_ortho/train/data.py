@@ -7,7 +7,8 @@ applied on top):
   read and augmented through timm's data pipeline (``timm.data.create_transform``: random resized
   crop, flips, colour jitter, RandAugment via ``auto_augment``, random erasing);
 - CIFAR-10 from a local ``cifar-10-batches-py`` directory (the python pickle release: ``data_batch_1``
-  .. ``data_batch_5``, ``test_batch``, ``batches.meta``); nothing is downloaded;
+  .. ``data_batch_5``, ``test_batch``, ``batches.meta``), read by ``torchvision.datasets.CIFAR10``;
+  nothing is downloaded;
 - an embedded synthetic set, :class:`SyntheticImages`: procedurally generated, deterministic from a
   seed, learnable (each class has its own oriented grating, colours and blob), at any image size and
   number of classes. It is what the scripts train on when no data directory is given, so that every
@@ -25,17 +26,17 @@ that was expected.
 from __future__ import annotations
 
 import contextlib
-import pickle
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import CIFAR10
 
 # One definition of the CIFAR-10 statistics: the models' pretrained_cfg and the data pipeline agree.
 from ..constants import CIFAR10_MEAN, CIFAR10_STD
@@ -69,7 +70,7 @@ IMAGEFOLDER_LAYOUT = """\
 CIFAR_LAYOUT = """\
   <data-dir>/cifar-10-batches-py/   (or <data-dir> itself), the CIFAR-10 python version:
       data_batch_1 ... data_batch_5, test_batch, batches.meta
-  (pickled dicts with b'data' uint8 [N, 3072] and b'labels'; from cifar-10-python.tar.gz)"""
+  (pickled dicts with 'data' uint8 [N, 3072] and 'labels'; from cifar-10-python.tar.gz)"""
 
 _CIFAR_DIRNAME = "cifar-10-batches-py"
 _CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -215,7 +216,7 @@ class SyntheticImages(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# CIFAR-10 from the python pickle release
+# CIFAR-10 from the python pickle release, read by torchvision
 # ----------------------------------------------------------------------------------------------
 def _cifar_dir(root: Path) -> Path:
     """The directory that holds the batch files: ``root`` itself or ``root/cifar-10-batches-py``."""
@@ -224,76 +225,55 @@ def _cifar_dir(root: Path) -> Path:
     return root
 
 
-def _load_pickle(path: Path) -> dict[Any, Any]:
-    try:
-        with path.open("rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except Exception as e:  # a truncated or foreign file: say which and what was expected
-        raise DataError(f"cannot read CIFAR-10 batch {path} ({e}). Expected layout:\n{CIFAR_LAYOUT}") from e
+class Cifar10(CIFAR10):
+    """``torchvision.datasets.CIFAR10`` on a local copy; samples are ``(PIL image, label)``.
 
+    ``root`` is the folder of the batch files or its parent (torchvision accepts the parent only,
+    and only under the release's folder name). Nothing is downloaded. A missing or unreadable copy
+    raises :class:`DataError` naming the path and the expected layout, not torchvision's
+    "Dataset not found or corrupted".
+    """
 
-def _decode_key(d: dict[Any, Any], key: str) -> Any:
-    # The release was pickled by python 2: keys are bytes when loaded with encoding="bytes".
-    if key.encode() in d:
-        return d[key.encode()]
-    if key in d:
-        return d[key]
-    raise KeyError(key)
-
-
-class Cifar10(Dataset):
-    """CIFAR-10 read from the local python pickle release; samples are ``(PIL image, label)``."""
+    # Presence, not the release's MD5 sums, as this reader has always checked: a copy re-packed in
+    # the release's format is accepted, and no 180 MB are hashed at every start.
+    train_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in CIFAR10.train_list]
+    test_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in CIFAR10.test_list]
+    meta: ClassVar[dict[str, str | None]] = {**CIFAR10.meta, "md5": None}
 
     def __init__(self, root: str | Path, train: bool = True):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DataError(f"CIFAR-10 directory {root} does not exist. Expected layout:\n{CIFAR_LAYOUT}")
         folder = _cifar_dir(root)
-        names = (*_CIFAR_TRAIN, _CIFAR_TEST, _CIFAR_META)
-        missing = [n for n in names if not (folder / n).is_file()]
+        missing = [n for n in (*_CIFAR_TRAIN, _CIFAR_TEST, _CIFAR_META) if not (folder / n).is_file()]
         if missing:
             raise DataError(
                 f"{folder} is not a CIFAR-10 pickle directory: missing {', '.join(missing)}. "
                 f"Expected layout:\n{CIFAR_LAYOUT}"
             )
-        meta = _load_pickle(folder / _CIFAR_META)
+        self.base_folder = folder.name  # the batch files may sit in a folder of any name
+        files = ", ".join(
+            str(folder / n) for n in (*(_CIFAR_TRAIN if train else (_CIFAR_TEST,)), _CIFAR_META)
+        )
         try:
-            self.classes = [
-                n.decode() if isinstance(n, bytes) else str(n) for n in _decode_key(meta, "label_names")
-            ]
-        except KeyError as e:
+            super().__init__(folder.parent, train=train, download=False)
+        except KeyError as e:  # torchvision looks for CIFAR-100's 'fine_labels' when 'labels' is absent
+            key = "labels" if e.args[0] == "fine_labels" else e.args[0]
+            raise DataError(f"{files}: no {key!r} entry. Expected layout:\n{CIFAR_LAYOUT}") from e
+        except ValueError as e:  # numpy cannot reshape the rows into images
             raise DataError(
-                f"{folder / _CIFAR_META} has no 'label_names'. Expected layout:\n{CIFAR_LAYOUT}"
+                f"{files}: the data are not [N, 3072] uint8 rows ({e}). Expected layout:\n{CIFAR_LAYOUT}"
             ) from e
-        images, labels = [], []
-        for name in _CIFAR_TRAIN if train else (_CIFAR_TEST,):
-            batch = _load_pickle(folder / name)
-            try:
-                data = np.asarray(_decode_key(batch, "data"), dtype=np.uint8)
-                lab = np.asarray(_decode_key(batch, "labels"), dtype=np.int64)
-            except KeyError as e:
-                raise DataError(
-                    f"{folder / name} lacks {e.args[0]!r}. Expected layout:\n{CIFAR_LAYOUT}"
-                ) from e
-            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(lab) != len(data):
-                raise DataError(
-                    f"{folder / name}: data has shape {data.shape} and {len(lab)} labels, expected "
-                    f"[N, 3072] uint8 and N labels. Expected layout:\n{CIFAR_LAYOUT}"
-                )
-            images.append(data)
-            labels.append(lab)
-        # Rows are channel-major (1024 red, 1024 green, 1024 blue); PIL wants height, width, channel.
-        self.data = np.concatenate(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
-        self.targets = np.concatenate(labels).tolist()
+        except Exception as e:  # a truncated or foreign file
+            raise DataError(f"cannot read {files} ({e}). Expected layout:\n{CIFAR_LAYOUT}") from e
+        if len(self.data) != len(self.targets):
+            raise DataError(
+                f"{files}: {len(self.data)} images but {len(self.targets)} labels, expected [N, 3072] "
+                f"uint8 rows and N labels. Expected layout:\n{CIFAR_LAYOUT}"
+            )
         if self.targets and not 0 <= min(self.targets) <= max(self.targets) < len(self.classes):
             raise DataError(f"{folder}: labels outside 0..{len(self.classes) - 1} of batches.meta")
-        self.root = folder
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.data[index]), self.targets[index]
+        self.folder = folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +343,7 @@ def build_datasets(cfg: DataConfig) -> Datasets:
     elif kind == "cifar10":
         train, val = Cifar10(cfg.data_dir, train=True), Cifar10(cfg.data_dir, train=False)
         classes = train.classes
-        description = f"CIFAR-10 from {train.root}: {len(train)} train / {len(val)} test images"
+        description = f"CIFAR-10 from {train.folder}: {len(train)} train / {len(val)} test images"
         mean, std = CIFAR10_MEAN, CIFAR10_STD
         native = 32
     elif kind == "imagefolder":
@@ -520,6 +500,14 @@ class EpochShuffleSampler(Sampler[int]):
     Accelerate shards the batches of this sampler across processes; because every process draws
     the same permutation, the shards are disjoint. ``shuffle=False`` gives ``0..n-1``.
     """
+
+    # Why not Accelerate's seedable sampler (DataLoaderConfiguration(use_seedable_sampler=True,
+    # data_seed=...))? It keys the order by one data_seed per Accelerator, while a run draws two
+    # independent orders (training, and the precise-BN recalibration with seed + 1); it seeds
+    # epoch e with data_seed + e, so seed s at epoch 1 repeats seed s + 1 at epoch 0 and the runs
+    # of a seed sweep share their orders, shifted by an epoch; and it exists only once the loader has
+    # gone through accelerator.prepare, so a loader from build_loader (tests, single-process use)
+    # would not be keyed by (seed, epoch) at all. This sampler keeps all three properties.
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
         self.n, self.seed, self.shuffle = n, seed, shuffle
