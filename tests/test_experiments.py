@@ -77,3 +77,34 @@ def test_the_default_regime_is_the_users_call_and_precise_bn_is_reported(data):
     assert DEFAULT_MAX_GRAD_RATIO is not None  # the default recipe bounds the step
     ablated = RunConfig(**{**cfg.__dict__, "wrapper": {"max_grad_ratio": None}, "act_layer": "relu"})
     assert run(ablated, data)["final"]["train_loss"] != final["train_loss"]
+
+
+def test_the_factory_builds_exactly_the_users_literal_call():
+    """``"default"`` goes through create_optimizer (timm's "momentum"), yet steps bit for bit like
+    ``OrthoModulated(torch.optim.SGD(model.parameters(), lr, momentum=0.9), model)``."""
+    import timm
+
+    from timm_ortho import OrthoModulated
+    from timm_ortho.train.experiments import _optimizer
+
+    def train(make):
+        torch.manual_seed(0)
+        model = timm.create_model("plain_cnn20", num_classes=3)
+        opt = make(model)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return model, opt
+
+    cfg = RunConfig(model="plain_cnn20", method="default", lr=0.1)
+    factory, f_opt = train(lambda m: _optimizer(cfg, m))
+    literal, l_opt = train(lambda m: OrthoModulated(torch.optim.SGD(m.parameters(), 0.1, momentum=0.9), m))
+    assert isinstance(f_opt, OrthoModulated) and type(f_opt.base_optimizer) is torch.optim.SGD
+    assert len(f_opt.param_groups) == len(l_opt.param_groups) == 1
+    for (name, a), b in zip(factory.state_dict().items(), literal.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for p, q in zip(factory.parameters(), literal.parameters(), strict=True):
+        assert torch.equal(f_opt.state[p]["momentum_buffer"], l_opt.state[q]["momentum_buffer"])

@@ -18,7 +18,13 @@ Every ``record_every`` steps it records the training loss, the mean absolute cos
 (averaged over layers, the paper's Fig. 2) and the bottom/top ratio of the error's second moment
 (Fig. 3, measured on the same backward that produces the update). Runs of the same seed see the
 same batches in the same order and start from the same RNG state, so differences come from the
-regime alone. The loop is deliberately plain (no Accelerate): it is for measuring, on one device.
+regime alone.
+
+This is a second, light training loop beside the trainer (:mod:`timm_ortho.train.loop`): it holds
+the data in memory as tensors and uses no Accelerate, no data loader and no checkpoints, because
+``scripts/reproduce.py`` and ``scripts/depth_suite.py`` run thousands of tiny runs with it, on one
+device, where the trainer's start-up would cost more than the run. Its optimizers come from the same
+factory as the trainer's (:func:`timm_ortho.create_optimizer`).
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from ..diagnostics import filter_correlation
+from ..factory import create_optimizer
 from ..modulation import ErrorModulation
-from ..optim import DEFAULT_ORTHO_DECAY, OrthoModulated, param_groups_for_ortho
+from ..optim import DEFAULT_ORTHO_DECAY
 from ..precise_bn import recompute_bn_statistics
 
 __all__ = ["RunConfig", "TensorData", "best_by_loss", "load_tensor_data", "run", "run_many"]
@@ -154,10 +161,8 @@ def load_tensor_data(
     else:
         train, val = Cifar10(data_dir, train=True), Cifar10(data_dir, train=False)
         n_train, n_val = min(n_train, len(train)), min(n_val, len(val))
-        arrays = [
-            np.stack([np.asarray(d[i][0]) for i in range(n)]) for d, n in ((train, n_train), (val, n_val))
-        ]
-        labels = [torch.tensor([d[i][1] for i in range(n)]) for d, n in ((train, n_train), (val, n_val))]
+        arrays = [train.data[:n_train], val.data[:n_val]]  # (N, 32, 32, 3) uint8
+        labels = [torch.tensor(train.targets[:n_train]), torch.tensor(val.targets[:n_val])]
         num_classes = 10
         source = f"CIFAR-10 from {data_dir} ({n_train} train / {n_val} test images)"
     # contiguous: an NHWC-strided batch would send every conv and BN down the channels-last path.
@@ -172,32 +177,54 @@ def load_tensor_data(
     return TensorData(x_train, labels[0], x_val, labels[1], num_classes, source)
 
 
-def _make(cfg: RunConfig, data: TensorData, device: torch.device):
+# The keyword arguments of create_optimizer itself; every other wrapper option is a target option.
+_FACTORY_OPTIONS = ("ortho_decay", "modulation", "max_grad_ratio", "form")
+
+
+def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The regime's optimizer; every wrapped one comes from :func:`timm_ortho.create_optimizer`.
+
+    timm's ``"momentum"`` is torch's SGD without Nesterov and, with ``weight_decay=0``, takes
+    ``model.parameters()`` as its one group: ``"default"`` is therefore exactly the user's
+    ``OrthoModulated(torch.optim.SGD(model.parameters(), lr, momentum=0.9), model)``.
+    """
+    if cfg.method == "l2":  # the baseline is a bare optimizer
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    if cfg.method == "default":  # the library's defaults; ablations change one option in cfg.wrapper
+        options = {k: v for k, v in cfg.wrapper.items() if k in _FACTORY_OPTIONS}
+        target_kwargs = {k: v for k, v in cfg.wrapper.items() if k not in _FACTORY_OPTIONS}
+    else:
+        modulation = (dict(cfg.modulation) or True) if cfg.method == "ortho_mod" else False
+        options = dict(ortho_decay=cfg.ortho_decay, max_grad_ratio=cfg.max_grad_ratio, modulation=modulation)
+        target_kwargs = {}
+    return create_optimizer(
+        model,
+        "momentum",
+        lr=cfg.lr,
+        weight_decay=0.0,
+        momentum=cfg.momentum,
+        target_kwargs=target_kwargs,
+        **options,
+    )
+
+
+def _make(
+    cfg: RunConfig, data: TensorData, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, ErrorModulation]:
+    """The model, its optimizer and the modulation that measures (or modulates) the error moments."""
     model_kwargs: dict[str, Any] = dict(num_classes=data.num_classes, in_chans=data.in_chans)
     if cfg.act_layer is not None:
         model_kwargs["act_layer"] = cfg.act_layer
-    if cfg.method == "default":  # the user's call; ablations change one thing through init/wrapper
-        if cfg.init is not None:
-            model_kwargs["init"] = cfg.init
-        model = timm.create_model(cfg.model, **model_kwargs).to(device)
-        sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-        opt = OrthoModulated(sgd, model, **cfg.wrapper)
-        return model, opt, opt.modulation or ErrorModulation(model, measure_only=True)
-    init = cfg.init or ("msra" if cfg.method == "l2" else "orthonormal")
-    model = timm.create_model(cfg.model, init=init, **model_kwargs).to(device)
-    if cfg.method == "l2":
-        opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-        probe = ErrorModulation(model, measure_only=True)
-        return model, opt, probe
-    base = torch.optim.SGD(param_groups_for_ortho(model), lr=cfg.lr, momentum=cfg.momentum)
-    options = dict(ortho_decay=cfg.ortho_decay, max_grad_ratio=cfg.max_grad_ratio)
-    if cfg.method == "ortho":
-        opt = OrthoModulated(base, model, **options, modulation=False)
-        return model, opt, ErrorModulation(model, measure_only=True)
-    opt = OrthoModulated(base, model, **options, modulation=dict(cfg.modulation) or True)
-    return model, opt, opt.modulation
+    if cfg.method != "default":  # "default" is the model as created, unless an ablation sets init
+        model_kwargs["init"] = cfg.init or ("msra" if cfg.method == "l2" else "orthonormal")
+    elif cfg.init is not None:
+        model_kwargs["init"] = cfg.init
+    model = timm.create_model(cfg.model, **model_kwargs).to(device)
+    opt = _optimizer(cfg, model)
+    modulation = getattr(opt, "modulation", None)
+    return model, opt, modulation or ErrorModulation(model, measure_only=True)
 
 
 @torch.no_grad()
@@ -213,57 +240,48 @@ def _evaluate(model: nn.Module, data: TensorData, device: torch.device, batch: i
     return {"val_loss": loss / len(data.y_val), "val_acc": correct / len(data.y_val)}
 
 
-def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Train one configuration and return its record (config, history, final values, timing)."""
-    device = torch.device(device)
-    torch.manual_seed(cfg.seed)
-    model, opt, probe = _make(cfg, data, device)
-    drops = [int(f * cfg.steps) for f in cfg.lr_drops] if cfg.schedule == "step" else []
-    base_lrs = [group["lr"] for group in opt.param_groups]
-    order = torch.Generator().manual_seed(10_000 + cfg.seed)
-    n = len(data.y_train)
-    perm, cursor = torch.randperm(n, generator=order), 0
-    history: list[dict[str, float]] = []
-    losses: list[Tensor] = []
-    diverged = False
-    start = time.perf_counter()
-    for step in range(cfg.steps):
-        if step in drops:
+class _EpochBatches:
+    """Index batches: a permutation per epoch drawn from one generator, the incomplete batch dropped.
+
+    torch's ``BatchSampler(RandomSampler(...), drop_last=True)`` gives the same epochs but draws one
+    more, discarded, permutation at the end of each, which would change the batches of every run
+    recorded so far.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self._generator = torch.Generator().manual_seed(seed)
+        self.perm, self._cursor = torch.randperm(n, generator=self._generator), 0
+
+    def __next__(self) -> Tensor:
+        if self._cursor + self.batch_size > self.n:
+            self.perm, self._cursor = torch.randperm(self.n, generator=self._generator), 0
+        self._cursor += self.batch_size
+        return self.perm[self._cursor - self.batch_size : self._cursor]
+
+
+def _set_lr(opt: torch.optim.Optimizer, cfg: RunConfig, step: int, base_lrs: list[float]) -> None:
+    """The schedule of ``cfg`` at ``step``: a tenth at each drop, or cosine decay to 0."""
+    if cfg.schedule == "step":
+        if step in {int(f * cfg.steps) for f in cfg.lr_drops}:
             for group in opt.param_groups:
                 group["lr"] *= 0.1
-        elif cfg.schedule == "cosine":
-            for group, lr in zip(opt.param_groups, base_lrs, strict=True):
-                group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / cfg.steps))
-        if cursor + cfg.batch_size > n:
-            perm, cursor = torch.randperm(n, generator=order), 0
-        idx = perm[cursor : cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_grad is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step()
-        losses.append(loss.detach())
-        if (step + 1) % cfg.record_every == 0 or step == cfg.steps - 1:
-            window = torch.stack(losses[-cfg.record_every :]).mean().item()
-            stats = probe.last_stats()
-            ratio = stats.bottom_top_ratio("after").item()
-            history.append(
-                {
-                    "step": step + 1,
-                    "loss": window,
-                    "cosine": filter_correlation(model).mean().item(),
-                    "bottom_top_ratio": ratio,
-                    "lr": opt.param_groups[0]["lr"],
-                }
-            )
-            if not math.isfinite(window):
-                diverged = True
-                break
-    seconds = time.perf_counter() - start
-    stats = probe.last_stats()
+    elif cfg.schedule == "cosine":
+        for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / cfg.steps))
+
+
+def _final(
+    cfg: RunConfig,
+    model: nn.Module,
+    data: TensorData,
+    device: torch.device,
+    stats: Any,
+    losses: list[Tensor],
+    diverged: bool,
+    perm: Tensor,
+) -> dict[str, Any]:
+    """The record's ``final``: losses, error moments per layer, validation (also after precise BN)."""
     tail = max(1, len(losses) // 10)
     final = {
         "train_loss": torch.stack(losses[-tail:]).mean().item(),
@@ -274,15 +292,57 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
         **(_evaluate(model, data, device) if not diverged else {"val_loss": float("nan"), "val_acc": 0.0}),
     }
     if cfg.precise_bn and not diverged:
+        # The first batches of the last epoch's order: training data, drawn without new randomness.
         batches = (
             data.x_train[perm[i : i + cfg.batch_size]].to(device)
-            for i in range(0, min(n, cfg.precise_bn * cfg.batch_size), cfg.batch_size)
+            for i in range(0, min(len(perm), cfg.precise_bn * cfg.batch_size), cfg.batch_size)
         )
         recompute_bn_statistics(model, batches, cfg.precise_bn)
         precise = _evaluate(model, data, device)
         final.update(val_loss_precise=precise["val_loss"], val_acc_precise=precise["val_acc"])
     elif cfg.precise_bn:
         final.update(val_loss_precise=float("nan"), val_acc_precise=0.0)
+    return final
+
+
+def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train one configuration and return its record (config, history, final values, timing)."""
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    model, opt, probe = _make(cfg, data, device)
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    batches = _EpochBatches(len(data.y_train), cfg.batch_size, seed=10_000 + cfg.seed)
+    history: list[dict[str, float]] = []
+    losses: list[Tensor] = []
+    diverged = False
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        _set_lr(opt, cfg, step, base_lrs)
+        idx = next(batches)
+        x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        losses.append(loss.detach())
+        if (step + 1) % cfg.record_every == 0 or step == cfg.steps - 1:
+            window = torch.stack(losses[-cfg.record_every :]).mean().item()
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": window,
+                    "cosine": filter_correlation(model).mean().item(),
+                    "bottom_top_ratio": probe.last_stats().bottom_top_ratio("after").item(),
+                    "lr": opt.param_groups[0]["lr"],
+                }
+            )
+            if not math.isfinite(window):
+                diverged = True
+                break
+    seconds = time.perf_counter() - start
+    final = _final(cfg, model, data, device, probe.last_stats(), losses, diverged, batches.perm)
     probe.remove()
     return {"config": asdict(cfg), "history": history, "final": final, "seconds": seconds}
 
