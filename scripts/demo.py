@@ -32,8 +32,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=10)
-    opt = timm_ortho.OrthoModulated(
-        torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9), model, ortho_decay=args.ortho_decay
+    # timm's "momentum" optimizer is SGD with momentum 0.9 (no Nesterov), wrapped in OrthoModulated.
+    opt = timm_ortho.create_optimizer(
+        model, "momentum", lr=args.lr, momentum=0.9, ortho_decay=args.ortho_decay
     )
     print(f"{args.model}: {len(opt.targets)} weights regularized, form={opt.form}")
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
