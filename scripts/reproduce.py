@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timm_ortho.train.experiments import RunConfig, best_by_loss, load_tensor_data, run_many
+from timm_ortho.train.experiments import RunConfig, TensorData, best_by_loss, load_tensor_data, run_many
 
 REGIMES = {
     "(a) MSRA + L2": ("plain", "l2"),
@@ -295,7 +295,7 @@ for model in plain_cnn44 plain_cnn110 cifar_resnet44 cifar_resnet110; do
 done"""
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -342,16 +342,11 @@ def main() -> None:
     depth.add_argument(
         "--append", action="store_true", help="keep the runs in --out's JSON and run only the missing ones"
     )
-    args = parser.parse_args()
-    if args.suite in ("depth", "defaults", "deep"):
-        run_depth(args)
-        return
-    if args.suite == "protocol":
-        print(PROTOCOL)
-        return
-    if args.suite == "plot":  # redraw figures and tables from the JSON records in --out
-        replot(args.out)
-        return
+    return parser
+
+
+def fill_budget(args: argparse.Namespace) -> None:
+    """The CPU or GPU (``--gpu``) budget for every setting the command line left open."""
     gpu = args.gpu
     args.steps = args.steps or (4000 if gpu else 300)
     args.batch_size = args.batch_size or (128 if gpu else 32)
@@ -361,6 +356,39 @@ def main() -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.jobs = args.jobs or (1 if args.device != "cpu" else (os.cpu_count() or 1))
+
+
+def run_one(suite: str, args: argparse.Namespace, data: TensorData) -> None:
+    """Run ``mechanism``, ``trainability`` or ``sweep``; write its JSON and figure to ``--out``."""
+    start = time.perf_counter()
+    if suite == "sweep":
+        out = sweep(args)
+        (args.out / "sweep.json").write_text(json.dumps({"budget": vars_of(args), "sweep": out}, indent=1))
+        plot_sweep(out, args.out / "sweep.png")
+        print(sweep_tables(out))
+    else:
+        depth = 44 if suite == "mechanism" else 110
+        results = compare(depth, args, suite)
+        rows = summarize(results)
+        payload = {"budget": vars_of(args), "data": data.source, "rows": rows, "results": results}
+        (args.out / f"{suite}.json").write_text(json.dumps(payload, indent=1))
+        plot_suite(results, f"{suite}: depth {depth}, {data.source}", args.out / f"{suite}.png")
+        print(table(rows))
+    print(f"{suite}: {time.perf_counter() - start:.0f} s")
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.suite in ("depth", "defaults", "deep"):
+        run_depth(args)
+        return
+    if args.suite == "protocol":
+        print(PROTOCOL)
+        return
+    if args.suite == "plot":  # redraw figures and tables from the JSON records in --out
+        replot(args.out)
+        return
+    fill_budget(args)
     args.out.mkdir(parents=True, exist_ok=True)
     args.data_kwargs = {"data_dir": args.data_dir, "img_size": args.img_size, "n_train": args.n_train}
     data = load_tensor_data(**args.data_kwargs)
@@ -371,23 +399,7 @@ def main() -> None:
     )
     suites = ["mechanism", "trainability", "sweep"] if args.suite == "all" else [args.suite]
     for suite in suites:
-        start = time.perf_counter()
-        if suite == "sweep":
-            out = sweep(args)
-            (args.out / "sweep.json").write_text(
-                json.dumps({"budget": vars_of(args), "sweep": out}, indent=1)
-            )
-            plot_sweep(out, args.out / "sweep.png")
-            print(sweep_tables(out))
-        else:
-            depth = 44 if suite == "mechanism" else 110
-            results = compare(depth, args, suite)
-            rows = summarize(results)
-            payload = {"budget": vars_of(args), "data": data.source, "rows": rows, "results": results}
-            (args.out / f"{suite}.json").write_text(json.dumps(payload, indent=1))
-            plot_suite(results, f"{suite}: depth {depth}, {data.source}", args.out / f"{suite}.png")
-            print(table(rows))
-        print(f"{suite}: {time.perf_counter() - start:.0f} s")
+        run_one(suite, args, data)
 
 
 def run_depth(args: argparse.Namespace) -> None:
