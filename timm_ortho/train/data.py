@@ -72,10 +72,11 @@ CIFAR_LAYOUT = """\
       data_batch_1 ... data_batch_5, test_batch, batches.meta
   (pickled dicts with 'data' uint8 [N, 3072] and 'labels'; from cifar-10-python.tar.gz)"""
 
-_CIFAR_DIRNAME = "cifar-10-batches-py"
-_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-_CIFAR_TEST = "test_batch"
-_CIFAR_META = "batches.meta"
+# The release's file names, as torchvision knows them.
+_CIFAR_DIRNAME = CIFAR10.base_folder  # cifar-10-batches-py
+_CIFAR_TRAIN = tuple(name for name, _ in CIFAR10.train_list)  # data_batch_1 .. data_batch_5
+_CIFAR_TEST = CIFAR10.test_list[0][0]  # test_batch
+_CIFAR_META = CIFAR10.meta["filename"]  # batches.meta
 
 DatasetKind = Literal["auto", "imagefolder", "cifar10", "synthetic"]
 AugmentKind = Literal["timm", "cifar", "none"]
