@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from timm_ortho.optim import DEFAULT_MODULATION
-from timm_ortho.train.experiments import RunConfig, load_tensor_data, run
+from timm_ortho.train.experiments import RunConfig, run_many
 
 # label -> (family, RunConfig overrides). "default" is exactly the user's call on the model's defaults.
 REGIMES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -147,21 +145,6 @@ def plan_deep(
     ]
 
 
-_DATA: dict[str, Any] = {}
-
-
-def _run_one(name: str, cfg: RunConfig, device: str, deadline_at: float | None, threads: int) -> dict | None:
-    """One run in a worker process (data loaded once per process); None once the deadline passed."""
-    import torch
-
-    torch.set_num_threads(threads)
-    if deadline_at is not None and time.time() > deadline_at:
-        return None
-    if name not in _DATA:
-        _DATA[name] = load_tensor_data(**DATASETS[name])
-    return run(cfg, _DATA[name], device)
-
-
 def run_suite(
     jobs: list[tuple[str, str, int, RunConfig]],
     device: str,
@@ -173,26 +156,22 @@ def run_suite(
 
     No run starts once ``deadline`` seconds have passed; the runs left out are reported by the caller.
     """
-    import concurrent.futures
-    import multiprocessing
-
-    deadline_at = None if deadline is None else time.time() + deadline
-    threads = max(1, (os.cpu_count() or 1) // processes) if device == "cpu" else 1
     results = []
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
-        futures = {
-            pool.submit(_run_one, name, cfg, device, deadline_at, threads): (name, label, depth)
-            for name, label, depth, cfg in jobs
-        }
-        for future in concurrent.futures.as_completed(futures):
-            record = future.result()
-            if record is None:
-                continue
-            name, label, depth = futures[future]
-            entry = {"dataset": name, "regime": label, "depth": depth, "record": record}
-            results.append(entry)
-            on_result(entry)
+
+    def finished(index: int, record: dict[str, Any]) -> None:
+        name, label, depth, _ = jobs[index]
+        entry = {"dataset": name, "regime": label, "depth": depth, "record": record}
+        results.append(entry)
+        on_result(entry)
+
+    run_many(
+        [cfg for *_, cfg in jobs],
+        [DATASETS[name] for name, *_ in jobs],
+        device,
+        processes,
+        deadline=deadline,
+        on_result=finished,
+    )
     return results
 
 

@@ -108,3 +108,17 @@ def test_the_factory_builds_exactly_the_users_literal_call():
         assert torch.equal(a, b), name
     for p, q in zip(factory.parameters(), literal.parameters(), strict=True):
         assert torch.equal(f_opt.state[p]["momentum_buffer"], l_opt.state[q]["momentum_buffer"])
+
+
+def test_run_many_takes_data_per_run_a_deadline_and_reports_each_result(data):
+    cfg = RunConfig(model="plain_cnn20", method="l2", steps=2, batch_size=8, record_every=2)
+    small = {"img_size": 8, "n_train": 64, "n_val": 32}
+    other = {**small, "num_classes": 3}
+    seen = []
+    records = run_many([cfg, cfg], [small, other], on_result=lambda i, r: seen.append((i, r)))
+    assert [i for i, _ in seen] == [0, 1] and [r for _, r in seen] == records
+    assert records[0]["final"]["train_loss"] == run(cfg, data)["final"]["train_loss"]
+    assert records[1]["final"]["train_loss"] != records[0]["final"]["train_loss"]  # 3 classes
+    assert run_many([cfg], small, deadline=0.0) == [None]  # past the deadline: not started
+    with pytest.raises(ValueError, match="2 data_kwargs for 1 configs"):
+        run_many([cfg], [small, other])

@@ -30,7 +30,9 @@ factory as the trainer's (:func:`timm_ortho.create_optimizer`).
 from __future__ import annotations
 
 import math
+import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -357,51 +359,85 @@ def best_by_loss(records: list[dict[str, Any]]) -> dict[str, Any]:
     return min(records, key=key)
 
 
-_WORKER_DATA: TensorData | None = None
+# A worker's data sets, loaded once per process and kept for the runs that follow.
+_WORKER_DATA: dict[str, TensorData] = {}
 
 
-def _init_worker(data_kwargs: dict[str, Any], threads: int) -> None:
-    global _WORKER_DATA
+def _run_job(
+    cfg: RunConfig,
+    data_kwargs: dict[str, Any],
+    device: str,
+    deadline_at: float | None,
+    cache: dict[str, TensorData],
+) -> dict[str, Any] | None:
+    """One run on the data ``data_kwargs`` describe (loaded into ``cache`` once); None past the deadline."""
+    if deadline_at is not None and time.time() >= deadline_at:
+        return None
+    key = repr(sorted(data_kwargs.items()))
+    if key not in cache:
+        cache[key] = load_tensor_data(**data_kwargs)
+    return run(cfg, cache[key], device)
+
+
+def _run_in_worker(
+    cfg: RunConfig, data_kwargs: dict[str, Any], device: str, deadline_at: float | None, threads: int
+) -> dict[str, Any] | None:
     torch.set_num_threads(threads)
-    _WORKER_DATA = load_tensor_data(**data_kwargs)
-
-
-def _run_in_worker(cfg: RunConfig, device: str) -> dict[str, Any]:
-    assert _WORKER_DATA is not None
-    return run(cfg, _WORKER_DATA, device)
+    return _run_job(cfg, data_kwargs, device, deadline_at, _WORKER_DATA)
 
 
 def run_many(
-    configs: list[RunConfig],
-    data_kwargs: dict[str, Any],
+    configs: Sequence[RunConfig],
+    data_kwargs: dict[str, Any] | Sequence[dict[str, Any]],
     device: str = "cpu",
     jobs: int = 1,
-    progress: Any = None,
-) -> list[dict[str, Any]]:
-    """Run independent configurations, in ``jobs`` single-threaded worker processes when > 1.
+    progress: Callable[[], Any] | None = None,
+    *,
+    deadline: float | None = None,
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any] | None]:
+    """Run independent configurations, in ``jobs`` worker processes when > 1; records in ``configs`` order.
 
-    Each worker loads the data itself from ``data_kwargs`` (the arguments of
-    :func:`load_tensor_data`); results come back in the order of ``configs``. ``progress`` is
-    called once per finished run (e.g. a tqdm bar's ``update``).
+    Args:
+        configs: the runs.
+        data_kwargs: the arguments of :func:`load_tensor_data`, one dict for every run or one per run;
+            each process loads each data set once.
+        device: where every run trains; worker processes share it (on a CPU each gets an equal share
+            of the cores as threads).
+        jobs: worker processes (spawned); 1 runs everything in this process.
+        progress: called once per finished run (e.g. a tqdm bar's ``update``).
+        deadline: seconds from now after which no run starts; a run not started gives ``None``.
+        on_result: ``on_result(index, record)`` as each run finishes, in the order they finish (to
+            save what finished if the whole is cut short).
     """
-    if jobs <= 1 or device != "cpu":
-        data = load_tensor_data(**data_kwargs)
-        results = []
-        for cfg in configs:
-            results.append(run(cfg, data, device))
-            if progress is not None:
-                progress()
-        return results
+    per_run = [data_kwargs] * len(configs) if isinstance(data_kwargs, dict) else list(data_kwargs)
+    if len(per_run) != len(configs):
+        raise ValueError(f"{len(per_run)} data_kwargs for {len(configs)} configs")
+    deadline_at = None if deadline is None else time.time() + deadline
+    records: list[dict[str, Any] | None] = [None] * len(configs)
+
+    def finished(index: int, record: dict[str, Any] | None) -> None:
+        records[index] = record
+        if record is not None and on_result is not None:
+            on_result(index, record)
+        if record is not None and progress is not None:
+            progress()
+
+    if jobs <= 1:
+        cache: dict[str, TensorData] = {}
+        for i, (cfg, kwargs) in enumerate(zip(configs, per_run, strict=True)):
+            finished(i, _run_job(cfg, kwargs, device, deadline_at, cache))
+        return records
     import concurrent.futures
     import multiprocessing
 
+    threads = max(1, (os.cpu_count() or 1) // jobs) if device == "cpu" else 1
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_init_worker, initargs=(data_kwargs, 1)
-    ) as pool:
-        futures = [pool.submit(_run_in_worker, cfg, device) for cfg in configs]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(_run_in_worker, cfg, kwargs, device, deadline_at, threads): i
+            for i, (cfg, kwargs) in enumerate(zip(configs, per_run, strict=True))
+        }
         for future in concurrent.futures.as_completed(futures):
-            future.result()
-            if progress is not None:
-                progress()
-        return [f.result() for f in futures]
+            finished(futures[future], future.result())
+    return records
