@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..diagnostics import filter_correlation
 from ..factory import create_optimizer
-from ..modulation import ErrorModulation
+from ..modulation import ErrorModulation, ModulationStats
 from ..optim import DEFAULT_ORTHO_DECAY
 from ..precise_bn import recompute_bn_statistics
 
@@ -282,7 +282,7 @@ def _final(
     model: nn.Module,
     data: TensorData,
     device: torch.device,
-    stats: Any,
+    stats: ModulationStats,
     losses: list[Tensor],
     diverged: bool,
     perm: Tensor,
