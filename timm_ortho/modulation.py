@@ -14,9 +14,11 @@ its equations are in :mod:`timm_ortho.modulation_rule`. This module is the glue 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,6 +239,7 @@ class ErrorModulation:
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         check_reference(reference)
+        _check_options(target_kwargs)
         if targets is None:
             targets = find_targets(model, **target_kwargs)
         elif target_kwargs:
@@ -272,6 +275,14 @@ class ErrorModulation:
             raise ValueError(
                 "no target layer to modulate: the model has no Conv/Linear targets outside the "
                 "classifier (pass include_classifier=True, or other targets)"
+            )
+        if len(modules) == 1 and not measure_only:
+            warnings.warn(
+                f"ErrorModulation on a single layer ({self.module_names[0]!r}) never rescales anything: "
+                "the top of the chain only sets the reference. Modulate a model with several target "
+                "layers, or pass measure_only=True to only record the error's moment.",
+                UserWarning,
+                stacklevel=2,
             )
 
         self._current: _Pass | None = None
@@ -575,6 +586,37 @@ class ErrorModulation:
         self._slot = slot + 1
         self._traced_names.append(name)
         return output
+
+
+# What ErrorModulation(**options) accepts besides the target selection: for "did you mean" errors.
+_OPTIONS = (
+    "band",
+    "mode",
+    "statistic",
+    "include_classifier",
+    "max_scale",
+    "reference",
+    "schedule",
+    "measure_only",
+    "record_when_inactive",
+    "targets",
+)
+_TARGET_OPTIONS = ("include", "exclude", "skip_stem", "skip_classifier", "include_depthwise")
+
+
+def _check_options(target_kwargs: dict[str, Any]) -> None:
+    """Unknown keyword arguments (a typo in ``modulation={...}``) get an error naming the close one."""
+    unknown = sorted(set(target_kwargs) - set(_TARGET_OPTIONS))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, _OPTIONS + _TARGET_OPTIONS, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(
+        f"unknown ErrorModulation option(s) {', '.join(hints)}; the options are "
+        f"{', '.join(_OPTIONS + _TARGET_OPTIONS)}"
+    )
 
 
 def _check_schedule(schedule: object) -> None:
