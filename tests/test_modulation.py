@@ -14,6 +14,7 @@ import collections
 import math
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
+import timm_ortho
 from timm_ortho.modulation import ErrorModulation, ModulationStats, scale_factor, simulate_chain
 from timm_ortho.train.plots import plot_error_moments, plot_ratio_history
 
@@ -1053,3 +1055,20 @@ if __name__ == "__main__":  # the measurement reported in docs/modulation.md
             big = s.scale.log().abs().max().exp()
             largest.append(f"{float(big):.3g}")
         print(f"| {label} | {' / '.join(ratios)} | {' / '.join(rescaled)} | {' / '.join(largest)} |")
+
+
+def test_option_typos_and_single_layer_are_reported() -> None:
+    model, _, _ = make_chain(3)
+    with pytest.raises(TypeError, match=r"'bnd' \(did you mean 'band'\?\)"):
+        ErrorModulation(model, bnd=2.0)
+    with pytest.raises(TypeError, match=r"'referenc' \(did you mean 'reference'\?\)"):
+        ErrorModulation(model, referenc="top")
+    with pytest.raises(TypeError, match="unknown ErrorModulation option"):
+        timm_ortho.OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, modulation={"bnd": 2})
+    single = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    single(torch.randn(1, 3, 8, 8))
+    with pytest.warns(UserWarning, match="single layer"):
+        ErrorModulation(single).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ErrorModulation(single, measure_only=True).remove()  # measuring one layer is fine

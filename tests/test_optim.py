@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 
 import pytest
 import timm
@@ -324,6 +325,37 @@ def test_clear_errors_for_bad_input():
         OrthoModulated(wrapped, model)
     with pytest.raises(ValueError, match="form"):
         OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, form="sideways")
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan, -1.0, "1e-4", True])
+def test_ortho_decay_is_checked_at_construction_and_at_every_step(bad):
+    model = tiny_net()
+    with pytest.raises(ValueError, match="ortho_decay must be a finite, non-negative number"):
+        OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, ortho_decay=bad)
+    opt = OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["ortho_decay"] = bad  # e.g. a scheduler gone wrong, after wrapping
+    with pytest.raises(ValueError, match="param group 0: ortho_decay"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # untouched
+    opt.param_groups[0]["ortho_decay"] = 1e-4
+    opt.param_groups[0]["max_grad_ratio"] = -0.01
+    with pytest.raises(ValueError, match="param group 0: max_grad_ratio"):
+        opt.step()
+
+
+def test_a_base_optimizer_is_wrapped_once():
+    model = tiny_net()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = OrthoModulated(sgd, model)
+    groups = [dict(g) for g in sgd.param_groups]
+    with pytest.raises(ValueError, match="already wrapped by an OrthoModulated"):
+        OrthoModulated(sgd, model)
+    assert [dict(g) for g in sgd.param_groups] == groups  # the refusal changed nothing
+    del first  # a discarded wrapper (even one held in a reference cycle) frees its base optimizer
+    OrthoModulated(sgd, model)
 
 
 def test_frozen_targets_are_ignored_and_partial_optimizers_work():

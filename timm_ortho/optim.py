@@ -20,7 +20,9 @@ after ``unscale_``, with ``accelerator.prepare`` and with ``accelerator.accumula
 
 from __future__ import annotations
 
+import gc
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -123,6 +125,7 @@ class OrthoModulated(Optimizer):
         self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
         self._patch_step_function()
+        _check_unwrapped(optimizer)  # before anything of the base optimizer changes
         self.base_optimizer = optimizer
 
         selection = dict(
@@ -158,6 +161,7 @@ class OrthoModulated(Optimizer):
         self._batched = BatchedOrthonormality(self.targets)
         self.modulation = self._make_modulation(model, modulation)
         self._sync_modulation_step()
+        _WRAPPED[optimizer] = weakref.ref(self)
 
     # -- sharing the base optimizer's containers ------------------------------------------------
     @property
@@ -324,6 +328,7 @@ class OrthoModulated(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        _check_groups(self.param_groups)
         self.apply_orthonormality()
         self.bound_gradients()
         self.base_optimizer.step()
@@ -409,16 +414,53 @@ class OrthoModulated(Optimizer):
         )
 
 
-def _check_ratio(value: float | None) -> None:
+def _check_ratio(value: float | None, where: str = "") -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"max_grad_ratio must be None (no step bound) or a finite number > 0, got {value!r}")
+        raise ValueError(
+            f"{where}max_grad_ratio must be None (no step bound) or a finite number > 0, got {value!r}"
+        )
 
 
-def _check_decay(value: float) -> None:
-    if not isinstance(value, (int, float)) or value != value or value < 0:
-        raise ValueError(f"ortho_decay must be a non-negative number, got {value!r}")
+def _check_decay(value: float, where: str = "") -> None:
+    # `not 0 <= value < inf` is also true for NaN.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(
+            f"{where}ortho_decay must be a finite, non-negative number (0 turns the term off), got {value!r}"
+        )
+
+
+def _check_groups(groups: list[dict[str, Any]]) -> None:
+    """The method's fields of every param group, checked on the host before each step.
+
+    A scheduler or user code may change them after wrapping; a NaN, infinite, negative or non-numeric
+    value would otherwise poison the weights at the next step. Python-float comparisons only: no
+    tensor is read, so no host-device synchronization.
+    """
+    for i, group in enumerate(groups):
+        where = f"param group {i}: "
+        _check_decay(group.get("ortho_decay", 0.0), where)
+        _check_ratio(group.get("max_grad_ratio"), where)
+
+
+# Base optimizer -> its live wrapper: a second OrthoModulated around the same optimizer would add the
+# term twice and split its groups again. Weak on both sides: a discarded wrapper frees its base.
+_WRAPPED: weakref.WeakKeyDictionary[Optimizer, weakref.ref[OrthoModulated]] = weakref.WeakKeyDictionary()
+
+
+def _check_unwrapped(base: Optimizer) -> None:
+    def live() -> OrthoModulated | None:
+        ref = _WRAPPED.get(base)
+        return None if ref is None else ref()
+
+    if live() is not None:
+        gc.collect()  # a discarded wrapper still held in a reference cycle is not a live one
+    if live() is not None:
+        raise ValueError(
+            f"this {type(base).__name__} is already wrapped by an OrthoModulated; wrap a base optimizer "
+            "once (build a new base optimizer for a second wrapper)"
+        )
 
 
 def param_groups_for_ortho(
