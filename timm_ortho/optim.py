@@ -30,24 +30,25 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .batched import BatchedOrthonormality
+from .defaults import (  # re-exported: callers import the defaults from here too
+    DEFAULT_FORM,
+    DEFAULT_MAX_GRAD_RATIO,
+    DEFAULT_MODULATION,
+    DEFAULT_ORTHO_DECAY,
+    MIN_WEIGHT_NORM,
+)
 from .forms import resolve_form
 from .targets import FilterBank, find_targets
 
-__all__ = ["OrthoModulated", "param_groups_for_ortho"]
+__all__ = [
+    "DEFAULT_MAX_GRAD_RATIO",
+    "DEFAULT_MODULATION",
+    "DEFAULT_ORTHO_DECAY",
+    "OrthoModulated",
+    "param_groups_for_ortho",
+]
 
 Form = Literal["auto", "coupled", "decoupled"]
-
-# Chosen by the sweep in docs/results.md (plain_cnn44, synthetic set, lr 0.1, two seeds).
-DEFAULT_ORTHO_DECAY = 1e-5
-
-# The step bound and whether the error modulation is on by default, chosen by the runs of
-# `scripts/reproduce.py defaults` and `depth` (plain_cnn110; docs/results.md): every bound from 0.005
-# to 0.02 trains the shaped 110-layer chain to 97-99 % where 0.05 reaches 80 % and none 66-81 %; with
-# the bound on, the modulation added half a point at most (within the seed spread on the synthetic
-# set) for a step 1.5x slower on a GPU, so it is off by default.
-DEFAULT_MODULATION = False
-DEFAULT_MAX_GRAD_RATIO: float | None = 0.01
-_MIN_WEIGHT_NORM = 1e-3
 
 
 class OrthoModulated(Optimizer):
@@ -87,7 +88,7 @@ class OrthoModulated(Optimizer):
         model: nn.Module,
         *,
         ortho_decay: float = DEFAULT_ORTHO_DECAY,
-        form: Form = "auto",
+        form: Form = DEFAULT_FORM,
         weight_decay_policy: Literal["split", "error"] = "split",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
@@ -286,9 +287,9 @@ class OrthoModulated(Optimizer):
     def bound_gradients(self) -> None:
         """Scale target gradients so that ``||grad_l|| <= max_grad_ratio * ||W_l||``; called by step().
 
-        ``factor_l = min(1, ratio * max(||W_l||, 1e-3) / ||grad_l||)``, computed for all layers with
-        two foreach norms and one vector expression: no host sync. A zero gradient keeps factor 1; a
-        non-finite one stays non-finite (a GradScaler never lets such a step through).
+        ``factor_l = min(1, ratio * max(||W_l||, MIN_WEIGHT_NORM) / ||grad_l||)``, computed for all
+        layers with two foreach norms and one vector expression: no host sync. A zero gradient keeps
+        factor 1; a non-finite one stays non-finite (a GradScaler never lets such a step through).
         """
         params: list[Tensor] = []
         ratios: list[float] = []
@@ -308,7 +309,7 @@ class OrthoModulated(Optimizer):
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         g_norm = torch.stack(torch._foreach_norm(grads, dtype=dtype))
         # A weight norm floor (as in adaptive gradient clipping) lets a zero-initialized layer move.
-        w_norm = torch.stack(torch._foreach_norm(params, dtype=dtype)).clamp_min(_MIN_WEIGHT_NORM)
+        w_norm = torch.stack(torch._foreach_norm(params, dtype=dtype)).clamp_min(MIN_WEIGHT_NORM)
         if len(set(ratios)) == 1:  # the common case: a Python scalar, no host-to-device copy
             allowed = w_norm * ratios[0]
         else:
