@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ortho import GroupLayout, compute_dtype, group_layout
+from .ortho import GroupLayout, compute_dtype, from_groups, to_groups
 from .targets import FilterBank
 
 __all__ = ["BatchedOrthonormality"]
@@ -44,38 +44,24 @@ class BatchedOrthonormality:
     """
 
     def __init__(self, banks: Sequence[FilterBank]) -> None:
-        self.entries = [_Entry(b, group_layout(b.f_out, b.f_in)) for b in banks]
+        self.entries = [_Entry(b, b.layout) for b in banks]
         buckets: dict[tuple[int, int, torch.dtype], list[int]] = defaultdict(list)
         for i, e in enumerate(self.entries):
             buckets[(e.layout.size, e.bank.f_in, compute_dtype(e.bank.param.dtype))].append(i)
         self.buckets = list(buckets.items())
-        self._index_cache: dict[tuple[int, str, torch.device], Tensor] = {}
         self._eye_cache: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         self._workspaces: dict[tuple, dict[str, Tensor]] = {}
-
-    def _index(self, i: int, kind: str, device: torch.device) -> Tensor:
-        key = (i, kind, device)
-        if key not in self._index_cache:
-            layout = self.entries[i].layout
-            values = layout.gather if kind == "gather" else layout.scatter
-            self._index_cache[key] = torch.tensor(values, device=device)
-        return self._index_cache[key]
 
     def _blocks(self, i: int) -> Tensor:
         """Bank ``i``'s weight as ``(blocks, size, f_in)``, zero rows padding uneven groups."""
         e = self.entries[i]
-        w = e.bank.matrix(e.bank.param.detach())
-        if e.layout.gather is not None:
-            w = torch.cat([w, w.new_zeros(w.shape[0], 1, w.shape[2])], dim=1)
-            w = w.index_select(1, self._index(i, "gather", w.device))
+        w = to_groups(e.bank.matrix(e.bank.param.detach()), e.layout)
         return w.reshape(e.blocks, e.layout.size, e.bank.f_in)
 
     def _unblock(self, i: int, u: Tensor) -> Tensor:
         e = self.entries[i]
-        u = u.reshape(e.bank.conv_groups, e.layout.groups * e.layout.size, e.bank.f_in)
-        if e.layout.scatter is not None:
-            u = u.index_select(1, self._index(i, "scatter", u.device))
-        return u.reshape(e.bank.param.shape)
+        u = u.reshape(e.bank.conv_groups, e.layout.groups, e.layout.size, e.bank.f_in)
+        return from_groups(u, e.layout).reshape(e.bank.param.shape)
 
     def _stacked(self, members: list[int], dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         blocks = [self._blocks(i) for i in members]

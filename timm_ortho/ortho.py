@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 from einops import rearrange
@@ -33,11 +33,13 @@ from torch import Tensor
 __all__ = [
     "GroupLayout",
     "compute_dtype",
+    "from_groups",
     "group_layout",
     "mean_abs_cosine",
     "orthonormal_",
     "orthonormality_grad",
     "orthonormality_penalty",
+    "to_groups",
 ]
 
 
@@ -89,15 +91,39 @@ def group_layout(f_out: int, f_in: int) -> GroupLayout:
     return GroupLayout(f_out, f_in, groups, size, pad, tuple(gather), tuple(scatter))
 
 
+@lru_cache(maxsize=1024)
+def _row_index(rows: tuple[int, ...], device: torch.device) -> Tensor:
+    """A layout's gather or scatter rows as an index tensor, made once per device (no copy per step)."""
+    # A normal tensor even when first asked for under inference_mode: autograd may save it later.
+    with torch.inference_mode(False):
+        return torch.tensor(rows, device=device)
+
+
+def to_groups(wm: Tensor, layout: GroupLayout | None = None) -> Tensor:
+    """``(..., f_out, f_in)`` -> ``(..., groups, size, f_in)``: the group-wise rule, zero-padded.
+
+    Uneven groups get zero rows at their ends (the ``gather`` of :func:`group_layout`); the dtype is
+    kept. Without padding the result is a view of ``wm``.
+    """
+    layout = layout or group_layout(*wm.shape[-2:])
+    if layout.gather is not None:
+        wm = torch.cat([wm, wm.new_zeros(*wm.shape[:-2], 1, wm.shape[-1])], dim=-2)
+        wm = wm.index_select(-2, _row_index(layout.gather, wm.device))
+    return rearrange(wm, "... (g s) d -> ... g s d", g=layout.groups)
+
+
+def from_groups(wg: Tensor, layout: GroupLayout) -> Tensor:
+    """``(..., groups, size, d)`` -> ``(..., f_out, d)``, padding rows dropped (undoes :func:`to_groups`)."""
+    rows = rearrange(wg, "... g s d -> ... (g s) d")
+    if layout.scatter is not None:
+        rows = rows.index_select(-2, _row_index(layout.scatter, rows.device))
+    return rows
+
+
 def _grouped(wm: Tensor) -> tuple[Tensor, GroupLayout]:
     """``(..., f_out, f_in)`` -> ``(..., groups, size, f_in)`` in the compute dtype, zero-padded."""
-    f_out, f_in = wm.shape[-2:]
-    layout = group_layout(f_out, f_in)
-    w = wm.to(compute_dtype(wm.dtype))
-    if layout.gather is not None:
-        w = torch.cat([w, w.new_zeros(*w.shape[:-2], 1, f_in)], dim=-2)
-        w = w.index_select(-2, torch.tensor(layout.gather, device=w.device))
-    return rearrange(w, "... (g s) d -> ... g s d", g=layout.groups), layout
+    layout = group_layout(*wm.shape[-2:])
+    return to_groups(wm.to(compute_dtype(wm.dtype)), layout), layout
 
 
 def _gram_residual(wg: Tensor) -> Tensor:
@@ -123,11 +149,7 @@ def orthonormality_grad(wm: Tensor, decay: float = 1.0) -> Tensor:
     Returned in the compute dtype (float32, or float64 for float64 input).
     """
     wg, layout = _grouped(wm)
-    grad = 2.0 * decay * (_gram_residual(wg) @ wg)
-    grad = rearrange(grad, "... g s d -> ... (g s) d")
-    if layout.scatter is not None:
-        grad = grad.index_select(-2, torch.tensor(layout.scatter, device=grad.device))
-    return grad
+    return from_groups(2.0 * decay * (_gram_residual(wg) @ wg), layout)
 
 
 @torch.no_grad()
@@ -148,9 +170,7 @@ def orthonormal_(weight: Tensor, conv_groups: int = 1, generator: torch.Generato
     gauss = torch.randn(blocks, f_in, layout.size, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gauss)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    rows = rearrange(q, "(c g) d s -> c (g s) d", c=conv_groups)
-    if layout.scatter is not None:
-        rows = rows.index_select(1, torch.tensor(layout.scatter))
+    rows = from_groups(rearrange(q, "(c g) d s -> c g s d", c=conv_groups), layout)
     weight.copy_(rows.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
     return weight
 
