@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ortho import GroupLayout, compute_dtype, from_groups, to_groups
+from .ortho import GroupLayout, compute_dtype, from_groups, gram_mean_abs_cosine, mean_abs_cosine, to_groups
 from .targets import FilterBank
 
 __all__ = ["BatchedOrthonormality"]
@@ -153,15 +153,40 @@ class BatchedOrthonormality:
 
         The penalty of bank ``i`` is ``lambda / 2`` times entry ``i``. Padding rows are removed.
         """
+        return self._gram_statistics(cosine=False)[0]
+
+    @torch.no_grad()
+    def gram_statistics(self) -> tuple[Tensor, Tensor]:
+        """:meth:`squared_residuals` and each bank's filter correlation, from one Gram per group.
+
+        The correlation is the mean ``|cos|`` between distinct filters of a conv group, averaged
+        over conv groups (float32, on the CPU). Where a bank is one group (``f_out <= f_in``) its
+        Gram ``Wg Wg^T`` is the whole filter bank's, and the cosines are read off it
+        (:func:`~timm_ortho.ortho.gram_mean_abs_cosine`); a fat bank's groups do not see each
+        other's filters, so its cosines take a matmul of their own.
+        """
+        squared, cosines = self._gram_statistics(cosine=True)
+        return squared, torch.stack([c.float().cpu() for c in cosines])
+
+    def _gram_statistics(self, cosine: bool) -> tuple[Tensor, list[Tensor]]:
         values: list[Tensor | None] = [None] * len(self.entries)
+        cosines: list[Tensor | None] = [None] * len(self.entries)
         for members, dtype, device in self._groups_of(None):
             w = self._stacked(members, dtype)
             with torch.autocast(device.type, enabled=False):
-                eye = self._eye(w.shape[1], dtype, device)
-                per_block = (w @ w.transpose(1, 2) - eye).square().sum(dim=(1, 2))
+                gram = w @ w.transpose(1, 2)
+            per_block = (gram - self._eye(w.shape[1], dtype, device)).square().sum(dim=(1, 2))
             sizes = [self.entries[i].blocks for i in members]
-            for i, part in zip(members, per_block.split(sizes), strict=True):
-                values[i] = part.sum() - self.entries[i].layout.pad
+            parts = zip(members, per_block.split(sizes), gram.split(sizes), strict=True)
+            for i, part, bank_gram in parts:
+                e = self.entries[i]
+                # Each conv group carries `pad` zero rows, and each adds exactly 1 (see ortho.py).
+                values[i] = part.sum() - e.bank.conv_groups * e.layout.pad
+                if cosine and e.layout.groups == 1:
+                    cosines[i] = gram_mean_abs_cosine(bank_gram).mean()
+                elif cosine:
+                    cosines[i] = mean_abs_cosine(e.bank.matrix(e.bank.param.detach())).mean()
         devices = {v.device for v in values if v is not None}
         device = devices.pop() if len(devices) == 1 else torch.device("cpu")
-        return torch.stack([v.to(device=device, dtype=torch.float32) for v in values])
+        squared = torch.stack([v.to(device=device, dtype=torch.float32) for v in values])
+        return squared, cosines

@@ -371,12 +371,23 @@ class OrthoModulated(Optimizer):
 
     # -- what users read ------------------------------------------------------------------------
     @torch.no_grad()
-    def penalty(self) -> torch.Tensor:
+    def penalty(self, squared_residuals: Tensor | None = None) -> torch.Tensor:
         """``R = sum_l ortho_decay_l / 2 * ||Wg Wg^T - I||_F^2`` over all targets, a 0-d tensor.
 
-        Computed from scratch (two matmuls per shape); no host sync, call it when logging.
+        Computed from scratch (one matmul per shape) unless ``squared_residuals``, the per-layer
+        ``||Wg Wg^T - I||_F^2`` aligned with :attr:`targets`, is given: a caller that has just
+        measured them (``timm_ortho.diagnostics.layer_penalties(opt.targets)``) passes them to avoid
+        a second pass. No host sync; call it when logging.
         """
-        squared = self._batched.squared_residuals()
+        if squared_residuals is None:
+            squared = self._batched.squared_residuals()
+        elif squared_residuals.shape != (len(self.targets),):
+            raise ValueError(
+                f"squared_residuals must hold one value per target ({len(self.targets)}), "
+                f"got shape {tuple(squared_residuals.shape)}"
+            )
+        else:
+            squared = squared_residuals
         decay = torch.zeros(len(self.targets), dtype=squared.dtype)
         for group in self.param_groups:
             for p in group["params"]:

@@ -34,6 +34,7 @@ __all__ = [
     "GroupLayout",
     "compute_dtype",
     "from_groups",
+    "gram_mean_abs_cosine",
     "group_layout",
     "mean_abs_cosine",
     "orthonormal_",
@@ -183,8 +184,25 @@ def mean_abs_cosine(wm: Tensor) -> Tensor:
     """
     w = wm.to(compute_dtype(wm.dtype))
     unit = w / w.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    cos = unit @ unit.transpose(-1, -2)
-    n = w.shape[-2]
+    return _mean_abs_off_diagonal(unit @ unit.transpose(-1, -2))
+
+
+def gram_mean_abs_cosine(gram: Tensor) -> Tensor:
+    """:func:`mean_abs_cosine` from the Gram matrix ``G = Wm Wm^T`` ``(..., f_out, f_out)`` instead.
+
+    ``cos_ij = G_ij / (||w_i|| ||w_j||)`` with ``||w_i|| = sqrt(G_ii)``, so a caller that already has
+    the Gram (the penalty's) gets the correlation without a second matmul. Equal to
+    :func:`mean_abs_cosine` up to rounding; zero filters count as cosine 0 here too.
+    """
+    sq_norm = gram.diagonal(dim1=-2, dim2=-1)
+    inv = torch.where(sq_norm > 0, sq_norm.rsqrt(), torch.zeros_like(sq_norm))
+    # |G_ij| / ||w_i|| <= ||w_j|| (Cauchy-Schwarz): scaling one side at a time cannot overflow.
+    return _mean_abs_off_diagonal(gram * inv.unsqueeze(-1) * inv.unsqueeze(-2))
+
+
+def _mean_abs_off_diagonal(cos: Tensor) -> Tensor:
+    """Mean ``|cos_ij|`` over ``i != j`` of ``(..., n, n)``; 0 for a single filter."""
+    n = cos.shape[-1]
     if n < 2:
         return cos.new_zeros(cos.shape[:-2])
     off_diag = cos.abs().sum(dim=(-1, -2)) - cos.diagonal(dim1=-2, dim2=-1).abs().sum(-1)
