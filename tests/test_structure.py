@@ -86,7 +86,7 @@ def _module_level_imports(tree: ast.Module, module: str, is_package: bool) -> It
 
 
 def test_no_library_module_imports_the_application_at_module_level():
-    modules = dict((name, path) for path, name in _library_modules())
+    modules = {name: path for path, name in _library_modules()}
     assert {
         "timm_ortho",
         "timm_ortho.ortho",

@@ -129,33 +129,14 @@ class OrthoModulated(Optimizer):
         selection = dict(
             include=include, exclude=exclude, skip_stem=skip_stem, skip_classifier=skip_classifier
         )
-        if targets is not None:
-            chosen = sorted(k for k, v in selection.items() if v) + (
-                ["include_depthwise"] * include_depthwise
-            )
-            if chosen:
-                raise ValueError(
-                    f"pass either targets or the options that find them ({', '.join(chosen)}), not both"
-                )
-            found = list(targets)
-        else:
-            found = find_targets(model, **selection, include_depthwise=include_depthwise)
-        self.targets: list[FilterBank] = [t for t in found if t.param.requires_grad]
-        if not self.targets:
-            raise ValueError(
-                f"{type(model).__name__} has no trainable Conv/Linear weight to regularize"
-                + (" after include/exclude/skip filters" if found or include or exclude else "")
-                + "; check the model and the include/exclude patterns."
-            )
+        self.targets: list[FilterBank] = _trainable_targets(model, targets, selection, include_depthwise)
         self._check_owned()
         self._target_index = {id(t.param): i for i, t in enumerate(self.targets)}
         self._separate_weight_decay(weight_decay_policy)
 
         self.defaults.update(ortho_decay=ortho_decay, ortho_step=0, max_grad_ratio=max_grad_ratio)
         for group in self.param_groups:
-            group.setdefault("ortho_decay", ortho_decay)
-            group.setdefault("ortho_step", 0)
-            group.setdefault("max_grad_ratio", max_grad_ratio)
+            self._fill_group_fields(group)
         self._batched = BatchedOrthonormality(self.targets)
         self.modulation = self._make_modulation(model, modulation)
         self._sync_modulation_step()
@@ -229,6 +210,12 @@ class OrthoModulated(Optimizer):
                 "their weight decay. Create LR schedulers after wrapping.",
                 stacklevel=3,
             )
+
+    def _fill_group_fields(self, group: dict[str, Any], step: int = 0) -> None:
+        """Give a param group the wrapper's fields it lacks (a new group, or one saved without them)."""
+        group.setdefault("ortho_decay", self.defaults["ortho_decay"])
+        group.setdefault("ortho_step", step)
+        group.setdefault("max_grad_ratio", self.defaults["max_grad_ratio"])
 
     def _make_modulation(self, model: nn.Module, modulation: bool | dict[str, Any] | Any):
         if modulation is False or modulation is None:
@@ -340,10 +327,7 @@ class OrthoModulated(Optimizer):
         _check_decay(param_group.get("ortho_decay", self.defaults["ortho_decay"]))  # before it is added
         step = self.ortho_step
         self.base_optimizer.add_param_group(param_group)
-        added = self.param_groups[-1]
-        added.setdefault("ortho_decay", self.defaults["ortho_decay"])
-        added.setdefault("ortho_step", step)
-        added.setdefault("max_grad_ratio", self.defaults["max_grad_ratio"])
+        self._fill_group_fields(self.param_groups[-1], step)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -361,9 +345,7 @@ class OrthoModulated(Optimizer):
             state_dict = pre_hook(self, state_dict) or state_dict
         self.base_optimizer.load_state_dict(state_dict)
         for group in self.param_groups:
-            group.setdefault("ortho_decay", self.defaults["ortho_decay"])
-            group.setdefault("ortho_step", 0)
-            group.setdefault("max_grad_ratio", self.defaults["max_grad_ratio"])
+            self._fill_group_fields(group)
             _check_decay(group["ortho_decay"])
         self._sync_modulation_step()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -419,6 +401,33 @@ class OrthoModulated(Optimizer):
             f"ortho_decay: {decays[0] if len(decays) == 1 else decays}, "
             f"modulation: {self.modulation!r}\n)"
         )
+
+
+def _trainable_targets(
+    model: nn.Module,
+    targets: Sequence[FilterBank] | None,
+    selection: dict[str, Any],
+    include_depthwise: bool,
+) -> list[FilterBank]:
+    """The given ``targets``, or those found with ``selection``, less the frozen weights."""
+    if targets is not None:
+        chosen = sorted(k for k, v in selection.items() if v) + ["include_depthwise"] * include_depthwise
+        if chosen:
+            raise ValueError(
+                f"pass either targets or the options that find them ({', '.join(chosen)}), not both"
+            )
+        found = list(targets)
+    else:
+        found = find_targets(model, **selection, include_depthwise=include_depthwise)
+    trainable = [t for t in found if t.param.requires_grad]
+    if not trainable:
+        filtered = found or selection["include"] or selection["exclude"]
+        raise ValueError(
+            f"{type(model).__name__} has no trainable Conv/Linear weight to regularize"
+            + (" after include/exclude/skip filters" if filtered else "")
+            + "; check the model and the include/exclude patterns."
+        )
+    return trainable
 
 
 def _check_ratio(value: float | None) -> None:
