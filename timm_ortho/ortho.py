@@ -23,6 +23,7 @@ input is float64), whatever the input dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
@@ -33,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "GroupLayout",
     "compute_dtype",
+    "filter_shape",
     "from_groups",
     "gram_mean_abs_cosine",
     "group_layout",
@@ -66,6 +68,17 @@ class GroupLayout:
     pad: int
     gather: tuple[int, ...] | None
     scatter: tuple[int, ...] | None
+
+
+def filter_shape(weight_shape: Sequence[int], conv_groups: int = 1) -> tuple[int, int]:
+    """``(f_out, f_in)`` of each conv group's filter matrix, for a weight ``(out, in / conv_groups, *k)``.
+
+    One row per filter: ``f_out = out / conv_groups`` filters of ``f_in = in / conv_groups * prod(k)``.
+    """
+    out = weight_shape[0]
+    if out % conv_groups:
+        raise ValueError(f"weight with {out} filters cannot be split into {conv_groups} conv groups")
+    return out // conv_groups, math.prod(weight_shape[1:])
 
 
 @cache
@@ -162,10 +175,7 @@ def orthonormal_(weight: Tensor, conv_groups: int = 1, generator: torch.Generato
     mutually orthogonal rows: the Q factor of a Gaussian matrix, sign-corrected so that it is
     Haar-distributed (the distribution of Gram-Schmidt on Gaussian filters).
     """
-    out = weight.shape[0]
-    if out % conv_groups:
-        raise ValueError(f"weight with {out} filters cannot be split into {conv_groups} conv groups")
-    f_out, f_in = out // conv_groups, weight[0].numel()
+    f_out, f_in = filter_shape(weight.shape, conv_groups)
     layout = group_layout(f_out, f_in)
     blocks = conv_groups * layout.groups
     gauss = torch.randn(blocks, f_in, layout.size, generator=generator, dtype=torch.float64)

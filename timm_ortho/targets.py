@@ -21,7 +21,7 @@ from typing import Literal
 from einops import rearrange
 from torch import Tensor, nn
 
-from .ortho import GroupLayout, group_layout
+from .ortho import GroupLayout, filter_shape, group_layout
 
 __all__ = ["FilterBank", "Role", "find_targets"]
 
@@ -135,7 +135,7 @@ def find_targets(
             role = "stem"
         elif _in_any(module_name, heads):
             role = "classifier"
-        f_out = weight.shape[0] // conv_groups
+        f_out, f_in = filter_shape(weight.shape, conv_groups)
         found.append(
             FilterBank(
                 name=name,
@@ -144,7 +144,7 @@ def find_targets(
                 param=weight,
                 conv_groups=conv_groups,
                 f_out=f_out,
-                f_in=weight[0].numel(),
+                f_in=f_in,
                 role=role,
             )
         )
