@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from timm.models import FeatureInfo, group_parameters
 from torch import nn
 
+import timm_ortho.init
 from timm_ortho import find_targets, orthonormality_penalty
 from timm_ortho.constants import CIFAR10_MEAN, CIFAR10_STD
-from timm_ortho.models import plain_cnn
 from timm_ortho.models.plain_cnn import (
     BasicBlock,
     CifarResNet,
@@ -698,13 +698,37 @@ def test_random_layouts_keep_the_contract(depths, stem, residual, side, in_chans
 @pytest.mark.parametrize("chunk", [1, 16 * 144 * 2 + 1, 1 << 22])
 def test_batched_orthonormal_init_draws_each_layer_independently(monkeypatch, chunk):
     """Equal layers share one QR call (in chunks of at most `chunk` elements), never one draw."""
-    monkeypatch.setattr(plain_cnn, "_ORTHO_CHUNK_NUMEL", chunk)
+    monkeypatch.setattr(timm_ortho.init, "_ORTHO_CHUNK_NUMEL", chunk)
     model = PlainCnn(depths=(5, 2), widths=(16, 32), num_classes=10)
     assert max(_penalties(model).values()) < 1e-8
     same_shape = [b.conv.weight for b in model.stages[0]]
     for i, j in itertools.combinations(range(len(same_shape)), 2):
         # independent Haar draws: |<w_i, w_j>| over 16 filters is far from the 16 of identical ones
         assert (same_shape[i] * same_shape[j]).sum().abs() < 8
+
+
+def test_init_weights_on_any_model_is_group_wise_and_leaves_norms_alone():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.Conv2d(8, 12, 1, groups=2),  # 2 conv groups of 6 x 4
+        nn.BatchNorm2d(12),
+        nn.Flatten(),
+        nn.Linear(12, 30),  # 30 filters of 12 inputs: fat
+    )
+    nn.init.constant_(model[2].weight, 3.0)
+    banks = timm_ortho.init_weights_(model)
+    assert [b.name for b in banks] == ["0.weight", "1.weight", "4.weight"]
+    assert max(_penalties(model).values()) < 1e-10
+    assert all(not m.bias.any() for m in (model[0], model[1], model[4]))
+    assert torch.equal(model[2].weight, torch.full((12,), 3.0))  # normalization is the model's
+    nn.init.ones_(model[0].bias)
+    timm_ortho.init_weights_(model, "msra", targets=banks[:1], zero_bias=False)
+    assert torch.equal(model[0].bias, torch.ones(8))
+    assert _penalties(model)["0.weight"] > 0.1 and _penalties(model)["4.weight"] < 1e-10
+    with pytest.raises(ValueError, match="unknown init"):
+        timm_ortho.init_weights_(model, "xavier")  # type: ignore[arg-type]
+    on_meta = nn.Linear(4, 4, device="meta")
+    assert timm_ortho.init_weights_(on_meta) == []
 
 
 def test_cifar_statistics_agree_with_the_data_module():

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from timm_ortho import OrthoModulated, param_groups_for_ortho
+from timm_ortho.diagnostics import layer_penalties
 from timm_ortho.ortho import orthonormality_grad, orthonormality_penalty
 from timm_ortho.targets import find_targets
 
@@ -128,6 +129,10 @@ def test_penalty_matches_the_formula_and_follows_the_group_field():
     opt = OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, ortho_decay=0.3)
     expected = sum(orthonormality_penalty(t.matrix().detach(), 0.3).sum() for t in opt.targets)
     torch.testing.assert_close(opt.penalty().double(), expected, rtol=1e-6, atol=0)
+    measured = layer_penalties(opt.targets)  # what a logging loop has already computed
+    assert torch.equal(opt.penalty(measured), opt.penalty())
+    with pytest.raises(ValueError, match="one value per target"):
+        opt.penalty(measured[:-1])
     for group in opt.param_groups:  # what a scheduler driving "ortho_decay" does
         group["ortho_decay"] = 0.0
     assert opt.penalty() == 0

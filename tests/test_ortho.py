@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from timm_ortho.batched import BatchedOrthonormality
 from timm_ortho.ortho import (
+    gram_mean_abs_cosine,
     group_layout,
     mean_abs_cosine,
     orthonormal_,
@@ -206,3 +207,7 @@ def test_mean_abs_cosine_against_a_pairwise_loop():
     orthonormal_(orth)
     assert mean_abs_cosine(orth) < 1e-12
     assert mean_abs_cosine(wm[:1]) == 0
+    # from the Gram matrix instead: the same up to rounding, zero filters included
+    with_zero = torch.cat([wm, torch.zeros(1, 7, dtype=wm.dtype)])
+    for w in (wm, with_zero, wm[:1]):
+        torch.testing.assert_close(gram_mean_abs_cosine(w @ w.T), mean_abs_cosine(w))

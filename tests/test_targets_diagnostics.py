@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import timm
 import torch
 from torch import nn
 
 import timm_ortho  # noqa: F401  (registers the plain nets)
-from timm_ortho.diagnostics import filter_correlation, filter_report, format_filter_report, layer_penalties
+from timm_ortho import diagnostics
+from timm_ortho.diagnostics import (
+    filter_correlation,
+    filter_report,
+    filter_statistics,
+    format_filter_report,
+    layer_penalties,
+)
 from timm_ortho.ortho import mean_abs_cosine, orthonormality_penalty
 from timm_ortho.targets import find_targets
 
@@ -78,3 +88,37 @@ def test_layer_penalties_and_correlation_match_per_layer_math():
     torch.testing.assert_close(filter_correlation(model), cos)
     orthonormal = timm.create_model("plain_cnn20", num_classes=10)
     assert layer_penalties(orthonormal).max() < 1e-6
+
+
+def test_one_pass_gives_both_statistics_and_fat_grouped_convs_lose_all_padding():
+    torch.manual_seed(1)
+    # 2 conv groups of 10 filters x 4 inputs: 3 orthonormalized groups of 4 rows (2 of them padding)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 20, 1, groups=2), nn.Linear(20, 6)).double()
+    banks = find_targets(model)
+    penalties, correlation = filter_statistics(banks)
+    assert torch.equal(penalties, layer_penalties(banks))
+    assert torch.equal(correlation, filter_correlation(banks))
+    expected = torch.stack([2 * orthonormality_penalty(b.matrix().detach()).sum() for b in banks])
+    torch.testing.assert_close(penalties.double(), expected, rtol=1e-6, atol=1e-6)
+    cos = torch.stack([mean_abs_cosine(b.matrix().detach()).mean() for b in banks]).float()
+    torch.testing.assert_close(correlation, cos)
+    assert correlation.device.type == "cpu" and correlation.dtype == torch.float32
+
+
+def test_the_engine_is_built_once_per_target_list_and_dropped_with_it():
+    model = timm.create_model("plain_cnn20", num_classes=10)
+    banks = find_targets(model)
+    engine = diagnostics._engine(banks)
+    layer_penalties(banks)
+    filter_correlation(list(banks))  # an equal list of the same banks: the same engine
+    assert diagnostics._engine(banks) is engine
+    shorter = banks[1:]
+    assert diagnostics._engine(shorter) is not engine
+    assert diagnostics._engine(banks[:-1]) is not engine  # same first bank, another list
+    with torch.no_grad():
+        model.stem.conv.weight.mul_(2)  # the engine reads the weights at call time
+    assert layer_penalties(banks)[0] > 1
+    alive = weakref.ref(model)
+    del model, banks, shorter, engine
+    gc.collect()
+    assert alive() is None  # the cache kept no model alive

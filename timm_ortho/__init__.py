@@ -7,6 +7,7 @@ and an ``ortho_<name>`` optimizer for every optimizer of timm's factory
 
 from . import models  # noqa: F401  (registers the architectures with timm)
 from .factory import create_optimizer, create_ortho_optimizer, register_timm_optimizers
+from .init import init_weights_
 from .optim import OrthoModulated, param_groups_for_ortho
 from .ortho import mean_abs_cosine, orthonormal_, orthonormality_grad, orthonormality_penalty
 from .precise_bn import recompute_bn_statistics
@@ -23,6 +24,7 @@ __all__ = [
     "create_optimizer",
     "create_ortho_optimizer",
     "find_targets",
+    "init_weights_",
     "mean_abs_cosine",
     "orthonormal_",
     "orthonormality_grad",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ortho import GroupLayout, compute_dtype, group_layout
+from .ortho import GroupLayout, compute_dtype, from_groups, gram_mean_abs_cosine, mean_abs_cosine, to_groups
 from .targets import FilterBank
 
 __all__ = ["BatchedOrthonormality"]
@@ -44,38 +44,24 @@ class BatchedOrthonormality:
     """
 
     def __init__(self, banks: Sequence[FilterBank]) -> None:
-        self.entries = [_Entry(b, group_layout(b.f_out, b.f_in)) for b in banks]
+        self.entries = [_Entry(b, b.layout) for b in banks]
         buckets: dict[tuple[int, int, torch.dtype], list[int]] = defaultdict(list)
         for i, e in enumerate(self.entries):
             buckets[(e.layout.size, e.bank.f_in, compute_dtype(e.bank.param.dtype))].append(i)
         self.buckets = list(buckets.items())
-        self._index_cache: dict[tuple[int, str, torch.device], Tensor] = {}
         self._eye_cache: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
         self._workspaces: dict[tuple, dict[str, Tensor]] = {}
-
-    def _index(self, i: int, kind: str, device: torch.device) -> Tensor:
-        key = (i, kind, device)
-        if key not in self._index_cache:
-            layout = self.entries[i].layout
-            values = layout.gather if kind == "gather" else layout.scatter
-            self._index_cache[key] = torch.tensor(values, device=device)
-        return self._index_cache[key]
 
     def _blocks(self, i: int) -> Tensor:
         """Bank ``i``'s weight as ``(blocks, size, f_in)``, zero rows padding uneven groups."""
         e = self.entries[i]
-        w = e.bank.matrix(e.bank.param.detach())
-        if e.layout.gather is not None:
-            w = torch.cat([w, w.new_zeros(w.shape[0], 1, w.shape[2])], dim=1)
-            w = w.index_select(1, self._index(i, "gather", w.device))
+        w = to_groups(e.bank.matrix(e.bank.param.detach()), e.layout)
         return w.reshape(e.blocks, e.layout.size, e.bank.f_in)
 
     def _unblock(self, i: int, u: Tensor) -> Tensor:
         e = self.entries[i]
-        u = u.reshape(e.bank.conv_groups, e.layout.groups * e.layout.size, e.bank.f_in)
-        if e.layout.scatter is not None:
-            u = u.index_select(1, self._index(i, "scatter", u.device))
-        return u.reshape(e.bank.param.shape)
+        u = u.reshape(e.bank.conv_groups, e.layout.groups, e.layout.size, e.bank.f_in)
+        return from_groups(u, e.layout).reshape(e.bank.param.shape)
 
     def _stacked(self, members: list[int], dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
         blocks = [self._blocks(i) for i in members]
@@ -167,15 +153,40 @@ class BatchedOrthonormality:
 
         The penalty of bank ``i`` is ``lambda / 2`` times entry ``i``. Padding rows are removed.
         """
+        return self._gram_statistics(cosine=False)[0]
+
+    @torch.no_grad()
+    def gram_statistics(self) -> tuple[Tensor, Tensor]:
+        """:meth:`squared_residuals` and each bank's filter correlation, from one Gram per group.
+
+        The correlation is the mean ``|cos|`` between distinct filters of a conv group, averaged
+        over conv groups (float32, on the CPU). Where a bank is one group (``f_out <= f_in``) its
+        Gram ``Wg Wg^T`` is the whole filter bank's, and the cosines are read off it
+        (:func:`~timm_ortho.ortho.gram_mean_abs_cosine`); a fat bank's groups do not see each
+        other's filters, so its cosines take a matmul of their own.
+        """
+        squared, cosines = self._gram_statistics(cosine=True)
+        return squared, torch.stack([c.float().cpu() for c in cosines])
+
+    def _gram_statistics(self, cosine: bool) -> tuple[Tensor, list[Tensor]]:
         values: list[Tensor | None] = [None] * len(self.entries)
+        cosines: list[Tensor | None] = [None] * len(self.entries)
         for members, dtype, device in self._groups_of(None):
             w = self._stacked(members, dtype)
             with torch.autocast(device.type, enabled=False):
-                eye = self._eye(w.shape[1], dtype, device)
-                per_block = (w @ w.transpose(1, 2) - eye).square().sum(dim=(1, 2))
+                gram = w @ w.transpose(1, 2)
+            per_block = (gram - self._eye(w.shape[1], dtype, device)).square().sum(dim=(1, 2))
             sizes = [self.entries[i].blocks for i in members]
-            for i, part in zip(members, per_block.split(sizes), strict=True):
-                values[i] = part.sum() - self.entries[i].layout.pad
+            parts = zip(members, per_block.split(sizes), gram.split(sizes), strict=True)
+            for i, part, bank_gram in parts:
+                e = self.entries[i]
+                # Each conv group carries `pad` zero rows, and each adds exactly 1 (see ortho.py).
+                values[i] = part.sum() - e.bank.conv_groups * e.layout.pad
+                if cosine and e.layout.groups == 1:
+                    cosines[i] = gram_mean_abs_cosine(bank_gram).mean()
+                elif cosine:
+                    cosines[i] = mean_abs_cosine(e.bank.matrix(e.bank.param.detach())).mean()
         devices = {v.device for v in values if v is not None}
         device = devices.pop() if len(devices) == 1 else torch.device("cpu")
-        return torch.stack([v.to(device=device, dtype=torch.float32) for v in values])
+        squared = torch.stack([v.to(device=device, dtype=torch.float32) for v in values])
+        return squared, cosines

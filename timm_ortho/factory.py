@@ -31,7 +31,8 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from .optim import DEFAULT_MAX_GRAD_RATIO, DEFAULT_MODULATION, DEFAULT_ORTHO_DECAY, OrthoModulated
+from .defaults import DEFAULT_FORM, DEFAULT_MAX_GRAD_RATIO, DEFAULT_MODULATION, DEFAULT_ORTHO_DECAY
+from .optim import OrthoModulated
 
 __all__ = [
     "ORTHO_OPTIONS",
@@ -119,7 +120,7 @@ def create_optimizer(
     ortho_decay: float = DEFAULT_ORTHO_DECAY,
     modulation: bool | dict[str, Any] = DEFAULT_MODULATION,
     max_grad_ratio: float | None = DEFAULT_MAX_GRAD_RATIO,
-    form: str = "auto",
+    form: str = DEFAULT_FORM,
     target_kwargs: dict[str, Any] | None = None,
     **timm_kwargs: Any,
 ) -> OrthoModulated:

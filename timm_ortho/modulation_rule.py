@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .defaults import DEFAULT_MODULATION_BAND, DEFAULT_MODULATION_MODE, DEFAULT_MODULATION_REFERENCE
 from .ortho import compute_dtype
 
 __all__ = [
@@ -59,12 +60,10 @@ Reference = Literal["previous", "top"]
 
 _MODES = ("clamp", "match")
 
-# The defaults were chosen by the sweep in docs/results.md (plain_cnn44, synthetic set, two seeds):
-# comparing every layer with the top of the chain and matching it once the band is left gave the
-# lowest training loss; the consecutive rule with A = 2 never fires on a slow drift.
-DEFAULT_BAND = 2.0
-DEFAULT_MODE: Mode = "match"
-DEFAULT_REFERENCE: Reference = "top"
+# The rule's defaults live with the method's others (timm_ortho.defaults, with the sweep that chose them).
+DEFAULT_BAND = DEFAULT_MODULATION_BAND
+DEFAULT_MODE: Mode = DEFAULT_MODULATION_MODE
+DEFAULT_REFERENCE: Reference = DEFAULT_MODULATION_REFERENCE
 STATISTICS = ("total", "mean")
 _REFERENCES = ("previous", "top")
 

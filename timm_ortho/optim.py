@@ -32,24 +32,25 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .batched import BatchedOrthonormality
+from .defaults import (  # re-exported: callers import the defaults from here too
+    DEFAULT_FORM,
+    DEFAULT_MAX_GRAD_RATIO,
+    DEFAULT_MODULATION,
+    DEFAULT_ORTHO_DECAY,
+    MIN_WEIGHT_NORM,
+)
 from .forms import resolve_form
 from .targets import FilterBank, find_targets
 
-__all__ = ["OrthoModulated", "param_groups_for_ortho"]
+__all__ = [
+    "DEFAULT_MAX_GRAD_RATIO",
+    "DEFAULT_MODULATION",
+    "DEFAULT_ORTHO_DECAY",
+    "OrthoModulated",
+    "param_groups_for_ortho",
+]
 
 Form = Literal["auto", "coupled", "decoupled"]
-
-# Chosen by the sweep in docs/results.md (plain_cnn44, synthetic set, lr 0.1, two seeds).
-DEFAULT_ORTHO_DECAY = 1e-5
-
-# The step bound and whether the error modulation is on by default, chosen by the runs of
-# `scripts/reproduce.py defaults` and `depth` (plain_cnn110; docs/results.md): every bound from 0.005
-# to 0.02 trains the shaped 110-layer chain to 97-99 % where 0.05 reaches 80 % and none 66-81 %; with
-# the bound on, the modulation added half a point at most (within the seed spread on the synthetic
-# set) for a step 1.5x slower on a GPU, so it is off by default.
-DEFAULT_MODULATION = False
-DEFAULT_MAX_GRAD_RATIO: float | None = 0.01
-_MIN_WEIGHT_NORM = 1e-3
 
 
 class OrthoModulated(Optimizer):
@@ -89,7 +90,7 @@ class OrthoModulated(Optimizer):
         model: nn.Module,
         *,
         ortho_decay: float = DEFAULT_ORTHO_DECAY,
-        form: Form = "auto",
+        form: Form = DEFAULT_FORM,
         weight_decay_policy: Literal["split", "error"] = "split",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
@@ -131,33 +132,14 @@ class OrthoModulated(Optimizer):
         selection = dict(
             include=include, exclude=exclude, skip_stem=skip_stem, skip_classifier=skip_classifier
         )
-        if targets is not None:
-            chosen = sorted(k for k, v in selection.items() if v) + (
-                ["include_depthwise"] * include_depthwise
-            )
-            if chosen:
-                raise ValueError(
-                    f"pass either targets or the options that find them ({', '.join(chosen)}), not both"
-                )
-            found = list(targets)
-        else:
-            found = find_targets(model, **selection, include_depthwise=include_depthwise)
-        self.targets: list[FilterBank] = [t for t in found if t.param.requires_grad]
-        if not self.targets:
-            raise ValueError(
-                f"{type(model).__name__} has no trainable Conv/Linear weight to regularize"
-                + (" after include/exclude/skip filters" if found or include or exclude else "")
-                + "; check the model and the include/exclude patterns."
-            )
+        self.targets: list[FilterBank] = _trainable_targets(model, targets, selection, include_depthwise)
         self._check_owned()
         self._target_index = {id(t.param): i for i, t in enumerate(self.targets)}
         self._separate_weight_decay(weight_decay_policy)
 
         self.defaults.update(ortho_decay=ortho_decay, ortho_step=0, max_grad_ratio=max_grad_ratio)
         for group in self.param_groups:
-            group.setdefault("ortho_decay", ortho_decay)
-            group.setdefault("ortho_step", 0)
-            group.setdefault("max_grad_ratio", max_grad_ratio)
+            self._fill_group_fields(group)
         self._batched = BatchedOrthonormality(self.targets)
         self.modulation = self._make_modulation(model, modulation)
         self._sync_modulation_step()
@@ -233,6 +215,12 @@ class OrthoModulated(Optimizer):
                 stacklevel=3,
             )
 
+    def _fill_group_fields(self, group: dict[str, Any], step: int = 0) -> None:
+        """Give a param group the wrapper's fields it lacks (a new group, or one saved without them)."""
+        group.setdefault("ortho_decay", self.defaults["ortho_decay"])
+        group.setdefault("ortho_step", step)
+        group.setdefault("max_grad_ratio", self.defaults["max_grad_ratio"])
+
     def _make_modulation(self, model: nn.Module, modulation: bool | dict[str, Any] | Any):
         if modulation is False or modulation is None:
             return None
@@ -290,9 +278,9 @@ class OrthoModulated(Optimizer):
     def bound_gradients(self) -> None:
         """Scale target gradients so that ``||grad_l|| <= max_grad_ratio * ||W_l||``; called by step().
 
-        ``factor_l = min(1, ratio * max(||W_l||, 1e-3) / ||grad_l||)``, computed for all layers with
-        two foreach norms and one vector expression: no host sync. A zero gradient keeps factor 1; a
-        non-finite one stays non-finite (a GradScaler never lets such a step through).
+        ``factor_l = min(1, ratio * max(||W_l||, MIN_WEIGHT_NORM) / ||grad_l||)``, computed for all
+        layers with two foreach norms and one vector expression: no host sync. A zero gradient keeps
+        factor 1; a non-finite one stays non-finite (a GradScaler never lets such a step through).
         """
         params: list[Tensor] = []
         ratios: list[float] = []
@@ -312,7 +300,7 @@ class OrthoModulated(Optimizer):
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         g_norm = torch.stack(torch._foreach_norm(grads, dtype=dtype))
         # A weight norm floor (as in adaptive gradient clipping) lets a zero-initialized layer move.
-        w_norm = torch.stack(torch._foreach_norm(params, dtype=dtype)).clamp_min(_MIN_WEIGHT_NORM)
+        w_norm = torch.stack(torch._foreach_norm(params, dtype=dtype)).clamp_min(MIN_WEIGHT_NORM)
         if len(set(ratios)) == 1:  # the common case: a Python scalar, no host-to-device copy
             allowed = w_norm * ratios[0]
         else:
@@ -344,10 +332,7 @@ class OrthoModulated(Optimizer):
         _check_decay(param_group.get("ortho_decay", self.defaults["ortho_decay"]))  # before it is added
         step = self.ortho_step
         self.base_optimizer.add_param_group(param_group)
-        added = self.param_groups[-1]
-        added.setdefault("ortho_decay", self.defaults["ortho_decay"])
-        added.setdefault("ortho_step", step)
-        added.setdefault("max_grad_ratio", self.defaults["max_grad_ratio"])
+        self._fill_group_fields(self.param_groups[-1], step)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -365,9 +350,7 @@ class OrthoModulated(Optimizer):
             state_dict = pre_hook(self, state_dict) or state_dict
         self.base_optimizer.load_state_dict(state_dict)
         for group in self.param_groups:
-            group.setdefault("ortho_decay", self.defaults["ortho_decay"])
-            group.setdefault("ortho_step", 0)
-            group.setdefault("max_grad_ratio", self.defaults["max_grad_ratio"])
+            self._fill_group_fields(group)
             _check_decay(group["ortho_decay"])
         self._sync_modulation_step()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -375,12 +358,23 @@ class OrthoModulated(Optimizer):
 
     # -- what users read ------------------------------------------------------------------------
     @torch.no_grad()
-    def penalty(self) -> torch.Tensor:
+    def penalty(self, squared_residuals: Tensor | None = None) -> torch.Tensor:
         """``R = sum_l ortho_decay_l / 2 * ||Wg Wg^T - I||_F^2`` over all targets, a 0-d tensor.
 
-        Computed from scratch (two matmuls per shape); no host sync, call it when logging.
+        Computed from scratch (one matmul per shape) unless ``squared_residuals``, the per-layer
+        ``||Wg Wg^T - I||_F^2`` aligned with :attr:`targets`, is given: a caller that has just
+        measured them (``timm_ortho.diagnostics.layer_penalties(opt.targets)``) passes them to avoid
+        a second pass. No host sync; call it when logging.
         """
-        squared = self._batched.squared_residuals()
+        if squared_residuals is None:
+            squared = self._batched.squared_residuals()
+        elif squared_residuals.shape != (len(self.targets),):
+            raise ValueError(
+                f"squared_residuals must hold one value per target ({len(self.targets)}), "
+                f"got shape {tuple(squared_residuals.shape)}"
+            )
+        else:
+            squared = squared_residuals
         decay = torch.zeros(len(self.targets), dtype=squared.dtype)
         for group in self.param_groups:
             for p in group["params"]:
@@ -412,6 +406,33 @@ class OrthoModulated(Optimizer):
             f"ortho_decay: {decays[0] if len(decays) == 1 else decays}, "
             f"modulation: {self.modulation!r}\n)"
         )
+
+
+def _trainable_targets(
+    model: nn.Module,
+    targets: Sequence[FilterBank] | None,
+    selection: dict[str, Any],
+    include_depthwise: bool,
+) -> list[FilterBank]:
+    """The given ``targets``, or those found with ``selection``, less the frozen weights."""
+    if targets is not None:
+        chosen = sorted(k for k, v in selection.items() if v) + ["include_depthwise"] * include_depthwise
+        if chosen:
+            raise ValueError(
+                f"pass either targets or the options that find them ({', '.join(chosen)}), not both"
+            )
+        found = list(targets)
+    else:
+        found = find_targets(model, **selection, include_depthwise=include_depthwise)
+    trainable = [t for t in found if t.param.requires_grad]
+    if not trainable:
+        filtered = found or selection["include"] or selection["exclude"]
+        raise ValueError(
+            f"{type(model).__name__} has no trainable Conv/Linear weight to regularize"
+            + (" after include/exclude/skip filters" if filtered else "")
+            + "; check the model and the include/exclude patterns."
+        )
+    return trainable
 
 
 def _check_ratio(value: float | None, where: str = "") -> None:

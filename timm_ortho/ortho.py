@@ -23,8 +23,9 @@ input is float64), whatever the input dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 from einops import rearrange
@@ -33,11 +34,15 @@ from torch import Tensor
 __all__ = [
     "GroupLayout",
     "compute_dtype",
+    "filter_shape",
+    "from_groups",
+    "gram_mean_abs_cosine",
     "group_layout",
     "mean_abs_cosine",
     "orthonormal_",
     "orthonormality_grad",
     "orthonormality_penalty",
+    "to_groups",
 ]
 
 
@@ -65,6 +70,17 @@ class GroupLayout:
     scatter: tuple[int, ...] | None
 
 
+def filter_shape(weight_shape: Sequence[int], conv_groups: int = 1) -> tuple[int, int]:
+    """``(f_out, f_in)`` of each conv group's filter matrix, for a weight ``(out, in / conv_groups, *k)``.
+
+    One row per filter: ``f_out = out / conv_groups`` filters of ``f_in = in / conv_groups * prod(k)``.
+    """
+    out = weight_shape[0]
+    if out % conv_groups:
+        raise ValueError(f"weight with {out} filters cannot be split into {conv_groups} conv groups")
+    return out // conv_groups, math.prod(weight_shape[1:])
+
+
 @cache
 def group_layout(f_out: int, f_in: int) -> GroupLayout:
     """The group-wise rule: ``ceil(f_out / f_in)`` consecutive groups of balanced size."""
@@ -89,15 +105,39 @@ def group_layout(f_out: int, f_in: int) -> GroupLayout:
     return GroupLayout(f_out, f_in, groups, size, pad, tuple(gather), tuple(scatter))
 
 
+@lru_cache(maxsize=1024)
+def _row_index(rows: tuple[int, ...], device: torch.device) -> Tensor:
+    """A layout's gather or scatter rows as an index tensor, made once per device (no copy per step)."""
+    # A normal tensor even when first asked for under inference_mode: autograd may save it later.
+    with torch.inference_mode(False):
+        return torch.tensor(rows, device=device)
+
+
+def to_groups(wm: Tensor, layout: GroupLayout | None = None) -> Tensor:
+    """``(..., f_out, f_in)`` -> ``(..., groups, size, f_in)``: the group-wise rule, zero-padded.
+
+    Uneven groups get zero rows at their ends (the ``gather`` of :func:`group_layout`); the dtype is
+    kept. Without padding the result is a view of ``wm``.
+    """
+    layout = layout or group_layout(*wm.shape[-2:])
+    if layout.gather is not None:
+        wm = torch.cat([wm, wm.new_zeros(*wm.shape[:-2], 1, wm.shape[-1])], dim=-2)
+        wm = wm.index_select(-2, _row_index(layout.gather, wm.device))
+    return rearrange(wm, "... (g s) d -> ... g s d", g=layout.groups)
+
+
+def from_groups(wg: Tensor, layout: GroupLayout) -> Tensor:
+    """``(..., groups, size, d)`` -> ``(..., f_out, d)``, padding rows dropped (undoes :func:`to_groups`)."""
+    rows = rearrange(wg, "... g s d -> ... (g s) d")
+    if layout.scatter is not None:
+        rows = rows.index_select(-2, _row_index(layout.scatter, rows.device))
+    return rows
+
+
 def _grouped(wm: Tensor) -> tuple[Tensor, GroupLayout]:
     """``(..., f_out, f_in)`` -> ``(..., groups, size, f_in)`` in the compute dtype, zero-padded."""
-    f_out, f_in = wm.shape[-2:]
-    layout = group_layout(f_out, f_in)
-    w = wm.to(compute_dtype(wm.dtype))
-    if layout.gather is not None:
-        w = torch.cat([w, w.new_zeros(*w.shape[:-2], 1, f_in)], dim=-2)
-        w = w.index_select(-2, torch.tensor(layout.gather, device=w.device))
-    return rearrange(w, "... (g s) d -> ... g s d", g=layout.groups), layout
+    layout = group_layout(*wm.shape[-2:])
+    return to_groups(wm.to(compute_dtype(wm.dtype)), layout), layout
 
 
 def _gram_residual(wg: Tensor) -> Tensor:
@@ -123,11 +163,7 @@ def orthonormality_grad(wm: Tensor, decay: float = 1.0) -> Tensor:
     Returned in the compute dtype (float32, or float64 for float64 input).
     """
     wg, layout = _grouped(wm)
-    grad = 2.0 * decay * (_gram_residual(wg) @ wg)
-    grad = rearrange(grad, "... g s d -> ... (g s) d")
-    if layout.scatter is not None:
-        grad = grad.index_select(-2, torch.tensor(layout.scatter, device=grad.device))
-    return grad
+    return from_groups(2.0 * decay * (_gram_residual(wg) @ wg), layout)
 
 
 @torch.no_grad()
@@ -139,18 +175,13 @@ def orthonormal_(weight: Tensor, conv_groups: int = 1, generator: torch.Generato
     mutually orthogonal rows: the Q factor of a Gaussian matrix, sign-corrected so that it is
     Haar-distributed (the distribution of Gram-Schmidt on Gaussian filters).
     """
-    out = weight.shape[0]
-    if out % conv_groups:
-        raise ValueError(f"weight with {out} filters cannot be split into {conv_groups} conv groups")
-    f_out, f_in = out // conv_groups, weight[0].numel()
+    f_out, f_in = filter_shape(weight.shape, conv_groups)
     layout = group_layout(f_out, f_in)
     blocks = conv_groups * layout.groups
     gauss = torch.randn(blocks, f_in, layout.size, generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gauss)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    rows = rearrange(q, "(c g) d s -> c (g s) d", c=conv_groups)
-    if layout.scatter is not None:
-        rows = rows.index_select(1, torch.tensor(layout.scatter))
+    rows = from_groups(rearrange(q, "(c g) d s -> c g s d", c=conv_groups), layout)
     weight.copy_(rows.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
     return weight
 
@@ -163,8 +194,25 @@ def mean_abs_cosine(wm: Tensor) -> Tensor:
     """
     w = wm.to(compute_dtype(wm.dtype))
     unit = w / w.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    cos = unit @ unit.transpose(-1, -2)
-    n = w.shape[-2]
+    return _mean_abs_off_diagonal(unit @ unit.transpose(-1, -2))
+
+
+def gram_mean_abs_cosine(gram: Tensor) -> Tensor:
+    """:func:`mean_abs_cosine` from the Gram matrix ``G = Wm Wm^T`` ``(..., f_out, f_out)`` instead.
+
+    ``cos_ij = G_ij / (||w_i|| ||w_j||)`` with ``||w_i|| = sqrt(G_ii)``, so a caller that already has
+    the Gram (the penalty's) gets the correlation without a second matmul. Equal to
+    :func:`mean_abs_cosine` up to rounding; zero filters count as cosine 0 here too.
+    """
+    sq_norm = gram.diagonal(dim1=-2, dim2=-1)
+    inv = torch.where(sq_norm > 0, sq_norm.rsqrt(), torch.zeros_like(sq_norm))
+    # |G_ij| / ||w_i|| <= ||w_j|| (Cauchy-Schwarz): scaling one side at a time cannot overflow.
+    return _mean_abs_off_diagonal(gram * inv.unsqueeze(-1) * inv.unsqueeze(-2))
+
+
+def _mean_abs_off_diagonal(cos: Tensor) -> Tensor:
+    """Mean ``|cos_ij|`` over ``i != j`` of ``(..., n, n)``; 0 for a single filter."""
+    n = cos.shape[-1]
     if n < 2:
         return cos.new_zeros(cos.shape[:-2])
     off_diag = cos.abs().sum(dim=(-1, -2)) - cos.diagonal(dim1=-2, dim2=-1).abs().sum(-1)

@@ -21,7 +21,7 @@ from typing import Literal
 from einops import rearrange
 from torch import Tensor, nn
 
-from .ortho import group_layout
+from .ortho import GroupLayout, filter_shape, group_layout
 
 __all__ = ["FilterBank", "Role", "find_targets"]
 
@@ -52,9 +52,14 @@ class FilterBank:
         return self.f_out > self.f_in
 
     @property
+    def layout(self) -> GroupLayout:
+        """How each conv group's filters are cut into orthonormalizable groups (the one rule, in ortho.py)."""
+        return group_layout(self.f_out, self.f_in)
+
+    @property
     def ortho_groups(self) -> int:
         """Orthonormalized groups per conv group: ``ceil(f_out / f_in)``."""
-        return group_layout(self.f_out, self.f_in).groups
+        return self.layout.groups
 
     def matrix(self, weight: Tensor | None = None) -> Tensor:
         """The weight as a ``(conv_groups, f_out, f_in)`` view."""
@@ -130,7 +135,7 @@ def find_targets(
             role = "stem"
         elif _in_any(module_name, heads):
             role = "classifier"
-        f_out = weight.shape[0] // conv_groups
+        f_out, f_in = filter_shape(weight.shape, conv_groups)
         found.append(
             FilterBank(
                 name=name,
@@ -139,7 +144,7 @@ def find_targets(
                 param=weight,
                 conv_groups=conv_groups,
                 f_out=f_out,
-                f_in=weight[0].numel(),
+                f_in=f_in,
                 role=role,
             )
         )

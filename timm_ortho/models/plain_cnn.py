@@ -34,7 +34,6 @@ biases to 0.
 # No ``from __future__ import annotations`` here: torch.fx copies a forward's annotations into the
 # code it generates, and TorchScript cannot resolve them as strings (``Unknown type name``), which
 # breaks fx + TorchScript. The annotations below are valid at runtime on Python >= 3.10.
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -47,7 +46,8 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..constants import CIFAR10_MEAN, CIFAR10_STD
-from ..ortho import orthonormal_
+from ..defaults import DEFAULT_INIT, INIT_SCHEMES, InitScheme
+from ..init import check_init_scheme, init_weights_
 from ..shaping import tat_leaky_relu
 
 __all__ = [
@@ -60,15 +60,11 @@ __all__ = [
     "PadShortcut",
     "PlainCnn",
     "StagedCnn",
-    "init_layer_",
     "resolve_act_layer",
 ]
 
 TAT_ACT = "leaky_relu_tat"
 """``act_layer`` name of the depth-shaped leaky ReLU (its slope: :mod:`timm_ortho.shaping`)."""
-
-InitScheme = Literal["orthonormal", "msra"]
-INIT_SCHEMES: tuple[str, ...] = ("orthonormal", "msra")
 
 StemType = Literal["cifar", "imagenet"]
 _STEMS = ("cifar", "imagenet")
@@ -79,66 +75,6 @@ _METHOD_PAPER_NAME = (
     "All You Need is Beyond a Good Init: Exploring Better Solution for Training Extremely Deep "
     "Convolutional Neural Networks with Orthonormality and Modulation"
 )
-
-
-def _check_init(init: str) -> None:
-    if init not in INIT_SCHEMES:
-        raise ValueError(f"unknown init {init!r}: choose one of {INIT_SCHEMES} (e.g. init='orthonormal')")
-
-
-@torch.no_grad()
-def init_layer_(module: nn.Conv2d | nn.Linear, init: InitScheme = "orthonormal") -> None:
-    """Initialize one conv or linear layer in place with the named scheme.
-
-    ``orthonormal``: the filter matrix ``Wm`` (``f_out x f_in``) gets orthonormal rows, ``Wm Wm^T = I``,
-    group-wise (``ceil(f_out / f_in)`` groups) where ``f_out > f_in``; see :func:`timm_ortho.orthonormal_`.
-    ``msra``: convs get ``N(0, 2 / (out_channels * kh * kw))`` (Kaiming normal, fan-out, ReLU gain);
-    a linear layer keeps PyTorch's default ``U(-1/sqrt(f_in), 1/sqrt(f_in))``, as in timm's ResNet.
-    Biases are set to zero in both schemes.
-    """
-    _check_init(init)
-    # A meta tensor holds no values: skip the QR work when a model is built on the meta device.
-    if module.weight.is_meta:
-        return
-    if init == "orthonormal":
-        orthonormal_(module.weight, getattr(module, "groups", 1))
-    elif isinstance(module, nn.Linear):
-        module.reset_parameters()
-    else:
-        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
-
-
-# Upper bound on the elements initialized by one batched QR call (float64: 32 MiB of Gaussian draws).
-_ORTHO_CHUNK_NUMEL = 1 << 22
-
-
-@torch.no_grad()
-def _orthonormal_layers_(layers: Sequence[nn.Conv2d | nn.Linear]) -> None:
-    """:func:`init_layer_` with ``"orthonormal"`` for many layers, one QR call per chunk of equal shapes.
-
-    Layers of equal weight shape are stacked into one weight whose conv groups are the layers, so
-    :func:`timm_ortho.orthonormal_` draws an independent orthonormal filter bank per layer (per conv
-    group, per fat-matrix group) in one batched QR. A deep chain has hundreds of equal layers and
-    one small QR per layer costs far more in call overhead than in arithmetic.
-    """
-    by_shape: dict[tuple[Any, ...], list[nn.Conv2d | nn.Linear]] = defaultdict(list)
-    for m in layers:
-        w = m.weight
-        if w.is_meta:
-            continue
-        by_shape[(tuple(w.shape), getattr(m, "groups", 1), w.dtype, w.device)].append(m)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    for (shape, groups, dtype, device), same in by_shape.items():
-        per_chunk = max(1, _ORTHO_CHUNK_NUMEL // same[0].weight.numel())
-        for start in range(0, len(same), per_chunk):
-            chunk = same[start : start + per_chunk]
-            stacked = torch.empty((len(chunk) * shape[0], *shape[1:]), dtype=dtype, device=device)
-            orthonormal_(stacked, len(chunk) * groups)
-            for m, w in zip(chunk, stacked.split(shape[0]), strict=True):
-                m.weight.copy_(w)
 
 
 class ConvBnAct(nn.Module):
@@ -241,7 +177,7 @@ class StagedCnn(nn.Module):
         in_chans: input image channels.
         global_pool: timm pooling type (``"avg"``, ``"max"``, ...; ``""`` for none).
         drop_rate: dropout before the classifier.
-        init: ``"orthonormal"`` (default) or ``"msra"``, see :func:`init_layer_`.
+        init: ``"orthonormal"`` (default) or ``"msra"``, see :func:`timm_ortho.init_weights_`.
         act_layer: the activation of every layer, in timm's convention: a name that
             ``timm.layers.get_act_layer`` knows (``"relu"``, ``"leaky_relu"``, ``"gelu"``, ...), a class
             or a no-argument callable, or ``"leaky_relu_tat"``: a leaky ReLU whose slope is derived
@@ -263,7 +199,7 @@ class StagedCnn(nn.Module):
         in_chans: int = 3,
         global_pool: str = "avg",
         drop_rate: float = 0.0,
-        init: InitScheme = "orthonormal",
+        init: InitScheme = DEFAULT_INIT,
         act_layer: str | Callable[[], nn.Module] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -278,7 +214,7 @@ class StagedCnn(nn.Module):
             raise ValueError(f"depths and widths must be positive, got {tuple(depths)} and {tuple(widths)}")
         if stem not in _STEMS:
             raise ValueError(f"unknown stem {stem!r}: choose one of {_STEMS}")
-        _check_init(init)
+        check_init_scheme(init)
         dd = {"device": device, "dtype": dtype}
         # Activations along the longest path: the stem's and every conv's of every block.
         act = resolve_act_layer(
@@ -327,16 +263,10 @@ class StagedCnn(nn.Module):
         self.init_weights(init)
 
     @torch.jit.ignore
-    def init_weights(self, init: InitScheme = "orthonormal") -> None:
+    def init_weights(self, init: InitScheme = DEFAULT_INIT) -> None:
         """(Re)initialize every layer: convs and linears by ``init``, BatchNorm to weight 1, bias 0."""
-        _check_init(init)
+        init_weights_(self, init)
         self.init_scheme = init
-        layers = [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        if init == "orthonormal":
-            _orthonormal_layers_(layers)
-        else:
-            for m in layers:
-                init_layer_(m, init)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d) and not m.weight.is_meta:
                 nn.init.ones_(m.weight)
@@ -369,7 +299,7 @@ class StagedCnn(nn.Module):
         self.head.reset(num_classes, global_pool, **get_device_dtype(self))
         self.head_hidden_size = self.num_features
         if isinstance(self.head.fc, nn.Linear):
-            init_layer_(self.head.fc, self.init_scheme)
+            init_weights_(self.head.fc, self.init_scheme)
 
     def _run_stage(self, stage: nn.Module, x: Tensor) -> Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
