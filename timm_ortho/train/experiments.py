@@ -42,10 +42,10 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from ..defaults import DEFAULT_ORTHO_DECAY
 from ..diagnostics import filter_correlation
 from ..factory import create_optimizer
 from ..modulation import ErrorModulation, ModulationStats
-from ..optim import DEFAULT_ORTHO_DECAY
 from ..precise_bn import recompute_bn_statistics
 
 __all__ = ["RunConfig", "TensorData", "best_by_loss", "load_tensor_data", "run", "run_many"]
