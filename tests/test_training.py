@@ -24,16 +24,9 @@ from timm_ortho.train.checkpoint import (
     list_checkpoints,
     resolve_resume,
 )
-from timm_ortho.train.loop import (
-    CIFAR_PROTOCOL,
-    TrainConfig,
-    _build_schedule,
-    _ratio_history,
-    build_parser,
-    config_from_args,
-    main,
-    train,
-)
+from timm_ortho.train.config import CIFAR_PROTOCOL, TrainConfig, build_parser, config_from_args
+from timm_ortho.train.loop import _build_schedule, main, train
+from timm_ortho.train.tracking import ratio_history
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -280,7 +273,7 @@ def test_resume_gives_bit_identical_weights(tmp_path):
     assert states_equal(resumed.ema_model.state_dict(), full.ema_model.state_dict())
     assert any(r["type"] == "resume" for r in records(tmp_path / "cut"))
     # The run's history spans the interruption: every update logged once, in order.
-    history = _ratio_history(tmp_path / "cut" / "metrics.jsonl", unmodulated=True)
+    history = ratio_history(tmp_path / "cut" / "metrics.jsonl", unmodulated=True)
     assert history["as trained"][0] == list(range(1, 11))
     assert (tmp_path / "cut" / "bottom_top_ratio.png").is_file()
 
@@ -413,21 +406,23 @@ def test_amp_flag_sets_mixed_precision(tmp_path):
 
 
 def test_trainer_builds_the_optimizer_with_timms_factory(tmp_path, monkeypatch):
-    """The script's optimizer is create_ortho_optimizer: timm's param groups, targets without L2."""
-    import timm_ortho.factory as factory
+    """The script's optimizer is timm_ortho.create_optimizer: timm's param groups, targets without L2,
+    the targets the trainer found (once) handed over."""
+    import timm_ortho
 
     calls = []
-    create = factory.create_ortho_optimizer
+    create = timm_ortho.create_optimizer
 
     def recording(model, opt, **kwargs):
         calls.append((opt, kwargs))
         return create(model, opt, **kwargs)
 
-    monkeypatch.setattr(factory, "create_ortho_optimizer", recording)
+    monkeypatch.setattr(timm_ortho, "create_optimizer", recording)
     train(tiny(tmp_path, max_steps=1, ortho_exclude=["head.fc.weight"], weight_decay=1e-3))
     ((opt, kwargs),) = calls
     assert opt == "momentum" and kwargs["weight_decay"] == 1e-3
-    assert kwargs["target_kwargs"] == {"exclude": ["head.fc.weight"]}
+    names = [t.name for t in kwargs["target_kwargs"]["targets"]]
+    assert len(names) == 19 and "head.fc.weight" not in names  # the excluded weight is no target
 
 
 def test_one_run_folder_holds_one_timeline(tmp_path, capsys):
@@ -511,7 +506,8 @@ def test_a_short_run_learns_the_synthetic_set(tmp_path):
 
 
 def test_drop_path_on_a_plain_net_is_a_clear_config_error():
-    from timm_ortho.train.loop import ConfigError, TrainConfig, _create_model
+    from timm_ortho.train.config import ConfigError, TrainConfig
+    from timm_ortho.train.loop import _create_model
 
     with pytest.raises(ConfigError, match="drop-path"):
         _create_model(TrainConfig(model="plain_cnn20", drop_path=0.1), num_classes=10)
