@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from timm_ortho.train.build import build_schedule
 from timm_ortho.train.checkpoint import (
     MARKER,
     CheckpointManager,
@@ -25,7 +26,7 @@ from timm_ortho.train.checkpoint import (
     resolve_resume,
 )
 from timm_ortho.train.config import CIFAR_PROTOCOL, TrainConfig, build_parser, config_from_args
-from timm_ortho.train.loop import _build_schedule, main, train
+from timm_ortho.train.loop import main, train
 from timm_ortho.train.tracking import ratio_history
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +188,7 @@ def test_cifar_defaults_are_the_papers_protocol():
 
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=cfg.lr, momentum=cfg.momentum)
-    scheduler, total, epochs = _build_schedule(cfg, opt, updates_per_epoch=390)
+    scheduler, total, epochs = build_schedule(cfg, opt, updates_per_epoch=390)
     assert total == 64000 and epochs == 165
     for t, expected in [(0, 0.1), (31999, 0.1), (32000, 0.01), (47999, 0.01), (48000, 0.001), (63999, 0.001)]:
         scheduler.step_update(t)
@@ -214,17 +215,17 @@ def test_baseline_uses_l2_and_the_method_does_not(tmp_path):
 
 
 def test_bf16_on_cpu(tmp_path, monkeypatch):
-    import timm_ortho.train.loop as training
+    import timm_ortho.train.build as build
 
     dtypes: list[torch.dtype] = []
-    create = training._create_model
+    create = build.create_model
 
     def recording(cfg, num_classes):
         model, desc = create(cfg, num_classes)
         model.stem.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
         return model, desc
 
-    monkeypatch.setattr(training, "_create_model", recording)
+    monkeypatch.setattr(build, "create_model", recording)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     result = train(tiny(tmp_path, modulation=True, max_steps=3))
     assert result.summary["mixed_precision"] == "bf16"
@@ -506,11 +507,11 @@ def test_a_short_run_learns_the_synthetic_set(tmp_path):
 
 
 def test_drop_path_on_a_plain_net_is_a_clear_config_error():
+    from timm_ortho.train.build import create_model
     from timm_ortho.train.config import ConfigError, TrainConfig
-    from timm_ortho.train.loop import _create_model
 
     with pytest.raises(ConfigError, match="drop-path"):
-        _create_model(TrainConfig(model="plain_cnn20", drop_path=0.1), num_classes=10)
+        create_model(TrainConfig(model="plain_cnn20", drop_path=0.1), num_classes=10)
 
 
 def test_precise_bn_is_on_for_plain_nets_and_recomputes_the_statistics(tmp_path, capsys):

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import logging
 import math
@@ -54,32 +53,17 @@ from accelerate.logging import get_logger
 from torch import nn
 
 from ..precise_bn import bn_layers, recompute_bn_statistics
-from .checkpoint import CheckpointManager, check_run_folder, resolve_resume
-from .config import (
-    CIFAR_PROTOCOL,
-    DEFAULT_PRECISE_BN_BATCHES,
-    ConfigError,
-    Preset,
-    TrainConfig,
-    build_parser,
-    config_from_args,
-    validate_config,
-)
-from .data import DataError, SeededTransform, build_datasets, build_loader, build_transforms
-from .tracking import JsonlTracker, banner, format_summary, log_record, ratio_history, to_json
+from . import build
+from .checkpoint import CheckpointManager
+from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args, validate_config
+from .data import DataError, SeededTransform
+from .tracking import JsonlTracker, format_summary, log_record, ratio_history, to_json
 
 __all__ = [
-    "CIFAR_PROTOCOL",
-    "ConfigError",
     "Run",
-    "TrainConfig",
     "TrainProgress",
     "TrainResult",
-    "build_parser",
-    "config_from_args",
     "evaluate",
-    "format_summary",
-    "init_weights_",
     "main",
     "setup",
     "train",
@@ -162,312 +146,35 @@ class Run:
 # ----------------------------------------------------------------------------------------------
 # setup
 # ----------------------------------------------------------------------------------------------
-def _cpu_only_multiprocess() -> bool:
-    """Several processes launched on a machine without an accelerator (``CUDA_VISIBLE_DEVICES=``).
-
-    Accelerate then sees each process as a lone one unless told to use the CPU, and every process
-    would train its own copy into the same folder; with ``cpu=True`` they form a gloo group
-    (``DistributedType.MULTI_CPU``).
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    probe = getattr(torch, "accelerator", None)
-    return not (probe.is_available() if probe is not None else torch.cuda.is_available())
-
-
-def _make_accelerator(cfg: TrainConfig) -> Any:
-    import accelerate.utils as au
-    from accelerate import Accelerator
-
-    installed = [
-        n for n in cfg.log_with or () if n == "all" or getattr(au, f"is_{n}_available", lambda: False)()
-    ]
-    accelerator = Accelerator(
-        cpu=_cpu_only_multiprocess(),
-        # None leaves the choice to `accelerate launch --mixed_precision` / its config file.
-        mixed_precision=({"float16": "fp16", "bfloat16": "bf16"}[cfg.amp_dtype] if cfg.amp else None),
-        gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with=[JsonlTracker(os.devnull), *installed],  # the tracker's file is set with the run folder
-        step_scheduler_with_optimizer=False,
-    )
-    # Other processes report warnings only (our own messages go through the main-process adapter).
-    logging.getLogger("timm_ortho").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    for name in sorted(set(cfg.log_with or ()) - set(installed)):
-        _log.warning("tracker %r is not installed (or unknown to accelerate): not logging to it", name)
-    return accelerator
-
-
-def _run_folder(cfg: TrainConfig, accelerator: Any) -> tuple[Path, Path | None]:
-    """The run folder (named once, on the main process) and the checkpoint to resume from."""
-    from accelerate.utils import broadcast_object_list
-
-    run_dir, resume_path = None, None
-    if cfg.resume is not None:
-        given = Path(cfg.output) / cfg.experiment if cfg.experiment else None
-        try:
-            resume_path = resolve_resume(cfg.resume, given)
-        except FileNotFoundError:
-            # "auto" with a named run that has no checkpoint yet is a first launch: the same command
-            # line then serves the first start and every restart of a preemptible job.
-            if cfg.resume not in ("auto", "latest") or given is None:
-                raise
-            _log.info("--resume %s: no checkpoint under %s yet, starting from scratch", cfg.resume, given)
-        if resume_path is not None and cfg.experiment is None and resume_path.parent.name == "checkpoints":
-            run_dir = resume_path.parent.parent
-    if run_dir is None:
-        method = "baseline" if cfg.baseline else ("ortho-mod" if cfg.modulation else "ortho")
-        name = [cfg.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{method}"]
-        broadcast_object_list(name)  # the main process's clock names the folder
-        run_dir = Path(cfg.output) / name[0]
-    check_run_folder(run_dir, resume_path)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.project_configuration.set_directories(str(run_dir))
-    return run_dir, resume_path
-
-
-def _build_data(cfg: TrainConfig, accelerator: Any) -> tuple[Any, SeededTransform, Any, Any]:
-    """``(datasets, train_set, train_loader, val_loader)``; the loaders are not prepared yet."""
-    from timm.models import get_pretrained_cfg
-
-    pretrained = get_pretrained_cfg(cfg.model)
-    size = getattr(pretrained, "input_size", None) if pretrained is not None else None
-    data_cfg = cfg.data_config(cfg.img_size or (int(size[-1]) if size else 224))
-    datasets = build_datasets(data_cfg)
-    if datasets.synthetic:
-        what = "Accuracy on it says nothing about ImageNet or CIFAR; pass --data-dir for real data."
-        lines = [
-            "NO DATA DIRECTORY GIVEN: TRAINING ON THE EMBEDDED SYNTHETIC DATA SET",
-            datasets.description,
-            what,
-        ]
-        _log.warning("\n%s", banner(lines))
-    else:
-        _log.info("data: %s", datasets.description)
-    train_tf, eval_tf = build_transforms(data_cfg, datasets.mean, datasets.std, datasets.native_size)
-    train_set = SeededTransform(datasets.train, train_tf, seed=cfg.seed)
-    val_set = SeededTransform(datasets.val, eval_tf, seed=cfg.seed)
-    loader = dict(seed=cfg.seed, workers=cfg.workers)
-    loader["pin_memory"] = cfg.pin_memory if cfg.pin_memory is not None else accelerator.device.type == "cuda"
-    train_loader = build_loader(train_set, cfg.batch_size, train=True, **loader)
-    val_loader = build_loader(val_set, cfg.validation_batch_size or cfg.batch_size, train=False, **loader)
-    return datasets, train_set, train_loader, val_loader
-
-
-def init_weights_(model: nn.Module, scheme: str) -> str:
-    """The trainer's whole-model initialization of a model that takes no ``init`` argument.
-
-    ``msra`` keeps the model's own (timm) initialization; ``orthonormal`` gives every conv/linear
-    weight orthonormal filters. Returns how the model was initialized, for the run's description.
-    """
-    from ..ortho import orthonormal_
-    from ..targets import find_targets
-
-    if scheme == "msra":
-        return "the model's own (timm) initialization"
-    for t in find_targets(model):
-        orthonormal_(t.param, t.conv_groups)
-    return "orthonormal (applied by the trainer to every conv/linear weight)"
-
-
-def _create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
-    """The model and a description of its initialization."""
-    import timm
-    from timm.models import model_entrypoint
-
-    from ..models.plain_cnn import StagedCnn
-
-    kwargs: dict[str, Any] = {"num_classes": num_classes, **cfg.model_kwargs}
-    if cfg.drop is not None:
-        kwargs["drop_rate"] = cfg.drop
-    if cfg.drop_path is not None:
-        kwargs["drop_path_rate"] = cfg.drop_path
-    init = cfg.init or ("msra" if cfg.baseline else "orthonormal")
-    # This package's architectures (all StagedCnn, registered from its own modules) take the
-    # initialization as a creation argument; the signature says which other arguments they take.
-    if not model_entrypoint(cfg.model).__module__.startswith(StagedCnn.__module__.rpartition(".")[0]):
-        model = timm.create_model(cfg.model, **kwargs)
-        return model, init_weights_(model, init)
-    if cfg.drop_path is not None and "drop_path_rate" not in inspect.signature(StagedCnn).parameters:
-        raise ConfigError(
-            f"--drop-path: {cfg.model} takes no drop_path_rate (a plain net has no residual branch "
-            "to drop); leave --drop-path out for this model"
-        )
-    return timm.create_model(cfg.model, init=init, **kwargs), init
-
-
-def _build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any, Any, list, str]:
-    """``(optimizer, probe, targets, description)``: timm's optimizer, wrapped for the method.
-
-    The targets are found once, here, and handed to the wrapper. Without modulation the probe is a
-    measure-only ErrorModulation (it changes no error), so both sides of a comparison record Fig. 3.
-    """
-    from timm.optim import create_optimizer_v2
-
-    import timm_ortho
-
-    from ..modulation import ErrorModulation
-    from ..targets import find_targets
-
-    extra = {"momentum": cfg.momentum, **({"eps": cfg.opt_eps} if cfg.opt_eps is not None else {})}
-    targets = [t for t in find_targets(model, exclude=cfg.ortho_exclude) if t.param.requires_grad]
-    if cfg.baseline:
-        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **extra)
-        probe = ErrorModulation(model, targets=targets, measure_only=True) if cfg.error_stats else None
-        return optimizer, probe, targets, f"L2 weight decay {cfg.weight_decay:g}, no modulation"
-    options = cfg.modulation_options()
-    modulation = options if options is not None else ({"measure_only": True} if cfg.error_stats else False)
-    # timm's parameter groups (no_weight_decay(), 1-D parameters), the targets without L2.
-    optimizer = timm_ortho.create_optimizer(
-        model,
-        cfg.opt,
-        lr=lr,
-        weight_decay=cfg.weight_decay,
-        ortho_decay=cfg.ortho_decay,
-        form=cfg.ortho_form,
-        modulation=modulation,
-        max_grad_ratio=cfg.max_grad_ratio or None,
-        target_kwargs={"targets": targets},
-        **extra,
-    )
-    bound = f"|grad| <= {cfg.max_grad_ratio:g} |W| per layer" if cfg.max_grad_ratio else "off"
-    if options is None:
-        described = "off" + (" (error moments measured only)" if cfg.error_stats else "")
-    else:
-        described = "on " + (
-            ", ".join(f"{k}={v}" for k, v in options.items()) or "(ErrorModulation defaults)"
-        )
-    return (
-        optimizer,
-        optimizer.modulation,
-        optimizer.targets,
-        (
-            f"orthonormality regularizer lambda={cfg.ortho_decay:g} on {len(optimizer.targets)} weights "
-            f"(no L2 on them), step bound {bound}, modulation {described}"
-        ),
-    )
-
-
-def _build_schedule(cfg: TrainConfig, optimizer: Any, updates_per_epoch: int) -> tuple[Any, int, int]:
-    """``(scheduler or None, total updates, epochs)``; the schedule is counted in updates."""
-    from timm.scheduler import create_scheduler_v2
-
-    if cfg.iterations is not None:
-        total, epochs = cfg.iterations, math.ceil(cfg.iterations / updates_per_epoch)
-    else:
-        total, epochs = cfg.epochs * updates_per_epoch, cfg.epochs
-    milestones = cfg.decay_steps or [round(m * updates_per_epoch) for m in cfg.decay_milestones]
-    if cfg.sched == "multistep":
-        # Here milestone m means: the first m updates run at the undecayed rate (the lr is divided
-        # "at 32k iterations"). timm's multistep schedule decays at index m - 1, hence the shift.
-        milestones = [m + 1 for m in milestones]
-    warmup = (
-        cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * updates_per_epoch)
-    )
-    # One schedule "epoch" is one update here, which lets milestones and warmup fall between epochs.
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=cfg.sched,
-        num_epochs=total,
-        decay_epochs=max(1, round(cfg.decay_epochs * updates_per_epoch)),
-        decay_milestones=list(milestones),
-        decay_rate=cfg.decay_rate,
-        warmup_epochs=warmup,
-        warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr,
-        step_on_epochs=False,
-        updates_per_epoch=1,
-        noise_seed=cfg.seed,
-    )
-    return scheduler, total, epochs
-
-
-def _build_loss(cfg: TrainConfig, num_classes: int) -> tuple[Any, nn.Module]:
-    """``(mixup or None, training loss)`` as timm's ``train.py`` pairs them."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            prob=cfg.mixup_prob,
-            switch_prob=cfg.mixup_switch_prob,
-            mode=cfg.mixup_mode,
-            label_smoothing=cfg.smoothing,
-            num_classes=num_classes,
-        )
-        return mixup, SoftTargetCrossEntropy()
-    if cfg.smoothing > 0:
-        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-    return None, nn.CrossEntropyLoss()
-
-
-def _precise_bn_batches(cfg: TrainConfig, model: nn.Module) -> int:
-    """``cfg.precise_bn``, or its default: on for plain nets (no shortcut), off for other models."""
-    from ..models.plain_cnn import PlainCnn
-
-    if cfg.precise_bn is not None:
-        return cfg.precise_bn
-    return DEFAULT_PRECISE_BN_BATCHES if isinstance(model, PlainCnn) else 0
 
 
 def setup(cfg: TrainConfig) -> Run:
     """Everything a run needs, built in the order Accelerate asks for (wrap, then ``prepare``)."""
     from accelerate.utils import set_seed
-    from timm.layers import convert_sync_batchnorm
-    from timm.utils import ModelEmaV3
 
     validate_config(cfg)
-    accelerator = _make_accelerator(cfg)
-    run_dir, resume_path = _run_folder(cfg, accelerator)
-    datasets, train_set, train_loader, val_loader = _build_data(cfg, accelerator)
-    set_seed(cfg.seed)  # the model is created identically on every process
-    model, init = _create_model(cfg, datasets.num_classes)
-    if cfg.sync_bn and (accelerator.num_processes == 1 or accelerator.device.type == "cpu"):
-        _log.warning("--sync-bn ignored: it needs several processes on accelerators")
-    elif cfg.sync_bn:
-        model = convert_sync_batchnorm(model)
-    model.to(
-        accelerator.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format
-    )
-    # The EMA copy is taken before the modulation hooks exist, so it never carries them.
-    ema = (
-        ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
-        if cfg.model_ema
-        else None
-    )
+    accelerator = build.make_accelerator(cfg)
+    run_dir, resume_path = build.run_folder(cfg, accelerator)
+    datasets, train_set, train_loader, val_loader = build.build_data(cfg, accelerator)
+    model, ema, init = build.build_model(cfg, accelerator, datasets.num_classes)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
-    scale = global_batch / cfg.lr_base_size
-    lr = (
-        cfg.lr
-        if cfg.lr is not None
-        else cfg.lr_base * (scale if cfg.lr_base_scale == "linear" else math.sqrt(scale))
-    )
-    optimizer, probe, targets, method = _build_optimizer(cfg, model, lr)
-    precise_bn = _precise_bn_batches(cfg, model)
+    lr = build.learning_rate(cfg, global_batch)
+    optimizer, probe, targets, method = build.build_optimizer(cfg, model, lr)
+    bn_loader, precise_bn = build.precise_bn_loader(cfg, model, train_set)
     method = f"{'baseline: ' if cfg.baseline else ''}{init} init, {method}, precise BN " + (
         f"over up to {precise_bn} batches" if precise_bn else "off"
     )
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.torchcompile:
         model = torch.compile(model, backend=cfg.torchcompile)
-    # Its own loader (own order, own generator): recalibrating draws nothing from the training
-    # loader or the global RNG, so a resumed run sees exactly the batches of an uninterrupted one.
-    bn_loader = None
-    if precise_bn:
-        bn_loader = build_loader(
-            train_set, cfg.batch_size, train=True, seed=cfg.seed + 1, workers=cfg.workers
-        )
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader
     )
     bn_loader = accelerator.prepare(bn_loader) if bn_loader is not None else None
     set_seed(cfg.seed, device_specific=True)  # per-process randomness (dropout, mixup) from here on
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    scheduler, total_updates, epochs = _build_schedule(cfg, optimizer, updates_per_epoch)
-    mixup_fn, loss_fn = _build_loss(cfg, datasets.num_classes)
+    scheduler, total_updates, epochs = build.build_schedule(cfg, optimizer, updates_per_epoch)
+    mixup_fn, loss_fn = build.build_loss(cfg, datasets.num_classes)
     info = {
         "type": "config",
         "time": time.time(),
