@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from timm.utils import ParseKwargs
 
 from ..optim import DEFAULT_MAX_GRAD_RATIO, DEFAULT_ORTHO_DECAY
-from .data import AugmentKind, DataConfig, DatasetKind
+from .data import DataConfig
 
 __all__ = [
     "CIFAR_PROTOCOL",
@@ -68,47 +68,33 @@ _MODULATION_ALIASES = {
 }
 
 
-@dataclass
-class TrainConfig:
-    """All settings of a run; every field is a flag of the training scripts (``--help``)."""
+# The command-line side of the data settings, which DataConfig declares (TrainConfig inherits them).
+_DATA_CLI = {
+    "data_dir": cli(
+        "ImageFolder root (train/, val/) or CIFAR-10 pickle directory; omitted: the embedded synthetic set",
+        group="data",
+    ),
+    "num_classes": cli("checked against the data; None with the synthetic set: 10 classes"),
+    "synthetic_size": cli("synthetic training images"),
+    "augment": cli(
+        "timm: random resized crop etc.; cifar: pad-4 crop + flip; none",
+        aliases={"--no-aug": dict(const="none", help="same as --augment none")},
+    ),
+    "aa": cli("auto-augment policy, e.g. rand-m9-mstd0.5-inc1"),
+    "reprob": cli("random erasing probability"),
+    "scale": cli(metavar=("MIN", "MAX")),
+    "ratio": cli(metavar=("MIN", "MAX")),
+}
 
-    # data: the fields of DataConfig (data_config() projects them), defaults taken from it
-    data_dir: Annotated[
-        str | None,
-        cli(
-            "ImageFolder root (train/, val/) or CIFAR-10 pickle directory; "
-            "omitted: the embedded synthetic set",
-            group="data",
-        ),
-    ] = DataConfig.data_dir
-    dataset: DatasetKind = DataConfig.dataset
-    train_split: str = DataConfig.train_split
-    val_split: str = DataConfig.val_split
+
+@dataclass
+class TrainConfig(DataConfig):
+    """All settings of a run; every field is a flag of the training scripts (``--help``).
+
+    The data settings are :class:`~timm_ortho.train.data.DataConfig`'s own fields, inherited.
+    """
+
     img_size: Annotated[int | None, cli("None: the model's input size")] = None
-    num_classes: Annotated[
-        int | None, cli("checked against the data; None with the synthetic set: 10 classes")
-    ] = DataConfig.num_classes
-    synthetic_size: Annotated[int, cli("synthetic training images")] = DataConfig.synthetic_size
-    synthetic_val_size: int = DataConfig.synthetic_val_size
-    augment: Annotated[
-        AugmentKind,
-        cli(
-            "timm: random resized crop etc.; cifar: pad-4 crop + flip; none",
-            aliases={"--no-aug": dict(const="none", help="same as --augment none")},
-        ),
-    ] = DataConfig.augment
-    aa: Annotated[str | None, cli("auto-augment policy, e.g. rand-m9-mstd0.5-inc1")] = DataConfig.aa
-    reprob: Annotated[float, cli("random erasing probability")] = DataConfig.reprob
-    remode: str = DataConfig.remode
-    recount: int = DataConfig.recount
-    hflip: float = DataConfig.hflip
-    color_jitter: float = DataConfig.color_jitter
-    scale: Annotated[tuple[float, float], cli(metavar=("MIN", "MAX"))] = DataConfig.scale
-    ratio: Annotated[tuple[float, float], cli(metavar=("MIN", "MAX"))] = DataConfig.ratio
-    interpolation: str = DataConfig.interpolation
-    crop_pct: float | None = DataConfig.crop_pct
-    mean: tuple[float, float, float] | None = DataConfig.mean
-    std: tuple[float, float, float] | None = DataConfig.std
     workers: Annotated[int, cli(flags=["-j"])] = 4
     pin_memory: Annotated[
         bool | None, cli("pinned host memory (None: on when training on CUDA)", flags=["--pin-mem"])
@@ -216,7 +202,6 @@ class TrainConfig:
     mixup_mode: str = "batch"
     mixup_off_epoch: int = 0
     smoothing: float = 0.0
-    seed: int = DataConfig.seed
     max_steps: Annotated[int | None, cli("stop after N updates")] = None
     """Stop after this many updates (the schedule is unchanged); for tests and quick runs."""
 
@@ -247,9 +232,8 @@ class TrainConfig:
     ] = None
 
     def data_config(self, img_size: int) -> DataConfig:
-        """The :class:`DataConfig` part of this configuration."""
-        names = {f.name for f in dataclasses.fields(DataConfig)}
-        values = {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+        """The :class:`DataConfig` part of this configuration, at ``img_size``."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)}
         return DataConfig(**{**values, "img_size": img_size})
 
     def modulation_options(self) -> dict[str, Any] | None:
@@ -380,7 +364,7 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     )
     group = None
     for f in dataclasses.fields(TrainConfig):
-        hint, spec = hints[f.name], cli()
+        hint, spec = hints[f.name], _DATA_CLI.get(f.name, cli())
         if typing.get_origin(hint) is Annotated:
             hint, spec = hint.__origin__, hint.__metadata__[0]
         if spec["group"] or group is None:
