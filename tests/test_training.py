@@ -25,7 +25,14 @@ from timm_ortho.train.checkpoint import (
     list_checkpoints,
     resolve_resume,
 )
-from timm_ortho.train.config import CIFAR_PROTOCOL, TrainConfig, build_parser, config_from_args
+from timm_ortho.train.config import (
+    CIFAR_PROTOCOL,
+    ConfigError,
+    TrainConfig,
+    build_parser,
+    config_from_args,
+    validate_config,
+)
 from timm_ortho.train.loop import main, train
 from timm_ortho.train.tracking import ratio_history
 
@@ -380,6 +387,27 @@ def test_timm_flag_names_are_accepted():
     assert not cfg.amp and cfg.amp_dtype == "float16" and cfg.log_with is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--amp-dtype", "float64"])
+
+
+def test_modulation_is_one_setting_and_the_mod_flags_are_its_aliases():
+    def parsed(*argv):
+        return config_from_args(build_parser().parse_args(list(argv)))
+
+    assert parsed().modulation is False and parsed().modulation_options() is None
+    assert parsed("--modulation").modulation is True and parsed("--modulation").modulation_options() == {}
+    cfg = parsed("--modulation", "band=2", "mode=match", "schedule=100")
+    assert cfg.modulation == {"band": 2, "mode": "match", "schedule": 100}
+    # The old flags set one option each, before or after --modulation, and need it to take effect.
+    cfg = parsed("--mod-band", "1.5", "--modulation", "mode=match", "--no-mod-include-classifier")
+    assert cfg.modulation == {"band": 1.5, "mode": "match", "include_classifier": False}
+    assert parsed("--mod-band", "2").modulation is False
+    assert parsed("--modulation", "--mod-schedule", "0").modulation_options() == {}  # 0: always
+    assert parsed("--modulation", "--no-modulation").modulation is False
+    cfg = parsed("--model-kwargs", "act_layer=relu", "depth=3", "--no-aug", "--pin-mem", "-j", "3")
+    assert cfg.model_kwargs == {"act_layer": "relu", "depth": 3} and cfg.augment == "none"
+    assert cfg.pin_memory is True and cfg.workers == 3
+    with pytest.raises(ConfigError, match="--baseline means no modulation"):
+        validate_config(parsed("--baseline", "--modulation", "band=2"))
 
 
 @pytest.mark.parametrize("preset", ["imagenet", "cifar"])

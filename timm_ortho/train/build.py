@@ -53,6 +53,7 @@ def _cpu_only_multiprocess() -> bool:
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
+    """The run's ``Accelerator``: precision and processes from the launcher, trackers from ``--log-with``."""
     import accelerate.utils as au
     from accelerate import Accelerator
 
@@ -64,11 +65,11 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         # None leaves the choice to `accelerate launch --mixed_precision` / its config file.
         mixed_precision=({"float16": "fp16", "bfloat16": "bf16"}[cfg.amp_dtype] if cfg.amp else None),
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with=[JsonlTracker(os.devnull), *installed],  # the tracker's file is set with the run folder
+        log_with=[JsonlTracker(), *installed],  # metrics.jsonl; its path is set with the run folder
         step_scheduler_with_optimizer=False,
     )
-    # Other processes report warnings only (our own messages go through the main-process adapter).
-    logging.getLogger("timm_ortho").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if not accelerator.is_main_process:  # other processes report warnings only
+        logging.getLogger().setLevel(logging.WARNING)
     for name in sorted(set(cfg.log_with or ()) - set(installed)):
         _log.warning("tracker %r is not installed (or unknown to accelerate): not logging to it", name)
     return accelerator
@@ -92,7 +93,7 @@ def run_folder(cfg: TrainConfig, accelerator: Any) -> tuple[Path, Path | None]:
         if resume_path is not None and cfg.experiment is None and resume_path.parent.name == "checkpoints":
             run_dir = resume_path.parent.parent
     if run_dir is None:
-        method = "baseline" if cfg.baseline else ("ortho-mod" if cfg.modulation else "ortho")
+        method = "baseline" if cfg.baseline else ("ortho-mod" if cfg.modulation is not False else "ortho")
         name = [cfg.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{method}"]
         broadcast_object_list(name)  # the main process's clock names the folder
         run_dir = Path(cfg.output) / name[0]

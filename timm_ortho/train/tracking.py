@@ -24,14 +24,19 @@ def to_json(value: Any) -> Any:
 
 
 class JsonlTracker(GeneralTracker):
-    """Appends each record to ``<run>/metrics.jsonl``, flushed line by line (main process only)."""
+    """Appends each record to ``path`` (``<run>/metrics.jsonl``), flushed line by line.
+
+    Accelerate calls it on the main process only. ``path`` may be set after construction, up to
+    ``accelerator.init_trackers``, which opens the file: the run folder is named after the
+    ``Accelerator`` exists.
+    """
 
     name = "jsonl"
     requires_logging_directory = False
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path | None = None) -> None:
         super().__init__()
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else None
         self._file = None
 
     @property
