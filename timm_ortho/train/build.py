@@ -114,13 +114,9 @@ def build_data(cfg: TrainConfig, accelerator: Any) -> tuple[Any, SeededTransform
     data_cfg = cfg.data_config(cfg.img_size or (int(size[-1]) if size else 224))
     datasets = build_datasets(data_cfg)
     if datasets.synthetic:
+        title = "NO DATA DIRECTORY GIVEN: TRAINING ON THE EMBEDDED SYNTHETIC DATA SET"
         what = "Accuracy on it says nothing about ImageNet or CIFAR; pass --data-dir for real data."
-        lines = [
-            "NO DATA DIRECTORY GIVEN: TRAINING ON THE EMBEDDED SYNTHETIC DATA SET",
-            datasets.description,
-            what,
-        ]
-        _log.warning("\n%s", banner(lines))
+        _log.warning("\n%s", banner([title, datasets.description, what]))
     else:
         _log.info("data: %s", datasets.description)
     train_tf, eval_tf = build_transforms(data_cfg, datasets.mean, datasets.std, datasets.native_size)
@@ -216,15 +212,11 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any,
         described = "on " + (
             ", ".join(f"{k}={v}" for k, v in options.items()) or "(ErrorModulation defaults)"
         )
-    return (
-        optimizer,
-        optimizer.modulation,
-        optimizer.targets,
-        (
-            f"orthonormality regularizer lambda={cfg.ortho_decay:g} on {len(optimizer.targets)} weights "
-            f"(no L2 on them), step bound {bound}, modulation {described}"
-        ),
+    method = (
+        f"orthonormality regularizer lambda={cfg.ortho_decay:g} on {len(optimizer.targets)} weights "
+        f"(no L2 on them), step bound {bound}, modulation {described}"
     )
+    return optimizer, optimizer.modulation, optimizer.targets, method
 
 
 def build_schedule(cfg: TrainConfig, optimizer: Any, updates_per_epoch: int) -> tuple[Any, int, int]:

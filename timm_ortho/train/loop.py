@@ -3,33 +3,24 @@
 One loop runs both sides of every comparison in the paper: the method (orthonormal init,
 :class:`~timm_ortho.OrthoModulated` with the orthonormality regularizer in place of L2 weight decay,
 optional backward error modulation) and, with ``--baseline``, the usual recipe (MSRA init, L2 weight
-decay, no modulation). It has the shape of Accelerate's examples: :func:`setup` builds a
-:class:`Run`, :func:`train_one_epoch` and :func:`validate` advance it, :func:`train` orchestrates.
-
-- mixed precision, the number of processes and the device come from ``accelerate launch`` (or its
-  config file); nothing is hard-coded here;
-- gradient accumulation through ``Accelerator(gradient_accumulation_steps)`` and
-  ``accelerator.accumulate``; the optimizer is wrapped by ``OrthoModulated`` *before*
-  ``accelerator.prepare`` so that the regularizer sees unscaled gradients once per update;
-- a timm LR schedule stepped per update with ``step_update`` (kept out of ``prepare``, registered for
-  checkpointing), optional SyncBatchNorm (timm's converter), ``torch.compile`` and ``ModelEmaV3``;
-- rotating, crash-safe checkpoints (:mod:`timm_ortho.train.checkpoint`) and an exact ``--resume``;
-- evaluation each epoch (top-1, top-5, loss via ``gather_for_metrics``), every record through
-  ``accelerator.log`` (``metrics.jsonl`` is a tracker, :mod:`timm_ortho.train.tracking`), the
-  method's per-layer statistics every ``--log-interval`` updates, plots and a summary at the end.
+decay, no modulation). It has the shape of Accelerate's examples: :func:`setup` builds a :class:`Run`
+(from the pieces of :mod:`timm_ortho.train.build`), :func:`train_one_epoch` and :func:`validate`
+advance it, :func:`train` orchestrates. Mixed precision, processes and device come from
+``accelerate launch``; the optimizer is wrapped *before* ``accelerator.prepare`` so that the
+regularizer sees unscaled gradients, once per update under gradient accumulation.
 
 Exact resume: the data order and each sample's augmentation depend only on ``(seed, epoch, index)``
-(see :mod:`timm_ortho.train.data`), the loader draws nothing from the global RNG, and the checkpoint
+(see :mod:`timm_ortho.train.data`), the loaders draw nothing from the global RNG, and the checkpoint
 holds the model, the optimizer (with its ``ortho_decay`` / ``ortho_step`` fields), the GradScaler,
 the LR schedule, the EMA weights, each process's RNG states and the position in the epoch, which
 ``skip_first_batches`` restores. On a CPU the resumed run ends with bit-identical weights.
 
 One clock: the number of updates the optimizer *applied*. The trainer counts it in
-``TrainProgress.updates`` (a step that a GradScaler skipped is no update: the optimizer's
-``ortho_step`` does not count it either, nor does Accelerate's own scheduler wrapper), and every
-other reader derives from that count: the LR schedule (timm's schedulers keep no count of their
-own: ``step_update(updates)``), the EMA warmup, logs and checkpoint names; the modulation's step is
-set from ``ortho_step`` by the optimizer, which counts the same updates.
+``TrainProgress.updates``; a step that a GradScaler skipped is no update (the optimizer's
+``ortho_step`` does not count it, nor does Accelerate's own scheduler wrapper step on it), so the two
+counts agree. Every other reader derives from the trainer's count: the LR schedule (timm's
+schedulers keep no count of their own: ``step_update(updates)``), the EMA warmup, the log steps and
+the checkpoint names; the modulation's step is set from ``ortho_step`` by the optimizer.
 """
 
 from __future__ import annotations
