@@ -53,17 +53,56 @@ def cli(help: str | None = None, *, group: str | None = None, **argparse_kwargs:
     return {"help": help, "group": group, **argparse_kwargs}
 
 
+class _ModulationAction(ParseKwargs):
+    """``--modulation [KEY=VALUE ...]``: on, with the pairs (if any) as ErrorModulation options.
+
+    Options given before it by the ``--mod-*`` aliases are kept; ``--no-modulation`` turns it off.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == "--no-modulation":
+            setattr(namespace, self.dest, False)
+            return
+        super().__call__(parser, namespace, values, option_string)
+        options = {**getattr(namespace, "_mod_options", {}), **getattr(namespace, self.dest)}
+        setattr(namespace, self.dest, options or True)
+
+
+class _ModulationOption(argparse.Action):
+    """A ``--mod-*`` alias: sets one ErrorModulation option, used once ``--modulation`` is on."""
+
+    def __init__(self, *args: Any, key: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.key = key
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        pending = {
+            **getattr(namespace, "_mod_options", {}),
+            self.key: self.const if self.nargs == 0 else values,
+        }
+        namespace._mod_options = pending
+        current = getattr(namespace, self.dest)
+        if current is not False:  # --modulation came first
+            setattr(namespace, self.dest, {**(current if isinstance(current, dict) else {}), **pending})
+
+
+def _mod_alias(key: str, help: str = "ErrorModulation's option", **argparse_kwargs: Any) -> dict[str, Any]:
+    return dict(
+        action=_ModulationOption, key=key, help=f"same as --modulation {key}=...; {help}", **argparse_kwargs
+    )
+
+
 _MODULATION_ALIASES = {
-    # The ErrorModulation options as their own flags; each writes one key of --modulation's dict.
-    "--mod-band": dict(type=float, metavar="A", help="quasi-isometry constant A >= 1"),
-    "--mod-mode": dict(choices=["clamp", "match"]),
-    "--mod-statistic": dict(choices=["total", "mean"]),
-    "--mod-include-classifier": dict(nargs=0, const=True),
-    "--no-mod-include-classifier": dict(nargs=0, const=False, key="include_classifier"),
-    "--mod-max-scale": dict(type=float, metavar="S"),
-    "--mod-reference": dict(choices=["previous", "top"]),
-    "--mod-schedule": dict(
-        type=int, metavar="N", help="modulate during the first N updates only (0: always)"
+    # The ErrorModulation options as their own flags; each sets one key of --modulation's dict.
+    "--mod-band": _mod_alias("band", "quasi-isometry constant A >= 1", type=float, metavar="A"),
+    "--mod-mode": _mod_alias("mode", choices=["clamp", "match"]),
+    "--mod-statistic": _mod_alias("statistic", choices=["total", "mean"]),
+    "--mod-include-classifier": _mod_alias("include_classifier", nargs=0, const=True),
+    "--no-mod-include-classifier": _mod_alias("include_classifier", nargs=0, const=False),
+    "--mod-max-scale": _mod_alias("max_scale", type=float, metavar="S"),
+    "--mod-reference": _mod_alias("reference", choices=["previous", "top"]),
+    "--mod-schedule": _mod_alias(
+        "schedule", "modulate during the first N updates only (0: always)", type=int, metavar="N"
     ),
 }
 
@@ -132,6 +171,9 @@ class TrainConfig(DataConfig):
         cli(
             "backward error modulation: alone, with ErrorModulation's own options; with KEY=VALUE pairs "
             "(band, mode, statistic, include_classifier, max_scale, reference, schedule), with those",
+            flags=["--modulation", "--no-modulation"],
+            action=_ModulationAction,
+            nargs="*",
             metavar="KEY=VALUE",
             aliases=_MODULATION_ALIASES,
         ),
@@ -292,58 +334,16 @@ def _from_hint(hint: Any) -> dict[str, Any]:
     return {"type": hint} if hint in (int, float) else {}
 
 
-class _ModulationAction(ParseKwargs):
-    """``--modulation [KEY=VALUE ...]``: on, with the pairs (if any) as ErrorModulation options.
-
-    Options given before it by the ``--mod-*`` aliases are kept; ``--no-modulation`` turns it off.
-    """
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string == "--no-modulation":
-            setattr(namespace, self.dest, False)
-            return
-        super().__call__(parser, namespace, values, option_string)
-        options = {**getattr(namespace, "_mod_options", {}), **getattr(namespace, self.dest)}
-        setattr(namespace, self.dest, options or True)
-
-
-class _ModulationOption(argparse.Action):
-    """A ``--mod-*`` alias: sets one ErrorModulation option, used once ``--modulation`` is on."""
-
-    def __init__(self, *args: Any, key: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.key = key
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        pending = {
-            **getattr(namespace, "_mod_options", {}),
-            self.key: self.const if self.nargs == 0 else values,
-        }
-        namespace._mod_options = pending
-        current = getattr(namespace, self.dest)
-        if current is not False:  # --modulation came first
-            setattr(namespace, self.dest, {**(current if isinstance(current, dict) else {}), **pending})
-
-
 def _add_field(
-    group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any, spec: dict[str, Any], default: Any
+    group: argparse._ArgumentGroup, name: str, hint: Any, spec: dict[str, Any], default: Any
 ) -> None:
     meta = {k: v for k, v in spec.items() if k != "group"}
     # A long flag in ``flags`` replaces the one derived from the name (--pin-mem for pin_memory).
     extra, aliases = meta.pop("flags", []), meta.pop("aliases", {})
-    long = [] if any(x.startswith("--") for x in extra) else [f"--{f.name.replace('_', '-')}"]
-    kwargs = {**_from_hint(hint), **meta}
-    if f.name == "modulation":
-        extra = ["--no-modulation"]
-        kwargs.update(action=_ModulationAction, nargs="*")
-    group.add_argument(*long, *extra, dest=f.name, default=default, **kwargs)
-    for alias, spec in aliases.items():
-        spec = dict(spec)  # aliases show no default: the flag they stand for does
-        if f.name == "modulation":
-            key = spec.pop("key", alias.removeprefix("--mod-").replace("-", "_"))
-            spec["help"] = f"same as --modulation {key}=...; " + spec.get("help", "ErrorModulation's option")
-            spec.update(action=_ModulationOption, key=key)
-        group.add_argument(alias, dest=f.name, default=argparse.SUPPRESS, **{"action": "store_const", **spec})
+    long = [] if any(x.startswith("--") for x in extra) else [f"--{name.replace('_', '-')}"]
+    group.add_argument(*long, *extra, dest=name, default=default, **{**_from_hint(hint), **meta})
+    for alias, kwargs in aliases.items():  # an alias shows no default: the flag it stands for does
+        group.add_argument(alias, dest=name, default=argparse.SUPPRESS, **{"action": "store_const", **kwargs})
 
 
 def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
@@ -369,7 +369,7 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
             hint, spec = hint.__origin__, hint.__metadata__[0]
         if spec["group"] or group is None:
             group = parser.add_argument_group(spec["group"])
-        _add_field(group, f, hint, spec, defaults[f.name])
+        _add_field(group, f.name, hint, spec, defaults[f.name])
     for action in parser._actions:
         # ArgumentDefaultsHelpFormatter appends "(default: ...)" only to options that have a help text.
         if action.help is None and action.default is not argparse.SUPPRESS:
