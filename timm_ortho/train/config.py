@@ -1,9 +1,11 @@
 """Every setting of a training run, declared once.
 
 :class:`TrainConfig` is the single source: each field carries its command-line flag in its metadata
-(help, aliases, argparse extras), its type hint gives the argparse type, ``nargs`` and choices, and
-its default is the imagenet preset's. :func:`build_parser` generates the options from the fields and
-:func:`config_from_args` maps them back by name, so adding a setting is adding one field.
+(help, aliases, argparse extras: ``Annotated[type, cli(...)]``), its type hint gives the argparse
+type, ``nargs`` and choices, and its default is the imagenet preset's (``CIFAR_PROTOCOL`` overrides
+some for the cifar preset). The data settings are :class:`~timm_ortho.train.data.DataConfig`'s fields,
+inherited. :func:`build_parser` generates the options from the fields and :func:`config_from_args`
+maps them back by name, so adding a setting is adding one field.
 """
 
 from __future__ import annotations
