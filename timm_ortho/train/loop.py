@@ -213,10 +213,10 @@ def _start(run: Run, resume_path: Path | None) -> None:
         acc.load_state(str(resume_path))
         p = run.progress
         _log.info("resumed from %s: epoch %d, batch %d, update %d", resume_path, p.epoch, p.batch, p.updates)
-        log_record(acc, {"type": "resume", "from": str(resume_path), **p.state_dict()})
+        log_record(acc, {"type": "resume", "from": str(resume_path), **p.state_dict()}, step=p.updates)
     elif run.scheduler is not None:
         run.scheduler.step_update(0)
-    log_record(acc, info)
+    log_record(acc, info, step=run.progress.updates)
     if acc.is_main_process:
         (run.run_dir / "config.json").write_text(json.dumps(info, indent=1, default=to_json))
     broken = sum(t.breaks_principle for t in run.targets)
@@ -507,7 +507,7 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
         "train_samples_per_s": run.samples_seen / run.train_seconds if run.train_seconds > 0 else None,
         "plots": pngs,
     }
-    log_record(acc, summary)
+    log_record(acc, summary, step=progress.updates)
     if acc.is_main_process:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=to_json))
         _log.info("\n%s", format_summary(summary))

@@ -59,12 +59,18 @@ class JsonlTracker(GeneralTracker):
             self._file.close()
 
 
-def log_record(accelerator: Any, record: dict[str, Any]) -> None:
-    """Log ``record`` once: whole to ``metrics.jsonl``, its scalars to the other trackers."""
+def log_record(accelerator: Any, record: dict[str, Any], step: int | None = None) -> None:
+    """Log ``record`` once: whole to ``metrics.jsonl``, its scalars to the other trackers.
+
+    Only ``train`` and ``eval`` records carry metrics for the other trackers; the rest reach them
+    empty, at ``step`` (the run's update count) when the record has none, so that trackers which
+    number their rows (wandb) see the steps only grow.
+    """
     scalars = {}
     if record.get("type") in ("train", "eval"):
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    accelerator.log(scalars, step=record.get("step"), log_kwargs={JsonlTracker.name: {"record": record}})
+    step = record.get("step", step)
+    accelerator.log(scalars, step=step, log_kwargs={JsonlTracker.name: {"record": record}})
 
 
 def ratio_history(path: Path, unmodulated: bool) -> dict[str, tuple[list[int], list[float]]]:
