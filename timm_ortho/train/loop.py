@@ -282,8 +282,8 @@ def train_one_epoch(run: Run, epoch: int) -> float:
         if run.ema is not None:
             run.ema.update(acc.unwrap_model(model), step=progress.updates)
         if progress.updates % cfg.log_interval == 0:
-            loss = _log_step(run, epoch, loss_sum / max(count, 1), time.perf_counter() - t_interval, samples)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+            mean = _log_step(run, epoch, loss_sum / max(count, 1), time.perf_counter() - t_interval, samples)
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
             loss_sum.zero_()
             count, samples, t_interval = 0, 0, time.perf_counter()
         if progress.updates >= run.info["stop_at"]:
