@@ -8,7 +8,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timm_ortho.train.loop import build_parser, config_from_args, train
+from timm_ortho.train.config import build_parser, config_from_args
+from timm_ortho.train.loop import train
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # two processes share the machine's cores

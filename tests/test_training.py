@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from timm_ortho.train.build import build_schedule
 from timm_ortho.train.checkpoint import (
     MARKER,
     CheckpointManager,
@@ -24,16 +25,16 @@ from timm_ortho.train.checkpoint import (
     list_checkpoints,
     resolve_resume,
 )
-from timm_ortho.train.loop import (
+from timm_ortho.train.config import (
     CIFAR_PROTOCOL,
+    ConfigError,
     TrainConfig,
-    _build_schedule,
-    _ratio_history,
     build_parser,
     config_from_args,
-    main,
-    train,
+    validate_config,
 )
+from timm_ortho.train.loop import main, train
+from timm_ortho.train.tracking import ratio_history
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +195,7 @@ def test_cifar_defaults_are_the_papers_protocol():
 
     param = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([param], lr=cfg.lr, momentum=cfg.momentum)
-    scheduler, total, epochs = _build_schedule(cfg, opt, updates_per_epoch=390)
+    scheduler, total, epochs = build_schedule(cfg, opt, updates_per_epoch=390)
     assert total == 64000 and epochs == 165
     for t, expected in [(0, 0.1), (31999, 0.1), (32000, 0.01), (47999, 0.01), (48000, 0.001), (63999, 0.001)]:
         scheduler.step_update(t)
@@ -221,17 +222,17 @@ def test_baseline_uses_l2_and_the_method_does_not(tmp_path):
 
 
 def test_bf16_on_cpu(tmp_path, monkeypatch):
-    import timm_ortho.train.loop as training
+    import timm_ortho.train.build as build
 
     dtypes: list[torch.dtype] = []
-    create = training._create_model
+    create = build.create_model
 
     def recording(cfg, num_classes):
         model, desc = create(cfg, num_classes)
         model.stem.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
         return model, desc
 
-    monkeypatch.setattr(training, "_create_model", recording)
+    monkeypatch.setattr(build, "create_model", recording)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     result = train(tiny(tmp_path, modulation=True, max_steps=3))
     assert result.summary["mixed_precision"] == "bf16"
@@ -280,7 +281,7 @@ def test_resume_gives_bit_identical_weights(tmp_path):
     assert states_equal(resumed.ema_model.state_dict(), full.ema_model.state_dict())
     assert any(r["type"] == "resume" for r in records(tmp_path / "cut"))
     # The run's history spans the interruption: every update logged once, in order.
-    history = _ratio_history(tmp_path / "cut" / "metrics.jsonl", unmodulated=True)
+    history = ratio_history(tmp_path / "cut" / "metrics.jsonl", unmodulated=True)
     assert history["as trained"][0] == list(range(1, 11))
     assert (tmp_path / "cut" / "bottom_top_ratio.png").is_file()
 
@@ -388,6 +389,27 @@ def test_timm_flag_names_are_accepted():
         build_parser().parse_args(["--amp-dtype", "float64"])
 
 
+def test_modulation_is_one_setting_and_the_mod_flags_are_its_aliases():
+    def parsed(*argv):
+        return config_from_args(build_parser().parse_args(list(argv)))
+
+    assert parsed().modulation is False and parsed().modulation_options() is None
+    assert parsed("--modulation").modulation is True and parsed("--modulation").modulation_options() == {}
+    cfg = parsed("--modulation", "band=2", "mode=match", "schedule=100")
+    assert cfg.modulation == {"band": 2, "mode": "match", "schedule": 100}
+    # The old flags set one option each, before or after --modulation, and need it to take effect.
+    cfg = parsed("--mod-band", "1.5", "--modulation", "mode=match", "--no-mod-include-classifier")
+    assert cfg.modulation == {"band": 1.5, "mode": "match", "include_classifier": False}
+    assert parsed("--mod-band", "2").modulation is False
+    assert parsed("--modulation", "--mod-schedule", "0").modulation_options() == {}  # 0: always
+    assert parsed("--modulation", "--no-modulation").modulation is False
+    cfg = parsed("--model-kwargs", "act_layer=relu", "depth=3", "--no-aug", "--pin-mem", "-j", "3")
+    assert cfg.model_kwargs == {"act_layer": "relu", "depth": 3} and cfg.augment == "none"
+    assert cfg.pin_memory is True and cfg.workers == 3
+    with pytest.raises(ConfigError, match="--baseline means no modulation"):
+        validate_config(parsed("--baseline", "--modulation", "band=2"))
+
+
 @pytest.mark.parametrize("preset", ["imagenet", "cifar"])
 def test_help_shows_every_default_once(preset):
     import argparse
@@ -413,21 +435,23 @@ def test_amp_flag_sets_mixed_precision(tmp_path):
 
 
 def test_trainer_builds_the_optimizer_with_timms_factory(tmp_path, monkeypatch):
-    """The script's optimizer is create_ortho_optimizer: timm's param groups, targets without L2."""
-    import timm_ortho.factory as factory
+    """The script's optimizer is timm_ortho.create_optimizer: timm's param groups, targets without L2,
+    the targets the trainer found (once) handed over."""
+    import timm_ortho
 
     calls = []
-    create = factory.create_ortho_optimizer
+    create = timm_ortho.create_optimizer
 
     def recording(model, opt, **kwargs):
         calls.append((opt, kwargs))
         return create(model, opt, **kwargs)
 
-    monkeypatch.setattr(factory, "create_ortho_optimizer", recording)
+    monkeypatch.setattr(timm_ortho, "create_optimizer", recording)
     train(tiny(tmp_path, max_steps=1, ortho_exclude=["head.fc.weight"], weight_decay=1e-3))
     ((opt, kwargs),) = calls
     assert opt == "momentum" and kwargs["weight_decay"] == 1e-3
-    assert kwargs["target_kwargs"] == {"exclude": ["head.fc.weight"]}
+    names = [t.name for t in kwargs["target_kwargs"]["targets"]]
+    assert len(names) == 19 and "head.fc.weight" not in names  # the excluded weight is no target
 
 
 def test_one_run_folder_holds_one_timeline(tmp_path, capsys):
@@ -511,10 +535,11 @@ def test_a_short_run_learns_the_synthetic_set(tmp_path):
 
 
 def test_drop_path_on_a_plain_net_is_a_clear_config_error():
-    from timm_ortho.train.loop import ConfigError, TrainConfig, _create_model
+    from timm_ortho.train.build import create_model
+    from timm_ortho.train.config import ConfigError, TrainConfig
 
     with pytest.raises(ConfigError, match="drop-path"):
-        _create_model(TrainConfig(model="plain_cnn20", drop_path=0.1), num_classes=10)
+        create_model(TrainConfig(model="plain_cnn20", drop_path=0.1), num_classes=10)
 
 
 def test_precise_bn_is_on_for_plain_nets_and_recomputes_the_statistics(tmp_path, capsys):

@@ -10,6 +10,14 @@ process writes the marker, fsyncs and renames the folder into place, and only th
 oldest complete checkpoints beyond ``keep``. An interrupted save leaves a ``.tmp-*`` folder that
 :func:`latest_checkpoint` ignores and the next save removes, so the last good checkpoint survives.
 The output folder must be shared by all processes (on several nodes: a shared file system).
+
+Why not Accelerate's own rotation (``ProjectConfiguration(automatic_checkpoint_naming=True,
+total_limit=k)`` + ``save_state()``): it writes straight into ``checkpoint_<i>``, so a kill during
+the save leaves a newest folder that ``load_state()`` picks and cannot load; it deletes the oldest
+checkpoint *before* the new one is complete (with ``total_limit=1`` a crash then leaves nothing); and
+it numbers saves, not updates, so a folder's name does not say where it resumes. What remains here
+is exactly that difference: a temporary folder, a marker written last, an atomic rename, and the
+rotation after it. The saving itself is ``accelerator.save_state``.
 """
 
 from __future__ import annotations
@@ -22,7 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MARKER", "CheckpointManager", "latest_checkpoint", "list_checkpoints", "resolve_resume"]
+__all__ = [
+    "MARKER",
+    "CheckpointManager",
+    "check_run_folder",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "resolve_resume",
+]
 
 MARKER = "checkpoint.json"
 _NAME = re.compile(r"^ckpt-(\d+)$")
@@ -151,3 +166,29 @@ class CheckpointManager:
                     shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+
+def check_run_folder(run_dir: Path, resume_path: Path | None) -> None:
+    """Refuse to mix two timelines in one folder of rotating checkpoints (a ``ValueError``).
+
+    A fresh run into a folder that holds checkpoints, or a resume from a checkpoint older than the
+    folder's newest, would interleave its checkpoints with the others, and a later ``--resume auto``
+    would pick the wrong one.
+    """
+    from .config import ConfigError
+
+    existing = list_checkpoints(run_dir / "checkpoints")
+    if not existing:
+        return
+    if resume_path is None:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints ({existing[-1].name} is the newest): continue it with "
+            f"--resume auto (and --experiment {run_dir.name}), or choose another --experiment"
+        )
+    newest = existing[-1]
+    updates = [int(json.loads((p / MARKER).read_text())["updates"]) for p in (resume_path, newest)]
+    if resume_path.resolve() != newest.resolve() and updates[0] < updates[1]:
+        raise ConfigError(
+            f"resuming from {resume_path} would continue in {run_dir}, which holds the newer "
+            f"{newest.name}; pass --experiment NAME to branch into a new run folder"
+        )

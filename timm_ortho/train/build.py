@@ -1,0 +1,326 @@
+"""The pieces a training run is built from, each from its :class:`~timm_ortho.train.config.TrainConfig`.
+
+:func:`timm_ortho.train.loop.setup` calls them in the order Accelerate asks for: the accelerator and
+the run folder, the data, the model, the wrapped optimizer (before ``prepare``), the schedule and the
+loss (after it, on the prepared optimizer and loaders).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from torch import nn
+
+from .checkpoint import check_run_folder, resolve_resume
+from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig
+from .data import SeededTransform, build_datasets, build_loader, build_transforms
+from .tracking import JsonlTracker, banner
+
+__all__ = [
+    "build_data",
+    "build_loss",
+    "build_optimizer",
+    "build_schedule",
+    "create_model",
+    "init_weights_",
+    "make_accelerator",
+    "precise_bn_loader",
+    "run_folder",
+]
+
+_log = get_logger("timm_ortho.train")
+
+
+def _cpu_only_multiprocess() -> bool:
+    """Several processes launched on a machine without an accelerator (``CUDA_VISIBLE_DEVICES=``).
+
+    Accelerate then sees each process as a lone one unless told to use the CPU, and every process
+    would train its own copy into the same folder; with ``cpu=True`` they form a gloo group
+    (``DistributedType.MULTI_CPU``).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    probe = getattr(torch, "accelerator", None)
+    return not (probe.is_available() if probe is not None else torch.cuda.is_available())
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """The run's ``Accelerator``: precision and processes from the launcher, trackers from ``--log-with``."""
+    import accelerate.utils as au
+    from accelerate import Accelerator
+
+    installed = [
+        n for n in cfg.log_with or () if n == "all" or getattr(au, f"is_{n}_available", lambda: False)()
+    ]
+    accelerator = Accelerator(
+        cpu=_cpu_only_multiprocess(),
+        # None leaves the choice to `accelerate launch --mixed_precision` / its config file.
+        mixed_precision=({"float16": "fp16", "bfloat16": "bf16"}[cfg.amp_dtype] if cfg.amp else None),
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        log_with=[JsonlTracker(), *installed],  # metrics.jsonl; its path is set with the run folder
+        step_scheduler_with_optimizer=False,
+    )
+    if not accelerator.is_main_process:  # other processes report warnings only
+        logging.getLogger().setLevel(logging.WARNING)
+    for name in sorted(set(cfg.log_with or ()) - set(installed)):
+        _log.warning("tracker %r is not installed (or unknown to accelerate): not logging to it", name)
+    return accelerator
+
+
+def run_folder(cfg: TrainConfig, accelerator: Any) -> tuple[Path, Path | None]:
+    """The run folder (named once, on the main process) and the checkpoint to resume from."""
+    from accelerate.utils import broadcast_object_list
+
+    run_dir, resume_path = None, None
+    if cfg.resume is not None:
+        given = Path(cfg.output) / cfg.experiment if cfg.experiment else None
+        try:
+            resume_path = resolve_resume(cfg.resume, given)
+        except FileNotFoundError:
+            # "auto" with a named run that has no checkpoint yet is a first launch: the same command
+            # line then serves the first start and every restart of a preemptible job.
+            if cfg.resume not in ("auto", "latest") or given is None:
+                raise
+            _log.info("--resume %s: no checkpoint under %s yet, starting from scratch", cfg.resume, given)
+        if resume_path is not None and cfg.experiment is None and resume_path.parent.name == "checkpoints":
+            run_dir = resume_path.parent.parent
+    if run_dir is None:
+        method = "baseline" if cfg.baseline else ("ortho-mod" if cfg.modulation is not False else "ortho")
+        name = [cfg.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{method}"]
+        broadcast_object_list(name)  # the main process's clock names the folder
+        run_dir = Path(cfg.output) / name[0]
+    check_run_folder(run_dir, resume_path)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.project_configuration.set_directories(str(run_dir))
+    return run_dir, resume_path
+
+
+def build_data(cfg: TrainConfig, accelerator: Any) -> tuple[Any, SeededTransform, Any, Any]:
+    """``(datasets, train_set, train_loader, val_loader)``; the loaders are not prepared yet."""
+    from timm.models import get_pretrained_cfg
+
+    pretrained = get_pretrained_cfg(cfg.model)
+    size = getattr(pretrained, "input_size", None) if pretrained is not None else None
+    data_cfg = cfg.data_config(cfg.img_size or (int(size[-1]) if size else 224))
+    datasets = build_datasets(data_cfg)
+    if datasets.synthetic:
+        title = "NO DATA DIRECTORY GIVEN: TRAINING ON THE EMBEDDED SYNTHETIC DATA SET"
+        what = "Accuracy on it says nothing about ImageNet or CIFAR; pass --data-dir for real data."
+        _log.warning("\n%s", banner([title, datasets.description, what]))
+    else:
+        _log.info("data: %s", datasets.description)
+    train_tf, eval_tf = build_transforms(data_cfg, datasets.mean, datasets.std, datasets.native_size)
+    train_set = SeededTransform(datasets.train, train_tf, seed=cfg.seed)
+    val_set = SeededTransform(datasets.val, eval_tf, seed=cfg.seed)
+    loader = dict(seed=cfg.seed, workers=cfg.workers)
+    loader["pin_memory"] = cfg.pin_memory if cfg.pin_memory is not None else accelerator.device.type == "cuda"
+    train_loader = build_loader(train_set, cfg.batch_size, train=True, **loader)
+    val_loader = build_loader(val_set, cfg.validation_batch_size or cfg.batch_size, train=False, **loader)
+    return datasets, train_set, train_loader, val_loader
+
+
+def init_weights_(model: nn.Module, scheme: str) -> str:
+    """The trainer's whole-model initialization of a model that takes no ``init`` argument.
+
+    ``msra`` keeps the model's own (timm) initialization; ``orthonormal`` gives every conv/linear
+    weight orthonormal filters. Returns how the model was initialized, for the run's description.
+    """
+    from ..ortho import orthonormal_
+    from ..targets import find_targets
+
+    if scheme == "msra":
+        return "the model's own (timm) initialization"
+    for t in find_targets(model):
+        orthonormal_(t.param, t.conv_groups)
+    return "orthonormal (applied by the trainer to every conv/linear weight)"
+
+
+def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
+    """The model and a description of its initialization."""
+    import timm
+    from timm.models import model_entrypoint
+
+    from ..models.plain_cnn import StagedCnn
+
+    kwargs: dict[str, Any] = {"num_classes": num_classes, **cfg.model_kwargs}
+    if cfg.drop is not None:
+        kwargs["drop_rate"] = cfg.drop
+    if cfg.drop_path is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    init = cfg.init or ("msra" if cfg.baseline else "orthonormal")
+    # This package's architectures (all StagedCnn, registered from its own modules) take the
+    # initialization as a creation argument; the signature says which other arguments they take.
+    if not model_entrypoint(cfg.model).__module__.startswith(StagedCnn.__module__.rpartition(".")[0]):
+        model = timm.create_model(cfg.model, **kwargs)
+        return model, init_weights_(model, init)
+    if cfg.drop_path is not None and "drop_path_rate" not in inspect.signature(StagedCnn).parameters:
+        raise ConfigError(
+            f"--drop-path: {cfg.model} takes no drop_path_rate (a plain net has no residual branch "
+            "to drop); leave --drop-path out for this model"
+        )
+    return timm.create_model(cfg.model, init=init, **kwargs), init
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any, Any, list, str]:
+    """``(optimizer, probe, targets, description)``: timm's optimizer, wrapped for the method.
+
+    The targets are found once, here, and handed to the wrapper. Without modulation the probe is a
+    measure-only ErrorModulation (it changes no error), so both sides of a comparison record Fig. 3.
+    """
+    from timm.optim import create_optimizer_v2
+
+    import timm_ortho
+
+    from ..modulation import ErrorModulation
+    from ..targets import find_targets
+
+    extra = {"momentum": cfg.momentum, **({"eps": cfg.opt_eps} if cfg.opt_eps is not None else {})}
+    targets = [t for t in find_targets(model, exclude=cfg.ortho_exclude) if t.param.requires_grad]
+    if cfg.baseline:
+        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **extra)
+        probe = ErrorModulation(model, targets=targets, measure_only=True) if cfg.error_stats else None
+        return optimizer, probe, targets, f"L2 weight decay {cfg.weight_decay:g}, no modulation"
+    options = cfg.modulation_options()
+    modulation = options if options is not None else ({"measure_only": True} if cfg.error_stats else False)
+    # timm's parameter groups (no_weight_decay(), 1-D parameters), the targets without L2.
+    optimizer = timm_ortho.create_optimizer(
+        model,
+        cfg.opt,
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        ortho_decay=cfg.ortho_decay,
+        form=cfg.ortho_form,
+        modulation=modulation,
+        max_grad_ratio=cfg.max_grad_ratio or None,
+        target_kwargs={"targets": targets},
+        **extra,
+    )
+    bound = f"|grad| <= {cfg.max_grad_ratio:g} |W| per layer" if cfg.max_grad_ratio else "off"
+    if options is None:
+        described = "off" + (" (error moments measured only)" if cfg.error_stats else "")
+    else:
+        described = "on " + (
+            ", ".join(f"{k}={v}" for k, v in options.items()) or "(ErrorModulation defaults)"
+        )
+    method = (
+        f"orthonormality regularizer lambda={cfg.ortho_decay:g} on {len(optimizer.targets)} weights "
+        f"(no L2 on them), step bound {bound}, modulation {described}"
+    )
+    return optimizer, optimizer.modulation, optimizer.targets, method
+
+
+def build_schedule(cfg: TrainConfig, optimizer: Any, updates_per_epoch: int) -> tuple[Any, int, int]:
+    """``(scheduler or None, total updates, epochs)``; the schedule is counted in updates."""
+    from timm.scheduler import create_scheduler_v2
+
+    if cfg.iterations is not None:
+        total, epochs = cfg.iterations, math.ceil(cfg.iterations / updates_per_epoch)
+    else:
+        total, epochs = cfg.epochs * updates_per_epoch, cfg.epochs
+    milestones = cfg.decay_steps or [round(m * updates_per_epoch) for m in cfg.decay_milestones]
+    if cfg.sched == "multistep":
+        # Here milestone m means: the first m updates run at the undecayed rate (the lr is divided
+        # "at 32k iterations"). timm's multistep schedule decays at index m - 1, hence the shift.
+        milestones = [m + 1 for m in milestones]
+    warmup = (
+        cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * updates_per_epoch)
+    )
+    # One schedule "epoch" is one update here, which lets milestones and warmup fall between epochs.
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.sched,
+        num_epochs=total,
+        decay_epochs=max(1, round(cfg.decay_epochs * updates_per_epoch)),
+        decay_milestones=list(milestones),
+        decay_rate=cfg.decay_rate,
+        warmup_epochs=warmup,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=1,
+        noise_seed=cfg.seed,
+    )
+    return scheduler, total, epochs
+
+
+def build_loss(cfg: TrainConfig, num_classes: int) -> tuple[Any, nn.Module]:
+    """``(mixup or None, training loss)`` as timm's ``train.py`` pairs them."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            mode=cfg.mixup_mode,
+            label_smoothing=cfg.smoothing,
+            num_classes=num_classes,
+        )
+        return mixup, SoftTargetCrossEntropy()
+    if cfg.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+def precise_bn_loader(cfg: TrainConfig, model: nn.Module, train_set: Any) -> tuple[Any, int]:
+    """``(loader, batches)`` of precise BN; ``(None, 0)`` when off.
+
+    ``--precise-bn`` or its default: on for plain nets (a chain with no shortcut, whose running
+    statistics lag the weights most), off for other models. The loader has its own order and
+    generator: recalibrating draws nothing from the training loader or the global RNG, so a resumed
+    run sees exactly the batches of an uninterrupted one.
+    """
+    from ..models.plain_cnn import PlainCnn
+
+    batches = cfg.precise_bn
+    if batches is None:
+        batches = DEFAULT_PRECISE_BN_BATCHES if isinstance(model, PlainCnn) else 0
+    if not batches:
+        return None, 0
+    return build_loader(
+        train_set, cfg.batch_size, train=True, seed=cfg.seed + 1, workers=cfg.workers
+    ), batches
+
+
+def build_model(cfg: TrainConfig, accelerator: Any, num_classes: int) -> tuple[nn.Module, Any, str]:
+    """``(model, EMA or None, init description)``: created identically on every process, on its device."""
+    from accelerate.utils import set_seed
+    from timm.layers import convert_sync_batchnorm
+    from timm.utils import ModelEmaV3
+
+    set_seed(cfg.seed)
+    model, init = create_model(cfg, num_classes)
+    if cfg.sync_bn and (accelerator.num_processes == 1 or accelerator.device.type == "cpu"):
+        _log.warning("--sync-bn ignored: it needs several processes on accelerators")
+    elif cfg.sync_bn:
+        model = convert_sync_batchnorm(model)
+    model.to(
+        accelerator.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format
+    )
+    # The EMA copy is taken before the modulation hooks exist, so it never carries them.
+    ema = (
+        ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup)
+        if cfg.model_ema
+        else None
+    )
+    return model, ema, init
+
+
+def learning_rate(cfg: TrainConfig, global_batch: int) -> float:
+    """``--lr``, or ``--lr-base`` scaled (linearly or by the square root) by the global batch."""
+    if cfg.lr is not None:
+        return cfg.lr
+    scale = global_batch / cfg.lr_base_size
+    return cfg.lr_base * (scale if cfg.lr_base_scale == "linear" else math.sqrt(scale))
