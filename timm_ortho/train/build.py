@@ -133,15 +133,14 @@ def init_weights_(model: nn.Module, scheme: str) -> str:
     """The trainer's whole-model initialization of a model that takes no ``init`` argument.
 
     ``msra`` keeps the model's own (timm) initialization; ``orthonormal`` gives every conv/linear
-    weight orthonormal filters. Returns how the model was initialized, for the run's description.
+    weight orthonormal filters (:func:`timm_ortho.init_weights_`, the model's biases kept). Returns
+    how the model was initialized, for the run's description.
     """
-    from ..ortho import orthonormal_
-    from ..targets import find_targets
+    from ..init import init_weights_ as library_init_
 
     if scheme == "msra":
         return "the model's own (timm) initialization"
-    for t in find_targets(model):
-        orthonormal_(t.param, t.conv_groups)
+    library_init_(model, "orthonormal", zero_bias=False)
     return "orthonormal (applied by the trainer to every conv/linear weight)"
 
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from timm.utils import ParseKwargs
 
-from ..optim import DEFAULT_MAX_GRAD_RATIO, DEFAULT_ORTHO_DECAY
+from ..defaults import DEFAULT_MAX_GRAD_RATIO, DEFAULT_ORTHO_DECAY
 from .data import DataConfig
 
 __all__ = [

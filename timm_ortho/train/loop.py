@@ -301,11 +301,11 @@ def train_one_epoch(run: Run, epoch: int) -> float:
 
 def _log_step(run: Run, epoch: int, mean_loss: torch.Tensor, seconds: float, samples: int) -> float:
     """The ``train`` and ``layers`` records; the one place of the hot loop that reads the device."""
-    from ..diagnostics import filter_correlation, layer_penalties
+    from ..diagnostics import filter_statistics
 
     acc, step = run.accelerator, run.progress.updates
     loss = acc.reduce(mean_loss, "mean").item()
-    residuals, cosines = layer_penalties(run.targets), filter_correlation(run.targets)
+    residuals, cosines = filter_statistics(run.targets)  # one Gram pass for both
     record: dict[str, Any] = {
         "type": "train",
         "epoch": epoch,
@@ -317,7 +317,10 @@ def _log_step(run: Run, epoch: int, mean_loss: torch.Tensor, seconds: float, sam
         "filter_cos": float(cosines.mean()),
     }
     if not run.cfg.baseline:  # the prepared optimizer wraps the OrthoModulated
-        record["ortho_penalty"] = float(run.optimizer.optimizer.penalty())
+        ortho = run.optimizer.optimizer
+        # Its targets are run.targets less any frozen weight: reuse the residuals when they align.
+        aligned = len(ortho.targets) == len(run.targets)
+        record["ortho_penalty"] = float(ortho.penalty(residuals if aligned else None))
     layers = {
         "type": "layers",
         "step": step,
@@ -479,9 +482,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
 
 
+def _filter_summary(run: Run) -> dict[str, float]:
+    from ..diagnostics import filter_statistics
+
+    residuals, cosines = filter_statistics(run.targets)
+    return {"ortho_residual": float(residuals.sum()), "filter_cos": float(cosines.mean())}
+
+
 def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
     """Leave the returned model as evaluated, draw the plots, log and write the summary."""
-    from ..diagnostics import filter_correlation, layer_penalties
 
     acc, progress, ema = run.accelerator, run.progress, run.ema
     trained = run.samples_seen > 0  # a backward ran in this process
@@ -501,8 +510,7 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
         "ema_eval": run.ema_eval,
         "best_top1": progress.best_top1,
         "best_epoch": progress.best_epoch,
-        "ortho_residual": float(layer_penalties(run.targets).sum()),
-        "filter_cos": float(filter_correlation(run.targets).mean()),
+        **_filter_summary(run),
         "wall_seconds": wall_seconds,
         "train_samples_per_s": run.samples_seen / run.train_seconds if run.train_seconds > 0 else None,
         "plots": pngs,
