@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -38,6 +38,21 @@ def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=dpi, format="png")
     return path
+
+
+def _finish_log_plot(
+    fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str | None, path: str | Path, dpi: int
+) -> Path:
+    """Log y axis, labels, grid and legend, then the PNG."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, path, dpi)
 
 
 def plot_error_moments(
@@ -80,15 +95,8 @@ def plot_error_moments(
             style = dict(_STYLE[w])
             label = prefix + str(style.pop("label"))
             ax.plot(range(len(y)), y, color=color, label=label, **style)
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (0 = top of the chain, in backward firing order)")
-    ax.set_ylabel(f"error second moment ({stats[0].statistic})")
-    if title:
-        ax.set_title(title)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return _save(fig, path, dpi)
+    xlabel = "layer (0 = top of the chain, in backward firing order)"
+    return _finish_log_plot(fig, ax, xlabel, f"error second moment ({stats[0].statistic})", title, path, dpi)
 
 
 def plot_ratio_history(
@@ -111,12 +119,4 @@ def plot_ratio_history(
         if len(steps) != len(ratios):
             raise ValueError(f"{label!r}: {len(steps)} steps but {len(ratios)} ratios")
         ax.plot(list(steps), [float(r) for r in ratios], label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("error second moment, bottom / top")
-    if title:
-        ax.set_title(title)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return _save(fig, path, dpi)
+    return _finish_log_plot(fig, ax, "iteration", "error second moment, bottom / top", title, path, dpi)
