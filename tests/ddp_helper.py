@@ -1,6 +1,11 @@
 """Run by tests/test_training.py under ``accelerate launch --num_processes 2``: train, then save this
-rank's final weights as ``<run>/rank<i>.pt`` so that the test can compare the ranks."""
+rank's final weights as ``<run>/rank<i>.pt`` so that the test can compare the ranks.
 
+``SIGNAL_AT=<rank>:<forward>`` makes that rank send itself SIGTERM during its ``forward``-th training
+forward pass (the test of a stop signal that reaches one process only)."""
+
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -8,13 +13,39 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timm_ortho.train import build
 from timm_ortho.train.config import build_parser, config_from_args
+from timm_ortho.train.guards import exit_code_for
 from timm_ortho.train.loop import train
+
+
+def signal_at(rank: int, forward: int) -> None:
+    original = build.build_model
+
+    def with_signal(*args, **kwargs):
+        model, ema, init = original(*args, **kwargs)
+        seen = [0]
+
+        def hook(module, inputs, output):
+            if module.training:
+                seen[0] += 1
+                if seen[0] == forward:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        if int(os.environ.get("RANK", "0")) == rank:
+            model.register_forward_hook(hook)
+        return model, ema, init
+
+    build.build_model = with_signal
+
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # two processes share the machine's cores
+    if os.environ.get("SIGNAL_AT"):
+        signal_at(*map(int, os.environ["SIGNAL_AT"].split(":")))
     result = train(config_from_args(build_parser().parse_args()))
     from accelerate import PartialState
 
     rank = PartialState().process_index
     torch.save(result.model.state_dict(), result.run_dir / f"rank{rank}.pt")
+    sys.exit(exit_code_for(result.stopped_by))

@@ -117,10 +117,15 @@ def test_synthetic_end_to_end(tmp_path):
     assert len(layers[0]["q_before"]) == len(layers[0]["names"]) == 19  # 19 convs, classifier left out
     assert len(layers[0]["ortho_residual"]) == 20
 
-    for name in ("error_moments.png", "bottom_top_ratio.png"):
+    for name in ("training_curves.png", "error_moments.png", "bottom_top_ratio.png"):
         assert (run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(s["plots"]) == 3
+    # One epoch numbering: counted from 1 in every record, file and line a user reads.
+    assert {r["epoch"] for r in steps} == {1} and [r["epoch"] for r in recs if r["type"] == "eval"] == [1]
+    assert s["best_epoch"] == 1
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["ckpt-000000008"]
     saved = torch.load(run / "last.pth", weights_only=True)
+    assert saved["epoch"] == 1
     fresh = timm.create_model("plain_cnn20", num_classes=10)
     fresh.load_state_dict(saved["state_dict"])  # a timm-loadable checkpoint
     assert states_equal(fresh.state_dict(), result.model.state_dict())
@@ -493,8 +498,9 @@ def test_bad_data_path_fails_with_a_clear_message(tmp_path, capsys):
     assert "missing data_batch_1" in err and str(broken) in err
 
 
-def test_two_processes_on_cpu_hold_identical_weights(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+def launch_two(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of tests/ddp_helper.py on two CPU processes."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
     for key in [k for k in env if k.startswith("ACCELERATE_")]:
         env.pop(key)
     cmd = [
@@ -511,11 +517,15 @@ def test_two_processes_on_cpu_hold_identical_weights(tmp_path):
         "no",
         str(REPO / "tests" / "ddp_helper.py"),
         *("--model", "plain_cnn20", "--img-size", "8", "--batch-size", "4", "--lr", "0.1"),
-        *("--synthetic-size", "32", "--synthetic-val-size", "6", "--epochs", "1", "--max-steps", "3"),
         *("--workers", "0", "--log-interval", "1", "--modulation", "--no-error-stats"),
-        *("--output", str(tmp_path), "--experiment", "ddp"),
+        *("--output", str(tmp_path), *args),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+def test_two_processes_on_cpu_hold_identical_weights(tmp_path):
+    args = ("--synthetic-size", "32", "--synthetic-val-size", "6", "--epochs", "1", "--max-steps", "3")
+    proc = launch_two(tmp_path, *args, "--experiment", "ddp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "ddp"
     ranks = [torch.load(run / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
@@ -524,6 +534,30 @@ def test_two_processes_on_cpu_hold_identical_weights(tmp_path):
     assert summary["processes"] == 2 and summary["updates"] == 3
     header = records(run)[0]
     assert header["global_batch"] == 8 and header["updates_per_epoch"] == 4
+
+
+def test_two_processes_stop_together_on_a_signal_to_one_and_resume_exactly(tmp_path):
+    # 12 updates in the epoch; rank 1 alone gets SIGTERM in its 2nd forward pass. The processes
+    # agree every few updates (one all-reduce), so both stop after the same update, with one
+    # checkpoint; resuming both ends with the weights of a run that was never stopped.
+    args = ("--synthetic-size", "96", "--synthetic-val-size", "6", "--epochs", "1")
+    full = launch_two(tmp_path, *args, "--experiment", "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = launch_two(tmp_path, *args, "--experiment", "cut", env={"SIGNAL_AT": "1:2"})
+    # The processes exit with 143 (SIGTERM's code) once the checkpoint is written; the launcher
+    # reports that as a failure with a traceback of its own (and may end a slower process itself),
+    # but no traceback passes through this project's code.
+    assert cut.returncode != 0 and "exitcode  : 143" in cut.stderr, cut.stderr[-3000:]
+    frames = [line for line in cut.stderr.splitlines() if line.strip().startswith('File "')]
+    assert not [f for f in frames if "timm_ortho" in f or "ddp_helper" in f], cut.stderr[-3000:]
+    stopped = [r for r in records(tmp_path / "cut") if r["type"] == "stopped"]
+    assert len(stopped) == 1 and 1 <= stopped[0]["step"] < 12
+    assert "accelerate launch" in stopped[0]["resume"] and "--resume" in stopped[0]["resume"]
+    resumed = launch_two(tmp_path, *args, "--experiment", "cut", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for rank in (0, 1):
+        want = torch.load(tmp_path / "full" / f"rank{rank}.pt", weights_only=True)
+        assert states_equal(torch.load(tmp_path / "cut" / f"rank{rank}.pt", weights_only=True), want)
 
 
 @pytest.mark.slow
@@ -564,3 +598,117 @@ def test_precise_bn_is_on_for_plain_nets_and_recomputes_the_statistics(tmp_path,
     assert "--precise-bn takes a number of batches >= 0" in capsys.readouterr().err
     assert main(["--max-grad-ratio", "-1", "--output", str(tmp_path)]) == 2
     assert "--max-grad-ratio must be" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# divergence and stop signals
+# ----------------------------------------------------------------------------------------------
+def signal_at(monkeypatch, signum: int, forward: int) -> None:
+    """Send ``signum`` to this process during the ``forward``-th training forward pass."""
+    from timm_ortho.train import build
+
+    original = build.build_model
+
+    def with_signal(*args, **kwargs):
+        model, ema, init = original(*args, **kwargs)
+        seen = [0]
+
+        def hook(module, inputs, output):
+            if module.training:
+                seen[0] += 1
+                if seen[0] == forward:
+                    os.kill(os.getpid(), signum)
+
+        model.register_forward_hook(hook)
+        return model, ema, init
+
+    monkeypatch.setattr(build, "build_model", with_signal)
+
+
+RESUMABLE = dict(synthetic_size=40, grad_accum_steps=2, epochs=2, modulation=True, reprob=0.25, mixup=0.2)
+
+
+def test_sigterm_saves_stops_and_resumes_bit_identically(tmp_path, monkeypatch, caplog):
+    import signal
+
+    full = train(tiny(tmp_path, experiment="full", **RESUMABLE))
+    # SIGTERM in the middle of an accumulation window of the first epoch: that update completes.
+    signal_at(monkeypatch, signal.SIGTERM, forward=5)
+    with caplog.at_level("WARNING"):
+        stopped = train(tiny(tmp_path, experiment="cut", **RESUMABLE))
+    assert stopped.stopped_by == "SIGTERM" and stopped.summary["step"] == 3
+    assert stopped.summary["checkpoint"].endswith("ckpt-000000003")
+    assert "Resume with:" in caplog.text and "--resume " + stopped.summary["checkpoint"] in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    monkeypatch.undo()
+    resumed = train(tiny(tmp_path, experiment="cut", resume="auto", **RESUMABLE))
+    assert resumed.stopped_by is None and resumed.summary["updates"] == full.summary["updates"]
+    assert states_equal(resumed.model.state_dict(), full.model.state_dict())
+    assert [r["type"] for r in records(tmp_path / "cut")].count("stopped") == 1
+
+
+def test_sigint_at_an_epoch_end_validates_then_stops(tmp_path, monkeypatch):
+    import signal
+
+    signal_at(monkeypatch, signal.SIGINT, forward=10)  # the last micro-batch of epoch 1
+    stopped = train(tiny(tmp_path, **RESUMABLE))
+    assert stopped.stopped_by == "SIGINT" and stopped.summary["step"] == 5
+    assert any(r["type"] == "eval" for r in records(tmp_path / "run"))  # the epoch was evaluated
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["ckpt-000000005"]
+
+
+def test_main_exit_codes_say_why_the_run_ended(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from timm_ortho.train import loop
+
+    args = ["--model", "plain_cnn20", "--img-size", "8", "--synthetic-size", "16", "--batch-size", "4"]
+    args += ["--synthetic-val-size", "4", "--workers", "0", "--epochs", "1", "--output", str(tmp_path)]
+    signal_at(monkeypatch, signal.SIGTERM, forward=2)
+    assert main([*args, "--experiment", "term"]) == 143
+
+    def abort(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", abort)
+    assert main([*args, "--experiment", "abort"]) == 130
+    assert "aborted" in capsys.readouterr().err
+
+
+def test_divergence_stops_at_once_and_saves_nothing(tmp_path, capsys):
+    args = ["--model", "plain_cnn20", "--img-size", "8", "--synthetic-size", "32", "--batch-size", "4"]
+    args += ["--synthetic-val-size", "4", "--workers", "0", "--epochs", "2", "--output", str(tmp_path)]
+    args += ["--baseline", "--lr", "1e30", "--log-interval", "100", "--experiment", "nan"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "training diverged at update" in err and "Try: lower --lr" in err and "Traceback" not in err
+    run = tmp_path / "nan"
+    assert not list_checkpoints(run / "checkpoints")
+    assert not (run / "last.pth").exists() and not (run / "model_best.pth").exists()
+
+
+def test_skip_nonfinite_skips_bad_updates_within_its_bound(tmp_path, monkeypatch):
+    from timm_ortho.train import build
+
+    original = build.build_loss
+
+    def loss_with_a_nan(cfg, num_classes):
+        mixup, loss = original(cfg, num_classes)
+        calls = [0]
+
+        def poisoned(logits, target):
+            calls[0] += 1
+            value = loss(logits, target)
+            return value * float("nan") if calls[0] in (2, 3) else value
+
+        return mixup, poisoned
+
+    monkeypatch.setattr(build, "build_loss", loss_with_a_nan)
+    result = train(tiny(tmp_path, skip_nonfinite=2, synthetic_size=24))
+    assert result.summary["updates"] == 4  # 6 batches, 2 skipped
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    monkeypatch.setattr(build, "build_loss", loss_with_a_nan)
+    from timm_ortho.train.guards import Diverged
+
+    with pytest.raises(Diverged, match="2 updates in a row"):
+        train(tiny(tmp_path, experiment="strict", skip_nonfinite=1, synthetic_size=24))

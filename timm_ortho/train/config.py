@@ -262,6 +262,13 @@ class TrainConfig(DataConfig):
     checkpoint_interval: Annotated[int, cli("also checkpoint every N updates")] = 0
     checkpoint_hist: Annotated[int, cli("checkpoints kept")] = 2
     log_interval: Annotated[int, cli("updates between log records")] = 50
+    skip_nonfinite: Annotated[
+        int,
+        cli(
+            "skip an update whose loss is NaN or infinite, up to N in a row, instead of stopping at the "
+            "first (costs one host-device synchronization per update)"
+        ),
+    ] = 0
     log_with: Annotated[
         list[str] | None,
         cli(

@@ -62,26 +62,45 @@ class DivergenceMonitor:
         self._first_bad: Tensor | None = None  # update + 1 of the first non-finite loss; 0: none
 
     def observe(self, loss: Tensor, update: int) -> None:
-        """Note ``loss`` of ``update`` (0-d; any device). No synchronization."""
+        """Note ``loss`` of ``update`` (0-d; any device). No synchronization. (Skip mode reads every
+        loss in :meth:`should_skip` instead.)"""
+        if self.skip:
+            return
         bad = ~torch.isfinite(loss.detach())
         if self._first_bad is None:
             self._first_bad = torch.zeros((), dtype=torch.int64, device=loss.device)
         self._first_bad = torch.where(bad & (self._first_bad == 0), update + 1, self._first_bad)
 
-    def check(self) -> None:
-        """Raise :class:`Diverged` if a loss noted since the start was not finite (one synchronization)."""
+    def check(self, accelerator: Any = None) -> None:
+        """Raise :class:`Diverged` if a loss noted since the start was not finite (one synchronization).
+
+        With several processes every process must call it at the same point: the earliest
+        non-finite update of any process is shared (one gather), so all of them stop together.
+        """
         if self._first_bad is None:
             return
-        first = int(self._first_bad)
-        if first:
-            raise Diverged("the loss is NaN or infinite", first - 1)
+        first = self._first_bad
+        if accelerator is not None and accelerator.num_processes > 1:
+            seen = accelerator.gather(first[None])
+            first = torch.where(seen > 0, seen, torch.iinfo(seen.dtype).max).min()
+            first = torch.where(first == torch.iinfo(first.dtype).max, 0, first)
+        update = int(first)
+        if update:
+            raise Diverged("the loss is NaN or infinite", update - 1)
 
-    def should_skip(self, loss: Tensor, update: int) -> bool:
+    def should_skip(self, loss: Tensor, update: int, accelerator: Any = None) -> bool:
         """With ``skip > 0``: whether to skip this update (its loss is not finite). Reads the loss.
 
-        Raises :class:`Diverged` once more than ``skip`` updates in a row were not finite.
+        With several processes, a non-finite loss on any of them skips the update on all (one
+        all-reduce), so that their weights stay identical. Raises :class:`Diverged` once more than
+        ``skip`` updates in a row were not finite.
         """
-        if self.skip == 0 or bool(torch.isfinite(loss.detach())):
+        if self.skip == 0:
+            return False
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if accelerator is not None and accelerator.num_processes > 1:
+            bad = accelerator.reduce(bad, reduction="sum")
+        if not bool(bad.item() > 0):
             self._in_a_row = 0
             return False
         self._in_a_row += 1
@@ -149,10 +168,12 @@ class StopSignals:
 
 
 def exit_code_for(signal_name: str | None) -> int:
-    """The shell's convention, ``128 + signal number``: 130 after SIGINT, 143 after SIGTERM."""
+    """The shell's convention, ``128 + signal number``: 130 after SIGINT, 143 after SIGTERM (also for
+    a process stopped because another one received a signal)."""
     if signal_name is None:
         return 0
-    return 128 + int(signal.Signals[signal_name])
+    known = signal_name in signal.Signals.__members__
+    return 128 + int(signal.Signals[signal_name] if known else signal.SIGTERM)
 
 
 def resume_command(argv: Sequence[str], checkpoint: str) -> str:

@@ -48,6 +48,7 @@ from . import build
 from .checkpoint import CheckpointManager
 from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args, validate_config
 from .data import DataError, SeededTransform
+from .guards import Diverged, DivergenceMonitor, StopSignals, exit_code_for, resume_command
 from .tracking import JsonlTracker, format_summary, log_record, ratio_history, to_json
 
 __all__ = [
@@ -74,6 +75,8 @@ class TrainResult:
     """The unwrapped model (no DDP / compile wrapper, modulation hooks removed)."""
     run_dir: Path
     ema_model: nn.Module | None = None
+    stopped_by: str | None = None
+    """``"SIGTERM"`` or ``"SIGINT"`` when a signal stopped the run (after a checkpoint); else None."""
 
 
 @dataclass
@@ -123,6 +126,12 @@ class Run:
     """The run's description: the ``config`` record of ``metrics.jsonl``."""
     checkpoints: CheckpointManager
     progress: TrainProgress = dataclasses.field(default_factory=TrainProgress)
+    divergence: DivergenceMonitor = dataclasses.field(default_factory=DivergenceMonitor)
+    stop: StopSignals = dataclasses.field(default_factory=StopSignals)
+    stopped_by: str | None = None
+    """The signal that stopped the run after the current update (``None``: it was not stopped)."""
+    last_checkpoint: Path | None = None
+    last_checkpoint_update: int = -1
     samples_seen: int = 0
     train_seconds: float = 0.0
     ema_eval: dict[str, float] | None = None
@@ -193,6 +202,7 @@ def setup(cfg: TrainConfig) -> Run:
         train_loader, val_loader, bn_loader, precise_bn, probe, targets, info,
         CheckpointManager(accelerator, run_dir / "checkpoints", keep=cfg.checkpoint_hist),
     )  # fmt: skip
+    run.divergence = DivergenceMonitor(skip=cfg.skip_nonfinite)
     _start(run, resume_path)
     return run
 
@@ -257,6 +267,7 @@ def train_one_epoch(run: Run, epoch: int) -> float:
     )
     loss_sum = torch.zeros((), device=acc.device)
     count, samples, t_interval, t_epoch = 0, 0, time.perf_counter(), time.perf_counter()
+    window_bad = False  # skip mode: a non-finite loss in this accumulation window
     for images, labels in loader:
         if run.mixup_fn is not None:
             images, labels = run.mixup_fn(images, labels)
@@ -264,17 +275,25 @@ def train_one_epoch(run: Run, epoch: int) -> float:
             images = images.contiguous(memory_format=torch.channels_last)
         with acc.accumulate(model):
             loss = run.loss_fn(model(images), labels)
+            run.divergence.observe(loss, progress.updates + 1)  # on the device: no sync
             acc.backward(loss)
-            if acc.sync_gradients and cfg.clip_grad is not None:
+            if run.divergence.skip:  # reads the loss on every process: one sync per micro-batch
+                window_bad |= run.divergence.should_skip(loss, progress.updates + 1, acc)
+            skip_update = window_bad and acc.sync_gradients
+            if acc.sync_gradients and cfg.clip_grad is not None and not skip_update:
                 clip = acc.clip_grad_norm_ if cfg.clip_mode == "norm" else acc.clip_grad_value_
                 clip(model.parameters(), cfg.clip_grad)
-            optimizer.step()
+            if not skip_update:  # the whole window's gradient holds the NaN: no step on it
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         progress.batch += 1
-        loss_sum += loss.detach().float()
-        count, samples = count + 1, samples + images.shape[0]
+        if not window_bad:
+            loss_sum += loss.detach().float()
+            count, samples = count + 1, samples + images.shape[0]
         bar.update(1)
-        if not acc.sync_gradients or optimizer.step_was_skipped:  # no update applied: the clock stays
+        if acc.sync_gradients:
+            window_bad = False
+        if not acc.sync_gradients or skip_update or optimizer.step_was_skipped:  # the clock stays
             continue
         progress.updates += 1
         if run.scheduler is not None:
@@ -289,7 +308,10 @@ def train_one_epoch(run: Run, epoch: int) -> float:
         if progress.updates >= run.info["stop_at"]:
             break
         if cfg.checkpoint_interval and progress.updates % cfg.checkpoint_interval == 0:
-            run.checkpoints.save(progress.updates, {"epoch": epoch, "batch": progress.batch})
+            _checkpoint(run, epoch)
+        if _stop_requested(run):
+            run.stopped_by = run.stop.received or "a signal to another process"
+            break
     bar.close()
     seconds = time.perf_counter() - t_epoch
     run.train_seconds += seconds
@@ -305,10 +327,11 @@ def _log_step(run: Run, epoch: int, mean_loss: torch.Tensor, seconds: float, sam
 
     acc, step = run.accelerator, run.progress.updates
     loss = acc.reduce(mean_loss, "mean").item()
+    run.divergence.check(acc)  # the loss was just read: this costs no further wait
     residuals, cosines = filter_statistics(run.targets)  # one Gram pass for both
     record: dict[str, Any] = {
         "type": "train",
-        "epoch": epoch,
+        "epoch": epoch + 1,  # epochs count from 1 wherever they are shown
         "step": step,
         "loss": loss,
         "lr": float(run.optimizer.param_groups[0]["lr"]),
@@ -404,6 +427,7 @@ def precise_bn_for_eval(model: nn.Module, run: Run) -> Iterator[None]:
 def validate(run: Run, epoch: int, epoch_seconds: float) -> None:
     """Evaluate (with precise BN when on), log the ``eval`` record, save the weights files."""
     acc, cfg, progress, ema = run.accelerator, run.cfg, run.progress, run.ema
+    _check_finite(run)  # no evaluation, last.pth or model_best.pth of a diverged run
     with contextlib.ExitStack() as evaluation_state:
         if run.bn_loader is not None:  # evaluated (and saved) with precise BN, trained on unchanged
             run.bn_loader.set_epoch(epoch)
@@ -411,14 +435,15 @@ def validate(run: Run, epoch: int, epoch_seconds: float) -> None:
                 if model is not None:
                     evaluation_state.enter_context(precise_bn_for_eval(model, run))
         evaluation = evaluate(run.model, run.val_loader, acc, cfg.channels_last)
-        record = {"type": "eval", "epoch": epoch, "step": progress.updates, "epoch_seconds": epoch_seconds}
+        record = {"type": "eval", "epoch": epoch + 1, "step": progress.updates}
+        record["epoch_seconds"] = epoch_seconds
         record.update({f"val_{k}": v for k, v in evaluation.items()})
         if ema is not None:
             run.ema_eval = evaluate(ema.module, run.val_loader, acc, cfg.channels_last)
             record.update({f"ema_val_{k}": v for k, v in run.ema_eval.items()})
         is_best = progress.best_top1 is None or evaluation["top1"] > progress.best_top1
         if is_best:
-            progress.best_top1, progress.best_epoch = evaluation["top1"], epoch
+            progress.best_top1, progress.best_epoch = evaluation["top1"], epoch + 1
         progress.last_eval = evaluation
         record.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
         log_record(acc, record)
@@ -427,7 +452,7 @@ def validate(run: Run, epoch: int, epoch_seconds: float) -> None:
             "best top-1 %.2f%% (epoch %d)",
             epoch + 1, run.info["epochs"], progress.updates, evaluation["loss"], evaluation["top1"],
             evaluation["top5"], f"; EMA top-1 {run.ema_eval['top1']:.2f}%" if run.ema_eval else "",
-            progress.best_top1, progress.best_epoch + 1,
+            progress.best_top1, progress.best_epoch,
         )  # fmt: skip
         for name in ("last.pth", "model_best.pth") if is_best else ("last.pth",):
             _save_weights(run, name, epoch)
@@ -440,7 +465,7 @@ def _save_weights(run: Run, name: str, epoch: int) -> None:
         payload: dict[str, Any] = {
             "state_dict": state,
             "arch": run.cfg.model,
-            "epoch": epoch,
+            "epoch": epoch + 1,  # epochs completed
             "updates": run.progress.updates,
             "metric": run.progress.last_eval,
             "num_classes": run.info["num_classes"],
@@ -458,27 +483,88 @@ def _save_weights(run: Run, name: str, epoch: int) -> None:
 def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) as ``cfg`` says; returns the summary (also in ``summary.json``) and the model.
 
-    Must be called by every process of an ``accelerate launch``.
+    Must be called by every process of an ``accelerate launch``. SIGTERM or SIGINT stop the run after
+    the current update with a checkpoint (:attr:`TrainResult.stopped_by`); a non-finite loss or
+    weights raise :class:`~timm_ortho.train.guards.Diverged` before anything non-finite is saved.
     """
     t_start = time.perf_counter()
     run = setup(cfg)
     progress = run.progress
     run.model.train()
-    for epoch in range(progress.epoch, run.info["epochs"]):
-        if progress.updates >= run.info["stop_at"]:
-            break
-        seconds = train_one_epoch(run, epoch)
-        validate(run, epoch, seconds)
-        _log.info(
-            "checkpoint %s",
-            run.checkpoints.save(progress.updates, {"epoch": progress.epoch, "batch": progress.batch}),
-        )
+    with run.stop:
+        for epoch in range(progress.epoch, run.info["epochs"]):
+            if progress.updates >= run.info["stop_at"]:
+                break
+            seconds = train_one_epoch(run, epoch)
+            if run.stopped_by and progress.batch:  # mid-epoch: checkpoint and go
+                break
+            validate(run, epoch, seconds)
+            _log.info("checkpoint %s", _checkpoint(run))
+            if run.stopped_by:
+                break
+        if run.stopped_by:
+            return _stopped(run, time.perf_counter() - t_start)
     summary = _finish(run, time.perf_counter() - t_start)
     return TrainResult(
         summary=summary,
         model=run.accelerator.unwrap_model(run.model),
         run_dir=run.run_dir,
         ema_model=run.ema.module if run.ema is not None else None,
+    )
+
+
+# Updates between two checks for a stop signal when several processes must agree (one all-reduce).
+_STOP_POLL = 5
+
+
+def _stop_requested(run: Run) -> bool:
+    """One process: the signal flag (no sync). Several: every ``_STOP_POLL`` updates, all together."""
+    acc = run.accelerator
+    if acc.num_processes == 1:
+        return run.stop.received is not None
+    return run.progress.updates % _STOP_POLL == 0 and run.stop.requested(acc)
+
+
+def _check_finite(run: Run) -> None:
+    """Raise Diverged if a loss so far or the current weights are not finite (two small syncs)."""
+    run.divergence.check(run.accelerator)
+    run.divergence.check_weights(run.model.parameters(), run.progress.updates)
+
+
+def _checkpoint(run: Run, epoch: int | None = None) -> Path:
+    """A crash-safe checkpoint of the current state, never of a diverged one."""
+    _check_finite(run)
+    progress = run.progress
+    info = {"epoch": progress.epoch if epoch is None else epoch, "batch": progress.batch}
+    run.last_checkpoint = run.checkpoints.save(progress.updates, info)
+    run.last_checkpoint_update = progress.updates
+    return run.last_checkpoint
+
+
+def _stopped(run: Run, wall_seconds: float) -> TrainResult:
+    """After a stop signal: the checkpoint, the command that resumes from it, and the trackers closed."""
+    acc, progress = run.accelerator, run.progress
+    newest = run.last_checkpoint
+    if newest is None or run.last_checkpoint_update != progress.updates:  # not saved at this update yet
+        newest = _checkpoint(run)
+    command = resume_command(sys.argv, str(newest))
+    who = run.stop.received or "another process's signal"
+    _log.warning(
+        "stopped by %s after update %d; checkpoint %s. Resume with:\n  %s",
+        who, progress.updates, newest, command,
+    )  # fmt: skip
+    record = {"type": "stopped", "signal": who, "step": progress.updates, "checkpoint": str(newest)}
+    log_record(acc, {**record, "resume": command, "wall_seconds": wall_seconds}, step=progress.updates)
+    acc.wait_for_everyone()  # the processes leave together: a launcher ends the others at the first exit
+    acc.end_training()
+    if run.probe is not None:
+        run.probe.remove()
+    return TrainResult(
+        summary=record,
+        model=acc.unwrap_model(run.model),
+        run_dir=run.run_dir,
+        ema_model=run.ema.module if run.ema is not None else None,
+        stopped_by=run.stopped_by,
     )
 
 
@@ -499,7 +585,7 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
             if module is not None:
                 run.bn_loader.set_epoch(progress.epoch - 1 if progress.batch == 0 else progress.epoch)
                 recalibrate_bn(module, run)
-    pngs = _plots(run) if run.probe is not None and acc.is_main_process and trained else []
+    pngs = _plots(run) if acc.is_main_process and trained else []
     keys = ("run_dir", "model", "params", "method", "data", "synthetic", "processes", "mixed_precision")
     summary: dict[str, Any] = {
         "type": "summary",
@@ -526,22 +612,29 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
 
 
 def _plots(run: Run) -> list[str]:
-    """The error moments of this process's last backward and the bottom/top ratio over the run."""
-    from .plots import plot_error_moments, plot_ratio_history
+    """The loss and accuracy curves; with a probe, the error moments of this process's last backward
+    and the bottom/top ratio over the run."""
+    from .plots import plot_error_moments, plot_ratio_history, plot_training_curves
 
     cfg, modulated = run.cfg, run.cfg.modulation is not False
+    metrics = run.run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    curves = plot_training_curves([json.loads(line) for line in lines], run.run_dir / "training_curves.png")
+    pngs = [str(curves)] if curves is not None else []
+    if run.probe is None:
+        return pngs
     # With modulation, what the same forward gives without it and what the weight gradients saw;
     # without, the measured moments.
     which = ("unmodulated", "after") if modulated else ("before",)
     title = f"{cfg.model}: error second moments at update {run.progress.updates}"
-    pngs = [
+    pngs.append(
         str(
             plot_error_moments(
                 run.probe.last_stats(), run.run_dir / "error_moments.png", which=which, title=title
             )
         )
-    ]
-    history = ratio_history(run.run_dir / "metrics.jsonl", unmodulated=modulated)
+    )
+    history = ratio_history(metrics, unmodulated=modulated)
     if history:
         pngs.append(str(plot_ratio_history(history, run.run_dir / "bottom_top_ratio.png", title=cfg.model)))
     return pngs
@@ -557,8 +650,14 @@ def main(argv: Sequence[str] | None = None, preset: Preset = "imagenet") -> int:
     # Accelerate reports every file of every checkpoint at INFO; the trainer reports the checkpoint.
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
-        train(config_from_args(args))
+        result = train(config_from_args(args))
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except Diverged as e:
+        print(f"error: {e} No checkpoint or weights file holds the diverged state.", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("aborted (a second Ctrl-C): the newest checkpoint is the state to resume from", file=sys.stderr)
+        return exit_code_for("SIGINT")
+    return exit_code_for(result.stopped_by)

@@ -119,7 +119,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if ev:
         lines.append(
             f"final      val loss {ev['loss']:.4f}, top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%"
-            + (f"; best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch'] + 1})")
+            + (f"; best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']})")
         )
     if summary.get("ema_eval"):
         lines.append(f"EMA        top-1 {summary['ema_eval']['top1']:.2f}%")
