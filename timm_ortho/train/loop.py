@@ -460,7 +460,9 @@ def validate(run: Run, epoch: int, epoch_seconds: float) -> None:
 
 def _save_weights(run: Run, name: str, epoch: int) -> None:
     """A timm-loadable weights file, written under a temporary name and renamed (never truncated)."""
-    state = run.accelerator.get_state_dict(run.model)
+    # The eager module: under --torchcompile the compiled wrapper's keys carry an `_orig_mod.` prefix,
+    # which timm's loaders (validate.py, create_model(checkpoint_path=...)) do not expect.
+    state = run.accelerator.get_state_dict(run.eager_model)
     if run.accelerator.is_main_process:
         payload: dict[str, Any] = {
             "state_dict": state,
@@ -507,7 +509,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     summary = _finish(run, time.perf_counter() - t_start)
     return TrainResult(
         summary=summary,
-        model=run.accelerator.unwrap_model(run.model),
+        model=run.eager_model,
         run_dir=run.run_dir,
         ema_model=run.ema.module if run.ema is not None else None,
     )
@@ -561,7 +563,7 @@ def _stopped(run: Run, wall_seconds: float) -> TrainResult:
         run.probe.remove()
     return TrainResult(
         summary=record,
-        model=acc.unwrap_model(run.model),
+        model=run.eager_model,
         run_dir=run.run_dir,
         ema_model=run.ema.module if run.ema is not None else None,
         stopped_by=run.stopped_by,
