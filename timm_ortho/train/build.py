@@ -7,7 +7,6 @@ loss (after it, on the prepared optimizer and loaders).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -20,7 +19,7 @@ from accelerate.logging import get_logger
 from torch import nn
 
 from .checkpoint import check_run_folder, resolve_resume
-from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig
+from .config import DEFAULT_PRECISE_BN_BATCHES, TrainConfig, check_model_arguments
 from .data import SeededTransform, build_datasets, build_loader, build_transforms
 from .tracking import JsonlTracker, banner
 
@@ -162,11 +161,7 @@ def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
     if not model_entrypoint(cfg.model).__module__.startswith(StagedCnn.__module__.rpartition(".")[0]):
         model = timm.create_model(cfg.model, **kwargs)
         return model, init_weights_(model, init)
-    if cfg.drop_path is not None and "drop_path_rate" not in inspect.signature(StagedCnn).parameters:
-        raise ConfigError(
-            f"--drop-path: {cfg.model} takes no drop_path_rate (a plain net has no residual branch "
-            "to drop); leave --drop-path out for this model"
-        )
+    check_model_arguments(cfg)
     return timm.create_model(cfg.model, init=init, **kwargs), init
 
 
