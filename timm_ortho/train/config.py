@@ -129,6 +129,10 @@ _DATA_CLI = {
     "reprob": cli("random erasing probability"),
     "scale": cli(metavar=("MIN", "MAX")),
     "ratio": cli(metavar=("MIN", "MAX")),
+    "strict_data": cli(
+        "stop at the first image that cannot be decoded (otherwise it is replaced by the next one, "
+        "counted and reported in the summary)"
+    ),
 }
 
 
