@@ -30,6 +30,7 @@ from .data import (
     build_datasets,
     build_loader,
     build_transforms,
+    cifar_folder,
     detect_dataset,
 )
 from .tracking import JsonlTracker, banner
@@ -101,6 +102,8 @@ def check_data(cfg: TrainConfig) -> None:
         raise DataError(f"dataset {kind!r} needs --data-dir")
     root = Path(cfg.data_dir).expanduser()
     detect_dataset(root)  # raises unless it is an existing folder
+    if kind == "cifar10":
+        cifar_folder(root)
     for split in (cfg.train_split, cfg.val_split) if kind == "imagefolder" else ():
         if not (root / split).is_dir():
             raise DataError(

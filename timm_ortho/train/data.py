@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import CIFAR10
 
@@ -60,6 +60,7 @@ __all__ = [
     "build_datasets",
     "build_loader",
     "build_transforms",
+    "cifar_folder",
     "detect_dataset",
     "skipped_images",
 ]
@@ -244,11 +245,22 @@ class SyntheticImages(Dataset):
 # ----------------------------------------------------------------------------------------------
 # CIFAR-10 from the python pickle release, read by torchvision
 # ----------------------------------------------------------------------------------------------
-def _cifar_dir(root: Path) -> Path:
-    """The directory that holds the batch files: ``root`` itself or ``root/cifar-10-batches-py``."""
-    if (root / _CIFAR_DIRNAME).is_dir():
-        return root / _CIFAR_DIRNAME
-    return root
+def cifar_folder(root: str | Path) -> Path:
+    """The folder of the batch files (``root`` or ``root/cifar-10-batches-py``), checked for every file.
+
+    Reads nothing: a :class:`DataError` names the missing files and the expected layout.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"CIFAR-10 directory {root} does not exist. Expected layout:\n{CIFAR_LAYOUT}")
+    folder = root / _CIFAR_DIRNAME if (root / _CIFAR_DIRNAME).is_dir() else root
+    missing = [n for n in (*_CIFAR_TRAIN, _CIFAR_TEST, _CIFAR_META) if not (folder / n).is_file()]
+    if missing:
+        raise DataError(
+            f"{folder} is not a CIFAR-10 pickle directory: missing {', '.join(missing)}. "
+            f"Expected layout:\n{CIFAR_LAYOUT}"
+        )
+    return folder
 
 
 class Cifar10(CIFAR10):
@@ -267,16 +279,7 @@ class Cifar10(CIFAR10):
     meta: ClassVar[dict[str, str | None]] = {**CIFAR10.meta, "md5": None}
 
     def __init__(self, root: str | Path, train: bool = True):
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"CIFAR-10 directory {root} does not exist. Expected layout:\n{CIFAR_LAYOUT}")
-        folder = _cifar_dir(root)
-        missing = [n for n in (*_CIFAR_TRAIN, _CIFAR_TEST, _CIFAR_META) if not (folder / n).is_file()]
-        if missing:
-            raise DataError(
-                f"{folder} is not a CIFAR-10 pickle directory: missing {', '.join(missing)}. "
-                f"Expected layout:\n{CIFAR_LAYOUT}"
-            )
+        folder = cifar_folder(root)
         self.base_folder = folder.name  # the batch files may sit in a folder of any name
         files = ", ".join(
             str(folder / n) for n in (*(_CIFAR_TRAIN if train else (_CIFAR_TEST,)), _CIFAR_META)
@@ -337,12 +340,14 @@ class CheckedImages(Dataset):
             try:
                 return self._read(i)
             except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
+                # PIL's "cannot identify" message repeats the path inside a file object's repr.
+                why = "no image format recognized" if isinstance(e, UnidentifiedImageError) else e
                 if self.strict:
                     raise CorruptImageError(
-                        f"cannot decode image {self.path(i)} ({e}); --strict-data stops here"
+                        f"cannot decode image {self.path(i)} ({why}); --strict-data stops here"
                     ) from e
                 if not self._bad[i]:
-                    _log.warning("skipping undecodable image %s (%s)", self.path(i), e)
+                    _log.warning("skipping undecodable image %s (%s)", self.path(i), why)
                 self._bad[i] = 1
         raise DataError(
             f"{_MAX_CONSECUTIVE_BAD} consecutive images from {self.path(index)} on cannot be decoded: "
