@@ -93,7 +93,7 @@ class DataError(ValueError):
 
 
 class CorruptImageError(DataError):
-    """An image that cannot be decoded, under ``--strict-data``.
+    """Images that cannot be decoded, where the run cannot go on (``--strict-data``, or many in a row).
 
     Raised in a loader worker, it reaches the main process re-raised by torch with the worker's
     traceback in its message; only the original message is kept, so that the user reads one line.
@@ -349,7 +349,7 @@ class CheckedImages(Dataset):
                 if not self._bad[i]:
                     _log.warning("skipping undecodable image %s (%s)", self.path(i), why)
                 self._bad[i] = 1
-        raise DataError(
+        raise CorruptImageError(
             f"{_MAX_CONSECUTIVE_BAD} consecutive images from {self.path(index)} on cannot be decoded: "
             "is the data tree intact?"
         )
