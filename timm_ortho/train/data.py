@@ -311,11 +311,9 @@ class Cifar10(CIFAR10):
 class CheckedImages(Dataset):
     """An ImageFolder split (timm's ``ImageDataset``) that counts the images it cannot decode.
 
-    timm's own ``__getitem__`` logs a warning and silently serves the next image instead. Here an
-    undecodable image is still replaced by the next readable one (the batch shapes stay), but it is
-    marked in a flag array shared with the loader's worker processes, so that
-    :func:`skipped_images` can report every such file at the end of the run; with ``strict=True``
-    the first one stops the run with a :class:`CorruptImageError` naming the file.
+    timm's own ``__getitem__`` silently serves the next image instead. Here it is still replaced
+    (the batch keeps its shape), but marked in flags shared with the loader's worker processes, which
+    :func:`skipped_images` reads; with ``strict=True`` the first one raises :class:`CorruptImageError`.
     """
 
     def __init__(self, dataset: Any, strict: bool = False) -> None:
@@ -353,10 +351,6 @@ class CheckedImages(Dataset):
             f"{_MAX_CONSECUTIVE_BAD} consecutive images from {self.path(index)} on cannot be decoded: "
             "is the data tree intact?"
         )
-
-    def skipped(self) -> list[int]:
-        """Indices of the images found undecodable so far (by this process and its workers)."""
-        return np.flatnonzero(np.frombuffer(self._bad, dtype=np.int8)).tolist()
 
 
 def skipped_images(dataset: Any, accelerator: Any = None) -> list[str]:
