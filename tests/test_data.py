@@ -13,6 +13,7 @@ from PIL import Image
 from timm_ortho.train.data import (
     CIFAR_LAYOUT,
     Cifar10,
+    CorruptImageError,
     DataConfig,
     DataError,
     EpochShuffleSampler,
@@ -22,6 +23,7 @@ from timm_ortho.train.data import (
     build_loader,
     build_transforms,
     detect_dataset,
+    skipped_images,
 )
 
 
@@ -170,6 +172,43 @@ def test_image_folder_errors_name_the_path_and_layout(tmp_path, write_image_fold
     (empty / "val" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="images"):
         build_datasets(DataConfig(data_dir=str(empty)))
+
+
+def test_corrupt_images_are_counted_across_worker_processes(tmp_path, write_image_folder):
+    """timm's ImageDataset would serve a neighbour silently; here each undecodable file is reported
+    once by path, whichever worker process met it, and the batch keeps its shape."""
+    write_image_folder(tmp_path, per_class=4)
+    bad = [sorted((tmp_path / "train" / c).iterdir())[i] for c, i in (("cat", 0), ("emu", 3))]
+    bad[0].write_bytes(b"garbage")
+    bad[1].write_bytes(bad[1].read_bytes()[:40])  # a truncated JPEG/PNG
+    cfg = DataConfig(data_dir=str(tmp_path), img_size=8, augment="none")
+    ds = build_datasets(cfg)
+    train_tf, _ = build_transforms(cfg, ds.mean, ds.std, ds.native_size)
+    train_set = SeededTransform(ds.train, train_tf)
+    assert skipped_images(train_set) == [] and skipped_images(SyntheticImages(4, 2, 8)) == []
+    for _ in range(2):  # seen twice, counted once
+        batches = [x.shape for x, _ in build_loader(train_set, 4, train=True, workers=2)]
+        assert batches == [(4, 3, 8, 8)] * 3
+    assert sorted(skipped_images(train_set)) == sorted(str(p) for p in bad)
+    assert skipped_images(SeededTransform(ds.val, None)) == []
+
+    strict = build_datasets(DataConfig(data_dir=str(tmp_path), strict_data=True))
+    with pytest.raises(CorruptImageError) as e:
+        for i in range(len(strict.train)):
+            strict.train[i]
+    assert str(bad[0]) in str(e.value) and "--strict-data" in str(e.value)
+    # Re-raised by a loader worker, the message is still the one line, not the worker's traceback.
+    wrapped = CorruptImageError(
+        f"Caught CorruptImageError in DataLoader worker process 0.\nOriginal Traceback:\n"
+        f"  File x\ntimm_ortho.train.data.CorruptImageError: {e.value}"
+    )
+    assert str(wrapped) == str(e.value)
+
+
+def test_a_data_dir_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "data").write_text("")
+    with pytest.raises(DataError, match="is a file, not a directory"):
+        detect_dataset(tmp_path / "data")
 
 
 # ----------------------------------------------------------------------------------------------

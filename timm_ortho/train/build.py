@@ -7,10 +7,12 @@ loss (after it, on the prepared optimizer and loaders).
 
 from __future__ import annotations
 
-import inspect
+import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,18 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 
-from .checkpoint import check_run_folder, resolve_resume
-from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig
-from .data import SeededTransform, build_datasets, build_loader, build_transforms
+from .checkpoint import check_recipe, check_run_folder, recipe_of, resolve_resume, set_aside
+from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig, check_model_arguments
+from .data import (
+    IMAGEFOLDER_LAYOUT,
+    DataError,
+    SeededTransform,
+    build_datasets,
+    build_loader,
+    build_transforms,
+    cifar_folder,
+    detect_dataset,
+)
 from .tracking import JsonlTracker, banner
 
 __all__ = [
@@ -29,7 +40,11 @@ __all__ = [
     "build_loss",
     "build_optimizer",
     "build_schedule",
+    "check_data",
+    "check_writable",
     "create_model",
+    "discard_failed_start",
+    "expected_num_classes",
     "init_weights_",
     "make_accelerator",
     "precise_bn_loader",
@@ -75,34 +90,138 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     return accelerator
 
 
+def check_data(cfg: TrainConfig) -> None:
+    """Cheap checks of ``--data-dir`` before a run starts: it exists, is a folder, has its splits.
+
+    Reads no image and no pickle (:func:`build_data` does, after the run folder exists).
+    """
+    kind = detect_dataset(cfg.data_dir) if cfg.dataset == "auto" else cfg.dataset
+    if kind == "synthetic":
+        return
+    if cfg.data_dir is None:
+        raise DataError(f"dataset {kind!r} needs --data-dir")
+    root = Path(cfg.data_dir).expanduser()
+    detect_dataset(root)  # raises unless it is an existing folder
+    if kind == "cifar10":
+        cifar_folder(root)
+    for split in (cfg.train_split, cfg.val_split) if kind == "imagefolder" else ():
+        if not (root / split).is_dir():
+            raise DataError(
+                f"ImageFolder split {root / split} does not exist (data dir {root}). "
+                f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            )
+
+
+def expected_num_classes(cfg: TrainConfig) -> int | None:
+    """The class count the data of ``cfg`` will have, when it is known without reading them."""
+    kind = detect_dataset(cfg.data_dir) if cfg.dataset == "auto" else cfg.dataset
+    if cfg.num_classes is not None or kind == "synthetic":
+        return cfg.num_classes or 10
+    if kind == "cifar10":
+        return 10
+    folder = Path(cfg.data_dir).expanduser() / cfg.train_split
+    return sum(p.is_dir() for p in folder.iterdir()) if folder.is_dir() else None
+
+
+def check_writable(path: Path) -> None:
+    """``path``, or the nearest folder above it that exists, takes new files (a ``ConfigError`` if not).
+
+    Tried with a real (anonymous) file, which also catches read-only file systems and full disks
+    that permission bits do not show.
+    """
+    existing = path.expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"cannot create the run folder {path}: {existing} is a file; choose another --output"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write into {existing} ({e.strerror or e}), where the run folder {path} goes; "
+            "choose a writable --output"
+        ) from e
+
+
+def _resume_point(cfg: TrainConfig, accelerator: Any) -> tuple[Path | None, Path | None]:
+    """``(checkpoint to resume or None, run folder it continues or None)``, checked against ``cfg``."""
+    given = Path(cfg.output) / cfg.experiment if cfg.experiment else None
+    skipped: list[tuple[Path, list[str]]] = []
+    try:
+        resume_path = resolve_resume(cfg.resume, given, skipped)
+    except FileNotFoundError:
+        # "auto" with a named run that has no checkpoint yet is a first launch: the same command
+        # line then serves the first start and every restart of a preemptible job.
+        if cfg.resume not in ("auto", "latest") or given is None:
+            raise
+        _log.info("--resume %s: no checkpoint under %s yet, starting from scratch", cfg.resume, given)
+        return None, None
+    for path, problems in skipped:
+        _log.warning("checkpoint %s is damaged (%s); passed over", path, "; ".join(problems))
+    check_recipe(resume_path, recipe_of(cfg, expected_num_classes(cfg)))
+    run_dir = given
+    if run_dir is None and resume_path.parent.name == "checkpoints":
+        run_dir = resume_path.parent.parent
+    if skipped:
+        _log.warning("resuming from %s, the newest intact checkpoint", resume_path)
+        # Damaged checkpoints newer than the one resumed would confuse rotation and the next
+        # --resume auto: set them aside (not deleted) when the run continues in their folder.
+        here = [(p, why) for p, why in skipped if run_dir is not None and p.parent == run_dir / "checkpoints"]
+        if here and accelerator.is_main_process:
+            for moved in set_aside(here):
+                _log.warning("set aside as %s (delete it when no longer needed)", moved)
+        accelerator.wait_for_everyone()
+    return resume_path, run_dir
+
+
 def run_folder(cfg: TrainConfig, accelerator: Any) -> tuple[Path, Path | None]:
-    """The run folder (named once, on the main process) and the checkpoint to resume from."""
+    """The run folder (named once, on the main process) and the checkpoint to resume from.
+
+    Everything that can be checked without building the run is checked first (the data folder, the
+    checkpoint's integrity and recipe, that the output takes files, that the folder holds one
+    timeline), so that a start that fails on them creates no folder.
+    """
     from accelerate.utils import broadcast_object_list
 
-    run_dir, resume_path = None, None
-    if cfg.resume is not None:
-        given = Path(cfg.output) / cfg.experiment if cfg.experiment else None
-        try:
-            resume_path = resolve_resume(cfg.resume, given)
-        except FileNotFoundError:
-            # "auto" with a named run that has no checkpoint yet is a first launch: the same command
-            # line then serves the first start and every restart of a preemptible job.
-            if cfg.resume not in ("auto", "latest") or given is None:
-                raise
-            _log.info("--resume %s: no checkpoint under %s yet, starting from scratch", cfg.resume, given)
-        if resume_path is not None and cfg.experiment is None and resume_path.parent.name == "checkpoints":
-            run_dir = resume_path.parent.parent
+    check_data(cfg)
+    resume_path, run_dir = _resume_point(cfg, accelerator) if cfg.resume is not None else (None, None)
     if run_dir is None:
         method = "baseline" if cfg.baseline else ("ortho-mod" if cfg.modulation is not False else "ortho")
         name = [cfg.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{method}"]
         broadcast_object_list(name)  # the main process's clock names the folder
         run_dir = Path(cfg.output) / name[0]
+    check_writable(run_dir)
     check_run_folder(run_dir, resume_path)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.project_configuration.set_directories(str(run_dir))
     return run_dir, resume_path
+
+
+def discard_failed_start(run_dir: Path) -> bool:
+    """Remove ``run_dir`` if it holds nothing but what a start writes before training (main process).
+
+    That is ``config.json`` and a ``metrics.jsonl`` of ``config`` records only: a start that failed
+    before its first update then leaves no folder behind. Returns whether it was removed.
+    """
+    if not run_dir.is_dir() or any(p.name not in ("config.json", "metrics.jsonl") for p in run_dir.iterdir()):
+        return False
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        try:
+            kinds = {
+                json.loads(line).get("type") for line in metrics.read_text().splitlines() if line.strip()
+            }
+        except ValueError:
+            return False
+        if kinds - {"config"}:
+            return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 def build_data(cfg: TrainConfig, accelerator: Any) -> tuple[Any, SeededTransform, Any, Any]:
@@ -162,11 +281,7 @@ def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
     if not model_entrypoint(cfg.model).__module__.startswith(StagedCnn.__module__.rpartition(".")[0]):
         model = timm.create_model(cfg.model, **kwargs)
         return model, init_weights_(model, init)
-    if cfg.drop_path is not None and "drop_path_rate" not in inspect.signature(StagedCnn).parameters:
-        raise ConfigError(
-            f"--drop-path: {cfg.model} takes no drop_path_rate (a plain net has no residual branch "
-            "to drop); leave --drop-path out for this model"
-        )
+    check_model_arguments(cfg)
     return timm.create_model(cfg.model, init=init, **kwargs), init
 
 

@@ -18,29 +18,57 @@ checkpoint *before* the new one is complete (with ``total_limit=1`` a crash then
 it numbers saves, not updates, so a folder's name does not say where it resumes. What remains here
 is exactly that difference: a temporary folder, a marker written last, an atomic rename, and the
 rotation after it. The saving itself is ``accelerator.save_state``.
+
+What resume trusts: the marker records the size and CRC-32 of every file of the checkpoint and
+the *recipe* (model, classes, optimizer, method, modulation, EMA: the settings that change the
+saved state's shapes). :func:`check_checkpoint` compares sizes and CRCs before anything is loaded;
+:func:`resolve_resume` passes over a damaged checkpoint of a run for the newest intact one and
+refuses a damaged one named explicitly; :func:`check_recipe` refuses a checkpoint of another recipe
+with the list of what differs. A save that fails is retried once, then written to a fallback
+folder, and the error says where the state went.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
+
 __all__ = [
     "MARKER",
+    "CheckpointError",
     "CheckpointManager",
+    "check_checkpoint",
+    "check_recipe",
     "check_run_folder",
     "latest_checkpoint",
     "list_checkpoints",
+    "load_checkpoint",
+    "recipe_of",
     "resolve_resume",
+    "set_aside",
+    "write_atomic",
 ]
 
 MARKER = "checkpoint.json"
 _NAME = re.compile(r"^ckpt-(\d+)$")
+_log = logging.getLogger(__name__)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from (damaged, of another recipe) or cannot be written.
+
+    A :class:`ConfigError`, so that the scripts report it as one line and exit with code 2.
+    """
 
 
 def _fsync_dir(path: Path) -> None:
@@ -70,20 +98,81 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or ``None``."""
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+def _updates(path: Path) -> int:
+    # The folder's name, not its marker: a damaged marker must not stop a comparison.
+    return int(_NAME.match(path.name).group(1))
 
 
-def resolve_resume(resume: str, run_dir: Path | None) -> Path:
+def _crc32(path: Path) -> int:
+    """CRC-32 of a file's bytes, read in chunks (about a second per GB; the page cache makes the
+    one at save time cheaper still)."""
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def check_checkpoint(path: str | Path) -> list[str]:
+    """What is wrong with the checkpoint folder ``path``; an empty list when it looks loadable.
+
+    Checks the marker, then each file it recorded: present, of the recorded size and CRC-32 (one
+    read of the checkpoint, no unpickling). A marker that records no files (written by an earlier
+    version) is taken on trust.
+    """
+    path = Path(path)
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        int(marker["updates"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{MARKER}: unreadable ({type(e).__name__}: {e})"]
+    files = marker.get("files")
+    if not isinstance(files, dict):
+        return []
+    problems = []
+    for name, (size, crc) in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{name}: {file.stat().st_size} bytes, {size} when it was saved")
+        elif _crc32(file) != crc:
+            problems.append(f"{name}: its content changed since it was saved (CRC-32 differs)")
+    return problems
+
+
+def latest_checkpoint(root: str | Path, check: bool = False) -> Path | None:
+    """The newest complete checkpoint under ``root`` (with ``check``: the newest intact one), or ``None``."""
+    for found in reversed(list_checkpoints(root)):
+        if not check or not check_checkpoint(found):
+            return found
+    return None
+
+
+def _newest_intact(root: Path, skipped: list[tuple[Path, list[str]]]) -> Path | None:
+    """The newest checkpoint of ``root`` that passes :func:`check_checkpoint`; the newer damaged
+    ones are appended to ``skipped`` with their problems."""
+    for found in reversed(list_checkpoints(root)):
+        problems = check_checkpoint(found)
+        if not problems:
+            return found
+        skipped.append((found, problems))
+    return None
+
+
+def resolve_resume(
+    resume: str, run_dir: Path | None, skipped: list[tuple[Path, list[str]]] | None = None
+) -> Path:
     """The checkpoint folder that ``--resume`` names.
 
-    ``resume`` is a checkpoint folder, a run folder (its newest checkpoint is taken), a
-    ``checkpoints`` folder, or ``auto`` / ``latest`` for the newest checkpoint of ``run_dir``. As with
-    timm's ``--resume FILE``, it may also name a file: one inside a checkpoint folder stands for that
-    folder, and a run folder's ``last.pth`` for the run's newest checkpoint.
+    ``resume`` is a checkpoint folder, a run folder (its newest intact checkpoint is taken), a
+    ``checkpoints`` folder, or ``auto`` / ``latest`` for the newest intact checkpoint of ``run_dir``.
+    As with timm's ``--resume FILE``, it may also name a file: one inside a checkpoint folder stands
+    for that folder, and a run folder's ``last.pth`` for the run's newest checkpoint. Damaged
+    checkpoints passed over on the way are appended to ``skipped`` with what is wrong with them; a
+    damaged checkpoint named explicitly is a :class:`CheckpointError` naming its files.
     """
+    skipped = [] if skipped is None else skipped
     if resume in ("auto", "latest"):
         if run_dir is None:
             raise FileNotFoundError("--resume auto needs --experiment to name the run folder to resume")
@@ -102,6 +191,12 @@ def resolve_resume(resume: str, run_dir: Path | None) -> Path:
                 )
             path = path.parent
         if (path / MARKER).is_file():
+            problems = check_checkpoint(path)
+            if problems:
+                raise CheckpointError(
+                    f"checkpoint {path} is damaged: {'; '.join(problems)}. Resume from its run folder "
+                    f"{path.parent.parent} to take the newest intact checkpoint"
+                )
             return path
         if path.is_dir() and _NAME.match(path.name):
             raise FileNotFoundError(
@@ -110,13 +205,123 @@ def resolve_resume(resume: str, run_dir: Path | None) -> Path:
             )
         candidates = [path / "checkpoints", path]
     for c in candidates:
-        found = latest_checkpoint(c)
+        found = _newest_intact(c, skipped)
         if found is not None:
             return found
+    if skipped:
+        listed = "; ".join(f"{p}: {', '.join(problems)}" for p, problems in skipped)
+        raise CheckpointError(
+            f"--resume {resume}: every checkpoint found is damaged ({listed}). Nothing intact is left "
+            "to resume from: start a new run (another --experiment, without --resume)"
+        )
     raise FileNotFoundError(
         f"no complete checkpoint found for --resume {resume!r} (looked in "
         f"{', '.join(str(c) for c in candidates)}); a checkpoint is a folder ckpt-<updates> holding {MARKER}"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# the recipe: what must match for a checkpoint's state to load
+# ----------------------------------------------------------------------------------------------
+def recipe_of(cfg: Any, num_classes: int | None) -> dict[str, Any]:
+    """The settings of ``cfg`` (a ``TrainConfig``) that decide the shapes of the saved state.
+
+    Model and classes shape the weights; the optimizer, the method (its parameter groups) and the
+    modulation shape the optimizer state; the EMA adds a registered object.
+    """
+    recipe = {
+        "model": cfg.model,
+        "model_kwargs": dict(cfg.model_kwargs),
+        "num_classes": num_classes,
+        "opt": cfg.opt.lower(),
+        "method": "baseline" if cfg.baseline else "orthonormality regularizer",
+        "modulation": cfg.modulation is not False,
+        "model_ema": bool(cfg.model_ema),
+    }
+    return json.loads(json.dumps(recipe, default=str))  # as a marker stores it
+
+
+def _saved_recipe(path: Path) -> dict[str, Any] | None:
+    """The recipe of the checkpoint at ``path``: its marker's, or its run's ``config.json``'s."""
+    marker = json.loads((path / MARKER).read_text())
+    if isinstance(marker.get("recipe"), dict):
+        return marker["recipe"]
+    config = path.parent.parent / "config.json"
+    if path.parent.name != "checkpoints" or not config.is_file():
+        return None
+    try:
+        info = json.loads(config.read_text())
+    except ValueError:
+        return None
+    if not isinstance(info.get("config"), dict):
+        return None
+
+    class Saved:  # the saved settings, read like a TrainConfig
+        def __init__(self, values: dict[str, Any]) -> None:
+            self.__dict__.update(values)
+
+    try:
+        return recipe_of(Saved(info["config"]), info.get("num_classes"))
+    except (AttributeError, TypeError):
+        return None
+
+
+def check_recipe(path: Path, recipe: dict[str, Any]) -> None:
+    """Refuse (a :class:`CheckpointError`) to resume ``path`` with another ``recipe`` than it was saved with.
+
+    Settings that are ``None`` in ``recipe`` (not known yet) are not compared, nor are checkpoints
+    that record no recipe.
+    """
+    saved = _saved_recipe(path)
+    if saved is None:
+        return
+    differences = [
+        f"{key} {saved[key]!r} in the checkpoint, {value!r} now"
+        for key, value in recipe.items()
+        if value is not None and key in saved and saved[key] != value
+    ]
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {path} was saved by another recipe: {'; '.join(differences)}. Resume with the "
+            "checkpoint's settings, or start a new run (another --experiment, without --resume)"
+        )
+
+
+def load_checkpoint(accelerator: Any, path: Path) -> None:
+    """``accelerator.load_state(path)``, with a failure reported as a :class:`CheckpointError` naming it."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:  # torch, safetensors and pickle each raise their own types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {type(e).__name__}: {first}. Resume from its run folder "
+            f"{path.parent.parent} to fall back to an intact checkpoint, or check the flags match the run's"
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+def write_atomic(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)`` through a temporary name and a rename, retried once.
+
+    A failure leaves the previous file intact and raises a :class:`CheckpointError` naming ``path``.
+    """
+    import torch
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    for attempt in (1, 2):
+        try:
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+            return
+        except Exception as e:  # OSError, or torch's RuntimeError from its zip writer
+            error = f"{type(e).__name__}: {e}"
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+            if attempt == 1:
+                _log.warning("writing %s failed (%s); retrying once", path, error)
+    raise CheckpointError(f"cannot write {path} ({error}); tried twice, the previous file is unchanged")
 
 
 class CheckpointManager:
@@ -126,57 +331,130 @@ class CheckpointManager:
         accelerator: the run's ``Accelerator``; every process must call :meth:`save` together.
         root: folder of the checkpoints, e.g. ``<run>/checkpoints``.
         keep: complete checkpoints to keep (at least 1).
+        recipe: :func:`recipe_of` the run, recorded in every marker and compared on resume.
+        fallback: where a save goes when ``root`` fails twice; default
+            ``<system temp>/timm_ortho-rescue/<run folder name>/checkpoints``.
     """
 
-    def __init__(self, accelerator: Any, root: str | Path, keep: int = 2) -> None:
+    def __init__(
+        self,
+        accelerator: Any,
+        root: str | Path,
+        keep: int = 2,
+        recipe: dict[str, Any] | None = None,
+        fallback: str | Path | None = None,
+    ) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
-        self.accelerator, self.root, self.keep = accelerator, Path(root), keep
+        self.accelerator, self.root, self.keep, self.recipe = accelerator, Path(root), keep, recipe
+        rescue = Path(tempfile.gettempdir()) / "timm_ortho-rescue" / self.root.parent.name / "checkpoints"
+        self.fallback = Path(fallback) if fallback is not None else rescue
 
     def save(self, updates: int, info: dict[str, Any] | None = None) -> Path:
-        """Save the full training state as ``ckpt-<updates>``; returns its folder."""
+        """Save the full training state as ``ckpt-<updates>``; returns its folder.
+
+        A failed write is retried once; if that fails too, the state goes to :attr:`fallback` and a
+        :class:`CheckpointError` says where it went (the in-memory state is untouched either way).
+        """
+        error = None
+        for attempt in (1, 2):
+            error = self._attempt(self.root, updates, info)
+            if error is None:
+                return self.root / f"ckpt-{updates:09d}"
+            if attempt == 1 and self.accelerator.is_main_process:
+                _log.warning(
+                    "saving checkpoint %d into %s failed (%s); retrying once", updates, self.root, error
+                )
+        failed = f"cannot write checkpoint ckpt-{updates:09d} into {self.root} ({error}); tried twice"
+        rescue_error = self._attempt(self.fallback, updates, info)
+        if rescue_error is not None:
+            raise CheckpointError(
+                f"{failed}; the fallback folder {self.fallback} failed too ({rescue_error}). The training "
+                f"state of update {updates} is only in memory: free space or fix permissions and restart "
+                "from the newest checkpoint"
+            )
+        rescued = self.fallback / f"ckpt-{updates:09d}"
+        raise CheckpointError(
+            f"{failed}. The training state of update {updates} was saved to {rescued} instead: once "
+            f"{self.root} is writable again, continue with --resume {rescued} --output "
+            f"{self.root.parent.parent} --experiment {self.root.parent.name}"
+        )
+
+    def _agree(self, error: str | None) -> str | None:
+        """The first error of any process, on every process (a collective when there are several)."""
+        if getattr(self.accelerator, "num_processes", 1) <= 1:
+            return error
+        from accelerate.utils import gather_object
+
+        return next((e for e in gather_object([error]) if e is not None), None)
+
+    def _attempt(self, root: Path, updates: int, info: dict[str, Any] | None) -> str | None:
+        """One save into ``root``; returns what went wrong (the same on every process) or ``None``."""
         acc = self.accelerator
-        final = self.root / f"ckpt-{updates:09d}"
-        tmp = self.root / f".tmp-{final.name}"
+        final = root / f"ckpt-{updates:09d}"
+        tmp = root / f".tmp-{final.name}"
+        error = None
         if acc.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):  # left by an interrupted save
-                shutil.rmtree(stale, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            marker = {"updates": updates, "time": time.time(), **(info or {})}
-            with (tmp / MARKER).open("w") as f:
-                json.dump(marker, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            old = None
-            if final.exists():  # the same update count saved twice (e.g. step and epoch end)
-                old = final.with_name(f".tmp-old-{final.name}")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in list_checkpoints(self.root)[: -self.keep]:
-                if stale != final:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                for stale in root.glob(".tmp-*"):  # left by an interrupted or failed save
                     shutil.rmtree(stale, ignore_errors=True)
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
         acc.wait_for_everyone()
-        return final
+        error = self._agree(error)
+        if error is not None:
+            return error
+        try:
+            acc.save_state(str(tmp))
+        except Exception as e:  # OSError, or torch's RuntimeError from its zip writer; not interrupts
+            error = f"{type(e).__name__}: {e}"
+        acc.wait_for_everyone()
+        error = self._agree(error)
+        if error is None and acc.is_main_process:
+            try:
+                self._commit(tmp, final, updates, info)
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        acc.wait_for_everyone()
+        return self._agree(error)
+
+    def _commit(self, tmp: Path, final: Path, updates: int, info: dict[str, Any] | None) -> None:
+        """Main process: the marker (sizes and recipe), the atomic rename, then the rotation."""
+        files = {
+            str(f.relative_to(tmp)): [f.stat().st_size, _crc32(f)]
+            for f in sorted(tmp.rglob("*"))
+            if f.is_file()
+        }
+        marker = {"updates": updates, "time": time.time(), **(info or {}), "files": files}
+        if self.recipe is not None:
+            marker["recipe"] = self.recipe
+        with (tmp / MARKER).open("w") as f:
+            json.dump(marker, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if final.exists():  # the same update count saved twice (e.g. step and epoch end)
+            old = final.with_name(f".tmp-old-{final.name}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(final.parent)[: -self.keep]:
+            if stale != final:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def check_run_folder(run_dir: Path, resume_path: Path | None) -> None:
-    """Refuse to mix two timelines in one folder of rotating checkpoints (a ``ValueError``).
+    """Refuse to mix two timelines in one folder of rotating checkpoints (a ``ConfigError``).
 
     A fresh run into a folder that holds checkpoints, or a resume from a checkpoint older than the
     folder's newest, would interleave its checkpoints with the others, and a later ``--resume auto``
     would pick the wrong one.
     """
-    from .config import ConfigError
-
     existing = list_checkpoints(run_dir / "checkpoints")
     if not existing:
         return
@@ -186,9 +464,20 @@ def check_run_folder(run_dir: Path, resume_path: Path | None) -> None:
             f"--resume auto (and --experiment {run_dir.name}), or choose another --experiment"
         )
     newest = existing[-1]
-    updates = [int(json.loads((p / MARKER).read_text())["updates"]) for p in (resume_path, newest)]
-    if resume_path.resolve() != newest.resolve() and updates[0] < updates[1]:
+    if resume_path.resolve() != newest.resolve() and _updates(resume_path) < _updates(newest):
         raise ConfigError(
             f"resuming from {resume_path} would continue in {run_dir}, which holds the newer "
             f"{newest.name}; pass --experiment NAME to branch into a new run folder"
         )
+
+
+def set_aside(damaged: list[tuple[Path, list[str]]]) -> list[Path]:
+    """Rename damaged checkpoints to ``<name>.damaged`` (main process): resume and rotation then
+    ignore them, and they stay for inspection. Returns the new paths."""
+    moved = []
+    for path, _ in damaged:
+        target = path.with_name(f"{path.name}.damaged")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(path, target)
+        moved.append(target)
+    return moved

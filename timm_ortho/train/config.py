@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import inspect
 import math
 import types
 import typing
@@ -26,10 +28,12 @@ from .data import DataConfig
 __all__ = [
     "CIFAR_PROTOCOL",
     "DEFAULT_PRECISE_BN_BATCHES",
+    "SCHEDULERS",
     "ConfigError",
     "Preset",
     "TrainConfig",
     "build_parser",
+    "check_model_arguments",
     "config_from_args",
     "validate_config",
 ]
@@ -125,6 +129,10 @@ _DATA_CLI = {
     "reprob": cli("random erasing probability"),
     "scale": cli(metavar=("MIN", "MAX")),
     "ratio": cli(metavar=("MIN", "MAX")),
+    "strict_data": cli(
+        "stop at the first image that cannot be decoded (otherwise it is replaced by the next one, "
+        "counted and reported in the summary)"
+    ),
 }
 
 
@@ -395,24 +403,145 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def validate_config(cfg: TrainConfig) -> None:
-    """Raise :class:`ConfigError` for settings out of range or contradicting each other."""
+# Settings that must be finite numbers, with the range each one takes: (low, high, low_inclusive).
+# A value outside it would be accepted by argparse ("nan", "-1") and fail late, or worse, train.
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "lr": (0.0, math.inf, True),
+    "lr_base": (0.0, math.inf, False),
+    "momentum": (0.0, math.inf, True),
+    "weight_decay": (0.0, math.inf, True),
+    "ortho_decay": (0.0, math.inf, True),
+    "opt_eps": (0.0, math.inf, False),
+    "clip_grad": (0.0, math.inf, False),
+    "decay_epochs": (0.0, math.inf, False),
+    "decay_rate": (0.0, math.inf, False),
+    "warmup_epochs": (0.0, math.inf, True),
+    "warmup_lr": (0.0, math.inf, True),
+    "min_lr": (0.0, math.inf, True),
+    "drop": (0.0, 1.0, True),
+    "drop_path": (0.0, 1.0, True),
+    "model_ema_decay": (0.0, 1.0, True),
+    "mixup": (0.0, math.inf, True),
+    "cutmix": (0.0, math.inf, True),
+    "mixup_prob": (0.0, 1.0, True),
+    "mixup_switch_prob": (0.0, 1.0, True),
+    "smoothing": (0.0, 1.0, True),
+    "reprob": (0.0, 1.0, True),
+    "hflip": (0.0, 1.0, True),
+    "color_jitter": (0.0, math.inf, True),
+}
+# Counts and their least value; ``None`` (where a field allows it) means "not given".
+_AT_LEAST = {
+    "batch_size": 1,
+    "validation_batch_size": 1,
+    "grad_accum_steps": 1,
+    "log_interval": 1,
+    "checkpoint_hist": 1,
+    "max_steps": 1,
+    "iterations": 1,
+    "lr_base_size": 1,
+    "synthetic_size": 1,
+    "synthetic_val_size": 1,
+    "img_size": 4,
+    "workers": 0,
+    "checkpoint_interval": 0,
+    "warmup_steps": 0,
+    "mixup_off_epoch": 0,
+    "num_classes": 2,
+}
+SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt", "none")
+"""The ``sched`` names of ``timm.scheduler.create_scheduler_v2`` (timm has no registry to list them)."""
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Every numeric setting finite and in its range (argparse lets ``nan``, ``inf`` and ``-1`` through)."""
+    for name, (low, high, inclusive) in _RANGES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        below = value < low if inclusive else value <= low
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or below or value > high:
+            side = ">=" if inclusive else ">"
+            upper = "" if high == math.inf else f" and <= {high:g}"
+            raise ConfigError(f"{_flag(name)} must be a finite number {side} {low:g}{upper}, got {value}")
+    for name, least in _AT_LEAST.items():
+        value = getattr(cfg, name)
+        if value is not None and value < least:
+            raise ConfigError(f"{_flag(name)} must be at least {least}, got {value}")
     if cfg.max_grad_ratio is not None and not 0 <= cfg.max_grad_ratio < math.inf:
         raise ConfigError(f"--max-grad-ratio must be a finite number >= 0 (0: off), got {cfg.max_grad_ratio}")
     if cfg.precise_bn is not None and cfg.precise_bn < 0:
         raise ConfigError(f"--precise-bn takes a number of batches >= 0 (0: off), got {cfg.precise_bn}")
+    if cfg.epochs < 1 and cfg.iterations is None:
+        raise ConfigError(f"--epochs must be positive, got {cfg.epochs}")
+    if any(not math.isfinite(m) or m < 0 for m in cfg.decay_milestones):
+        raise ConfigError(f"--decay-milestones must be finite epochs >= 0, got {cfg.decay_milestones}")
+    if any(m < 0 for m in cfg.decay_steps or ()):
+        raise ConfigError(f"--decay-steps must be updates >= 0, got {cfg.decay_steps}")
+
+
+def _check_names(cfg: TrainConfig) -> None:
+    """The model, optimizer and scheduler exist in timm's registries (close names suggested)."""
+    import timm
+    from timm.models import split_model_name_tag
+    from timm.optim import list_optimizers
+
+    arch = split_model_name_tag(cfg.model)[0]
+    if not timm.is_model(arch):
+        raise ConfigError(
+            f"--model {cfg.model}: timm knows no such model{_did_you_mean(arch, timm.list_models())}"
+        )
+    # timm reads "lookahead_<name>" as <name> wrapped in Lookahead, and only that prefix.
+    *prefix, opt = cfg.opt.lower().split("_")
+    if prefix not in ([], ["lookahead"]) or opt not in list_optimizers():
+        raise ConfigError(
+            f"--opt {cfg.opt}: timm has no such optimizer{_did_you_mean(cfg.opt.lower(), list_optimizers())} "
+            "(timm.optim.list_optimizers() lists them; lookahead_<name> wraps one in Lookahead)"
+        )
+    if cfg.sched not in SCHEDULERS:
+        raise ConfigError(
+            f"--sched {cfg.sched}: timm has no such scheduler{_did_you_mean(cfg.sched, SCHEDULERS)} "
+            f"(one of {', '.join(SCHEDULERS)})"
+        )
+
+
+def check_model_arguments(cfg: TrainConfig) -> None:
+    """The regularization flags fit the model (a :class:`ConfigError` otherwise)."""
+    from timm.models import model_entrypoint, split_model_name_tag
+
+    from ..models.plain_cnn import StagedCnn
+
+    # The package's own architectures say in their signature which regularization they take.
+    entrypoint = model_entrypoint(split_model_name_tag(cfg.model)[0])
+    own = entrypoint.__module__.startswith(StagedCnn.__module__.rpartition(".")[0])
+    if own and cfg.drop_path is not None and "drop_path_rate" not in inspect.signature(StagedCnn).parameters:
+        raise ConfigError(
+            f"--drop-path: {cfg.model} takes no drop_path_rate (a plain net has no residual branch "
+            "to drop); leave --drop-path out for this model"
+        )
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for settings out of range, unknown names, or contradictions.
+
+    Nothing here touches the file system or builds anything: it runs first, before any work.
+    """
+    _check_numbers(cfg)
+    _check_names(cfg)
+    check_model_arguments(cfg)
     if cfg.baseline and cfg.modulation is not False:
         raise ConfigError("--baseline means no modulation; drop --modulation or --baseline")
     if cfg.baseline and cfg.init == "orthonormal":
         raise ConfigError("--baseline means MSRA init; drop --init orthonormal or --baseline")
-    for name in ("batch_size", "grad_accum_steps", "log_interval", "checkpoint_hist"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "iterations"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.epochs < 1 and cfg.iterations is None:
-        raise ConfigError(f"--epochs must be positive, got {cfg.epochs}")
     if cfg.amp_dtype not in ("float16", "bfloat16"):
         raise ConfigError(f"--amp-dtype must be float16 or bfloat16, got {cfg.amp_dtype!r}")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:

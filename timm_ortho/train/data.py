@@ -26,6 +26,8 @@ that was expected.
 from __future__ import annotations
 
 import contextlib
+import logging
+import multiprocessing
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import CIFAR10
 
@@ -46,7 +48,9 @@ __all__ = [
     "CIFAR10_STD",
     "CIFAR_LAYOUT",
     "IMAGEFOLDER_LAYOUT",
+    "CheckedImages",
     "Cifar10",
+    "CorruptImageError",
     "DataConfig",
     "DataError",
     "Datasets",
@@ -56,7 +60,9 @@ __all__ = [
     "build_datasets",
     "build_loader",
     "build_transforms",
+    "cifar_folder",
     "detect_dataset",
+    "skipped_images",
 ]
 
 # The synthetic images are built around mid-grey with colours spread over [0, 1].
@@ -84,6 +90,24 @@ AugmentKind = Literal["timm", "cifar", "none"]
 
 class DataError(ValueError):
     """A data directory that is missing or does not have the expected layout."""
+
+
+class CorruptImageError(DataError):
+    """Images that cannot be decoded, where the run cannot go on (``--strict-data``, or many in a row).
+
+    Raised in a loader worker, it reaches the main process re-raised by torch with the worker's
+    traceback in its message; only the original message is kept, so that the user reads one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if message.startswith(f"Caught {type(self).__name__}"):
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[-1]
+        super().__init__(message)
+
+
+_log = logging.getLogger(__name__)
+_MAX_CONSECUTIVE_BAD = 10  # as timm's ImageDataset: more in a row means a broken tree, not a bad file
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,6 +146,8 @@ class DataConfig:
     """Normalization; ``None`` picks the data set's own (ImageNet, CIFAR-10 or synthetic)."""
     std: tuple[float, float, float] | None = None
     seed: int = 42
+    strict_data: bool = False
+    """Stop at the first image that cannot be decoded; otherwise it is skipped, counted and reported."""
 
 
 @dataclass
@@ -219,11 +245,22 @@ class SyntheticImages(Dataset):
 # ----------------------------------------------------------------------------------------------
 # CIFAR-10 from the python pickle release, read by torchvision
 # ----------------------------------------------------------------------------------------------
-def _cifar_dir(root: Path) -> Path:
-    """The directory that holds the batch files: ``root`` itself or ``root/cifar-10-batches-py``."""
-    if (root / _CIFAR_DIRNAME).is_dir():
-        return root / _CIFAR_DIRNAME
-    return root
+def cifar_folder(root: str | Path) -> Path:
+    """The folder of the batch files (``root`` or ``root/cifar-10-batches-py``), checked for every file.
+
+    Reads nothing: a :class:`DataError` names the missing files and the expected layout.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"CIFAR-10 directory {root} does not exist. Expected layout:\n{CIFAR_LAYOUT}")
+    folder = root / _CIFAR_DIRNAME if (root / _CIFAR_DIRNAME).is_dir() else root
+    missing = [n for n in (*_CIFAR_TRAIN, _CIFAR_TEST, _CIFAR_META) if not (folder / n).is_file()]
+    if missing:
+        raise DataError(
+            f"{folder} is not a CIFAR-10 pickle directory: missing {', '.join(missing)}. "
+            f"Expected layout:\n{CIFAR_LAYOUT}"
+        )
+    return folder
 
 
 class Cifar10(CIFAR10):
@@ -242,16 +279,7 @@ class Cifar10(CIFAR10):
     meta: ClassVar[dict[str, str | None]] = {**CIFAR10.meta, "md5": None}
 
     def __init__(self, root: str | Path, train: bool = True):
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"CIFAR-10 directory {root} does not exist. Expected layout:\n{CIFAR_LAYOUT}")
-        folder = _cifar_dir(root)
-        missing = [n for n in (*_CIFAR_TRAIN, _CIFAR_TEST, _CIFAR_META) if not (folder / n).is_file()]
-        if missing:
-            raise DataError(
-                f"{folder} is not a CIFAR-10 pickle directory: missing {', '.join(missing)}. "
-                f"Expected layout:\n{CIFAR_LAYOUT}"
-            )
+        folder = cifar_folder(root)
         self.base_folder = folder.name  # the batch files may sit in a folder of any name
         files = ", ".join(
             str(folder / n) for n in (*(_CIFAR_TRAIN if train else (_CIFAR_TEST,)), _CIFAR_META)
@@ -280,7 +308,68 @@ class Cifar10(CIFAR10):
 # ----------------------------------------------------------------------------------------------
 # ImageFolder through timm
 # ----------------------------------------------------------------------------------------------
-def _image_folder(root: Path, split: str) -> Dataset:
+class CheckedImages(Dataset):
+    """An ImageFolder split (timm's ``ImageDataset``) that counts the images it cannot decode.
+
+    timm's own ``__getitem__`` silently serves the next image instead. Here it is still replaced
+    (the batch keeps its shape), but marked in flags shared with the loader's worker processes, which
+    :func:`skipped_images` reads; with ``strict=True`` the first one raises :class:`CorruptImageError`.
+    """
+
+    def __init__(self, dataset: Any, strict: bool = False) -> None:
+        self.dataset, self.reader, self.strict = dataset, dataset.reader, strict
+        # One byte per image, in shared memory: worker processes inherit it and mark what they skip.
+        self._bad = multiprocessing.get_context().RawArray("b", len(dataset))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def path(self, index: int) -> str:
+        return str(self.reader._filename(index, absolute=True))
+
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        file, target = self.reader[index]
+        with file:
+            return Image.open(file).convert("RGB"), target  # convert() decodes every pixel
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        for attempt in range(_MAX_CONSECUTIVE_BAD):
+            i = (index + attempt) % len(self)
+            try:
+                return self._read(i)
+            except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
+                # PIL's "cannot identify" message repeats the path inside a file object's repr.
+                why = "no image format recognized" if isinstance(e, UnidentifiedImageError) else e
+                if self.strict:
+                    raise CorruptImageError(
+                        f"cannot decode image {self.path(i)} ({why}); --strict-data stops here"
+                    ) from e
+                if not self._bad[i]:
+                    _log.warning("skipping undecodable image %s (%s)", self.path(i), why)
+                self._bad[i] = 1
+        raise CorruptImageError(
+            f"{_MAX_CONSECUTIVE_BAD} consecutive images from {self.path(index)} on cannot be decoded: "
+            "is the data tree intact?"
+        )
+
+
+def skipped_images(dataset: Any, accelerator: Any = None) -> list[str]:
+    """Paths of the images skipped as undecodable so far; empty for sources that cannot have any.
+
+    ``dataset`` may be wrapped in :class:`SeededTransform`. With an ``accelerator`` of several
+    processes the flags of all processes are combined (a collective: every process must call it).
+    """
+    while isinstance(dataset, SeededTransform):
+        dataset = dataset.dataset
+    if not isinstance(dataset, CheckedImages):
+        return []
+    flags = torch.from_numpy(np.frombuffer(dataset._bad, dtype=np.int8).astype(np.int32))
+    if accelerator is not None and accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu()
+    return [dataset.path(i) for i in torch.nonzero(flags).flatten().tolist()]
+
+
+def _image_folder(root: Path, split: str, strict: bool = False) -> CheckedImages:
     from timm.data import ImageDataset
 
     folder = root / split
@@ -299,10 +388,10 @@ def _image_folder(root: Path, split: str) -> Dataset:
         ) from e
     if len(dataset) == 0:
         raise DataError(f"no images found under {folder}. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
-    return dataset
+    return CheckedImages(dataset, strict=strict)
 
 
-def _folder_classes(dataset: Dataset) -> list[str]:
+def _folder_classes(dataset: CheckedImages) -> list[str]:
     mapping = dataset.reader.class_to_idx
     return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
 
@@ -315,6 +404,11 @@ def detect_dataset(data_dir: str | Path | None) -> Literal["imagefolder", "cifar
     if data_dir is None or str(data_dir) == "":
         return "synthetic"
     root = Path(data_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"data directory {root} is a file, not a directory. Expected either an ImageFolder tree:\n"
+            f"{IMAGEFOLDER_LAYOUT}\nor a CIFAR-10 directory:\n{CIFAR_LAYOUT}"
+        )
     if not root.is_dir():
         raise DataError(
             f"data directory {root} does not exist. Expected either an ImageFolder tree:\n"
@@ -349,7 +443,8 @@ def build_datasets(cfg: DataConfig) -> Datasets:
         native = 32
     elif kind == "imagefolder":
         root = Path(cfg.data_dir).expanduser()
-        train, val = _image_folder(root, cfg.train_split), _image_folder(root, cfg.val_split)
+        train = _image_folder(root, cfg.train_split, cfg.strict_data)
+        val = _image_folder(root, cfg.val_split, cfg.strict_data)
         classes = _folder_classes(train)
         if _folder_classes(val) != classes:
             raise DataError(
