@@ -258,24 +258,8 @@ class ErrorModulation:
         self.measure_only = bool(measure_only)
         self.record_when_inactive = bool(record_when_inactive)
 
-        in_model = {id(m) for m in model.modules()}
         # Hooked modules in registration order (the statistics list them in firing order instead).
-        self.module_names: list[str] = []
-        modules: list[nn.Module] = []
-        for t in targets:
-            if t.role == "classifier" and not self.include_classifier:
-                continue
-            if id(t.module) not in in_model:
-                raise ValueError(f"target {t.name!r} is not a submodule of the model given")
-            if any(t.module is m for m in modules):
-                continue
-            modules.append(t.module)
-            self.module_names.append(t.module_name)
-        if not modules:
-            raise ValueError(
-                "no target layer to modulate: the model has no Conv/Linear targets outside the "
-                "classifier (pass include_classifier=True, or other targets)"
-            )
+        modules, self.module_names = _hooked_modules(model, targets, self.include_classifier)
         if len(modules) == 1 and not measure_only:
             warnings.warn(
                 f"ErrorModulation on a single layer ({self.module_names[0]!r}) never rescales anything: "
@@ -586,6 +570,30 @@ class ErrorModulation:
         self._slot = slot + 1
         self._traced_names.append(name)
         return output
+
+
+def _hooked_modules(
+    model: nn.Module, targets: Sequence[FilterBank], include_classifier: bool
+) -> tuple[list[nn.Module], list[str]]:
+    """The distinct modules of ``targets`` to hook (the classifier only when asked) and their names."""
+    in_model = {id(m) for m in model.modules()}
+    modules: list[nn.Module] = []
+    names: list[str] = []
+    for t in targets:
+        if t.role == "classifier" and not include_classifier:
+            continue
+        if id(t.module) not in in_model:
+            raise ValueError(f"target {t.name!r} is not a submodule of the model given")
+        if any(t.module is m for m in modules):
+            continue
+        modules.append(t.module)
+        names.append(t.module_name)
+    if not modules:
+        raise ValueError(
+            "no target layer to modulate: the model has no Conv/Linear targets outside the "
+            "classifier (pass include_classifier=True, or other targets)"
+        )
+    return modules, names
 
 
 # What ErrorModulation(**options) accepts besides the target selection: for "did you mean" errors.

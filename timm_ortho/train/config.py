@@ -432,6 +432,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
 }
 # Counts and their least value; ``None`` (where a field allows it) means "not given".
 _AT_LEAST = {
+    "skip_nonfinite": 0,
     "batch_size": 1,
     "validation_batch_size": 1,
     "grad_accum_steps": 1,

@@ -30,24 +30,22 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.logging import get_logger
 from torch import nn
 
-from ..precise_bn import bn_layers, recompute_bn_statistics
 from . import build
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, recipe_of, write_atomic
 from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args, validate_config
-from .data import DataError, SeededTransform
+from .data import DataError, SeededTransform, skipped_images
+from .evaluation import evaluate, precise_bn_for_eval, recalibrate_bn
 from .guards import Diverged, DivergenceMonitor, StopSignals, exit_code_for, resume_command
 from .tracking import JsonlTracker, format_summary, log_record, ratio_history, to_json
 
@@ -55,7 +53,6 @@ __all__ = [
     "Run",
     "TrainProgress",
     "TrainResult",
-    "evaluate",
     "main",
     "setup",
     "train",
@@ -149,12 +146,22 @@ class Run:
 
 
 def setup(cfg: TrainConfig) -> Run:
-    """Everything a run needs, built in the order Accelerate asks for (wrap, then ``prepare``)."""
-    from accelerate.utils import set_seed
-
+    """Everything a run needs: the settings and inputs checked, the run folder, then the pieces."""
     validate_config(cfg)
     accelerator = build.make_accelerator(cfg)
-    run_dir, resume_path = build.run_folder(cfg, accelerator)
+    run_dir, resume_path = build.run_folder(cfg, accelerator)  # checks inputs before creating it
+    try:
+        return _build_run(cfg, accelerator, run_dir, resume_path)
+    except BaseException:
+        if accelerator.is_main_process:  # a failed start leaves no run folder of its own behind
+            build.discard_failed_start(run_dir)
+        raise
+
+
+def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, resume_path: Path | None) -> Run:
+    """The run's pieces, in the order Accelerate asks for (wrap, then ``prepare``)."""
+    from accelerate.utils import set_seed
+
     datasets, train_set, train_loader, val_loader = build.build_data(cfg, accelerator)
     model, ema, init = build.build_model(cfg, accelerator, datasets.num_classes)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
@@ -200,7 +207,10 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(
         cfg, accelerator, run_dir, model, optimizer, scheduler, ema, loss_fn, mixup_fn, train_set,
         train_loader, val_loader, bn_loader, precise_bn, probe, targets, info,
-        CheckpointManager(accelerator, run_dir / "checkpoints", keep=cfg.checkpoint_hist),
+        CheckpointManager(
+        accelerator, run_dir / "checkpoints", keep=cfg.checkpoint_hist,
+        recipe=recipe_of(cfg, datasets.num_classes),
+    ),
     )  # fmt: skip
     run.divergence = DivergenceMonitor(skip=cfg.skip_nonfinite)
     _start(run, resume_path)
@@ -220,7 +230,7 @@ def _start(run: Run, resume_path: Path | None) -> None:
     }
     acc.init_trackers(run.run_dir.name, config=hparams)
     if resume_path is not None:
-        acc.load_state(str(resume_path))
+        load_checkpoint(acc, resume_path)
         p = run.progress
         _log.info("resumed from %s: epoch %d, batch %d, update %d", resume_path, p.epoch, p.batch, p.updates)
         log_record(acc, {"type": "resume", "from": str(resume_path), **p.state_dict()}, step=p.updates)
@@ -246,73 +256,50 @@ def _start(run: Run, resume_path: Path | None) -> None:
 # ----------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class _Interval:
+    """The training loss and samples since the last log record (the loss summed on the device)."""
+
+    loss_sum: torch.Tensor
+    count: int = 0
+    samples: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum += loss.detach().float()
+        self.count, self.samples = self.count + 1, self.samples + samples
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.count, self.samples, self.start = 0, 0, time.perf_counter()
+
+
 def train_one_epoch(run: Run, epoch: int) -> float:
     """Train from ``run.progress.batch`` to the end of ``epoch`` or to the stop; returns the seconds."""
     from tqdm.auto import tqdm
 
-    acc, cfg, progress, model, optimizer = run.accelerator, run.cfg, run.progress, run.model, run.optimizer
+    acc, cfg, progress = run.accelerator, run.cfg, run.progress
     run.train_set.set_epoch(epoch)
     run.train_loader.set_epoch(epoch)
     if run.mixup_fn is not None and cfg.mixup_off_epoch and epoch >= cfg.mixup_off_epoch:
         run.mixup_fn.mixup_enabled = False
-    start = progress.batch
+    start, t_epoch = progress.batch, time.perf_counter()
     loader = acc.skip_first_batches(run.train_loader, start) if start else run.train_loader
-    bar = tqdm(
-        total=len(run.train_loader),
-        initial=start,
-        desc=f"epoch {epoch + 1}/{run.info['epochs']}",
-        disable=not acc.is_local_main_process,
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
-    loss_sum = torch.zeros((), device=acc.device)
-    count, samples, t_interval, t_epoch = 0, 0, time.perf_counter(), time.perf_counter()
+    interval = _Interval(torch.zeros((), device=acc.device))
     window_bad = False  # skip mode: a non-finite loss in this accumulation window
-    for images, labels in loader:
-        if run.mixup_fn is not None:
-            images, labels = run.mixup_fn(images, labels)
-        if cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with acc.accumulate(model):
-            loss = run.loss_fn(model(images), labels)
-            run.divergence.observe(loss, progress.updates + 1)  # on the device: no sync
-            acc.backward(loss)
-            if run.divergence.skip:  # reads the loss on every process: one sync per micro-batch
-                window_bad |= run.divergence.should_skip(loss, progress.updates + 1, acc)
-            skip_update = window_bad and acc.sync_gradients
-            if acc.sync_gradients and cfg.clip_grad is not None and not skip_update:
-                clip = acc.clip_grad_norm_ if cfg.clip_mode == "norm" else acc.clip_grad_value_
-                clip(model.parameters(), cfg.clip_grad)
-            if not skip_update:  # the whole window's gradient holds the NaN: no step on it
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        progress.batch += 1
-        if not window_bad:
-            loss_sum += loss.detach().float()
-            count, samples = count + 1, samples + images.shape[0]
-        bar.update(1)
-        if acc.sync_gradients:
-            window_bad = False
-        if not acc.sync_gradients or skip_update or optimizer.step_was_skipped:  # the clock stays
-            continue
-        progress.updates += 1
-        if run.scheduler is not None:
-            run.scheduler.step_update(progress.updates)
-        if run.ema is not None:
-            run.ema.update(acc.unwrap_model(model), step=progress.updates)
-        if progress.updates % cfg.log_interval == 0:
-            mean = _log_step(run, epoch, loss_sum / max(count, 1), time.perf_counter() - t_interval, samples)
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
-            loss_sum.zero_()
-            count, samples, t_interval = 0, 0, time.perf_counter()
-        if progress.updates >= run.info["stop_at"]:
-            break
-        if cfg.checkpoint_interval and progress.updates % cfg.checkpoint_interval == 0:
-            _checkpoint(run, epoch)
-        if _stop_requested(run):
-            run.stopped_by = run.stop.received or "a signal to another process"
-            break
-    bar.close()
+    bar_options = dict(disable=not acc.is_local_main_process, dynamic_ncols=True, mininterval=1.0)
+    # A context: the bar is closed also when the loop raises, so an error line does not share its line.
+    with tqdm(total=len(run.train_loader), initial=start, desc=f"epoch {epoch + 1}/{run.info['epochs']}",
+              **bar_options) as bar:  # fmt: skip
+        for images, labels in loader:
+            loss, window_bad, applied = _train_step(run, images, labels, window_bad)
+            progress.batch += 1
+            if not window_bad:
+                interval.add(loss, images.shape[0])
+            window_bad &= not acc.sync_gradients  # a window ends at every sync
+            bar.update(1)
+            if applied and _after_update(run, epoch, interval, bar):
+                break
     seconds = time.perf_counter() - t_epoch
     run.train_seconds += seconds
     run.samples_seen += (progress.batch - start) * cfg.batch_size * acc.num_processes
@@ -321,12 +308,64 @@ def train_one_epoch(run: Run, epoch: int) -> float:
     return seconds
 
 
-def _log_step(run: Run, epoch: int, mean_loss: torch.Tensor, seconds: float, samples: int) -> float:
+def _train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, window_bad: bool) -> tuple:
+    """One micro-batch: forward and backward, and at the end of an accumulation window the update.
+
+    Returns ``(loss, window_bad, applied)``: the micro-batch's loss, whether the window up to this
+    micro-batch holds a non-finite loss (skip mode), and whether an update was applied (the run's
+    clock advances).
+    """
+    acc, cfg, model, optimizer = run.accelerator, run.cfg, run.model, run.optimizer
+    if run.mixup_fn is not None:
+        images, labels = run.mixup_fn(images, labels)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with acc.accumulate(model):
+        loss = run.loss_fn(model(images), labels)
+        run.divergence.observe(loss, run.progress.updates + 1)  # on the device: no sync
+        acc.backward(loss)
+        if run.divergence.skip:  # reads the loss on every process: one sync per micro-batch
+            window_bad |= run.divergence.should_skip(loss, run.progress.updates + 1, acc)
+        skip_update = window_bad and acc.sync_gradients
+        if acc.sync_gradients and cfg.clip_grad is not None and not skip_update:
+            clip = acc.clip_grad_norm_ if cfg.clip_mode == "norm" else acc.clip_grad_value_
+            clip(model.parameters(), cfg.clip_grad)
+        if not skip_update:  # the whole window's gradient holds the NaN: no step on it
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    applied = acc.sync_gradients and not skip_update and not optimizer.step_was_skipped
+    return loss, window_bad, applied
+
+
+def _after_update(run: Run, epoch: int, interval: _Interval, bar: Any) -> bool:
+    """The clock advances: schedule, EMA, log, checkpoint, stop. Returns whether the epoch ends here."""
+    acc, cfg, progress = run.accelerator, run.cfg, run.progress
+    progress.updates += 1
+    if run.scheduler is not None:
+        run.scheduler.step_update(progress.updates)
+    if run.ema is not None:
+        run.ema.update(acc.unwrap_model(run.model), step=progress.updates)
+    if progress.updates % cfg.log_interval == 0:
+        mean = _log_step(run, epoch, interval)
+        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+        interval.reset()
+    if progress.updates >= run.info["stop_at"]:
+        return True
+    if cfg.checkpoint_interval and progress.updates % cfg.checkpoint_interval == 0:
+        _checkpoint(run, epoch)
+    if _stop_requested(run):
+        run.stopped_by = run.stop.received or "a signal to another process"
+        return True
+    return False
+
+
+def _log_step(run: Run, epoch: int, interval: _Interval) -> float:
     """The ``train`` and ``layers`` records; the one place of the hot loop that reads the device."""
     from ..diagnostics import filter_statistics
 
     acc, step = run.accelerator, run.progress.updates
-    loss = acc.reduce(mean_loss, "mean").item()
+    loss = acc.reduce(interval.loss_sum / max(interval.count, 1), "mean").item()
+    elapsed = time.perf_counter() - interval.start
     run.divergence.check(acc)  # the loss was just read: this costs no further wait
     residuals, cosines = filter_statistics(run.targets)  # one Gram pass for both
     record: dict[str, Any] = {
@@ -335,7 +374,7 @@ def _log_step(run: Run, epoch: int, mean_loss: torch.Tensor, seconds: float, sam
         "step": step,
         "loss": loss,
         "lr": float(run.optimizer.param_groups[0]["lr"]),
-        "samples_per_s": samples * acc.num_processes / max(seconds, 1e-9),
+        "samples_per_s": interval.samples * acc.num_processes / max(elapsed, 1e-9),
         "ortho_residual": float(residuals.sum()),
         "filter_cos": float(cosines.mean()),
     }
@@ -358,70 +397,6 @@ def _log_step(run: Run, epoch: int, mean_loss: torch.Tensor, seconds: float, sam
     log_record(acc, record)
     log_record(acc, layers)
     return loss
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Any, accelerator: Any, channels_last: bool = False
-) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (percent) over the whole split, gathered across processes."""
-    from timm.utils import accuracy
-
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5, samples
-    for images, targets in loader:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            logits = model(images)
-        # The whole split exactly once: gather_for_metrics drops the samples padded onto the last batch.
-        logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
-        n = len(targets)
-        hits = (torch.stack(accuracy(logits, targets, topk=(1, 5))).double() * n / 100).round()
-        loss = F.cross_entropy(logits, targets, reduction="sum").double()
-        totals += torch.cat([loss[None], hits, hits.new_tensor([n])])
-    model.train(was_training)
-    loss_sum, top1, top5, n = totals.tolist()
-    n = max(n, 1.0)
-    return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
-
-
-def recalibrate_bn(model: nn.Module, run: Run) -> int:
-    """Precise BN in a (possibly distributed) run: recompute, then average the statistics over processes.
-
-    Each process averages over its own shard of ``run.precise_bn`` batches; the per-process results
-    are then averaged (every process saw as many batches, so that is the mean over all of them).
-    """
-    acc, channels_last = run.accelerator, run.cfg.channels_last
-
-    def images_of(batch: Any) -> torch.Tensor:
-        return batch[0].contiguous(memory_format=torch.channels_last) if channels_last else batch[0]
-
-    with acc.autocast():
-        used = recompute_bn_statistics(model, run.bn_loader, run.precise_bn, prepare=images_of)
-    if acc.num_processes > 1:
-        for layer in bn_layers(model):
-            for buffer in (layer.running_mean, layer.running_var):
-                buffer.copy_(acc.reduce(buffer.clone(), reduction="mean"))
-    return used
-
-
-@contextlib.contextmanager
-def precise_bn_for_eval(model: nn.Module, run: Run) -> Iterator[None]:
-    """Recomputed BN statistics inside the block (evaluation, saving the evaluated weights), the
-    training ones restored after it: evaluating never changes the state that training continues
-    from, so a run resumed from any checkpoint ends exactly where an uninterrupted one does."""
-    layers = bn_layers(model)
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
-    recalibrate_bn(model, run)
-    try:
-        yield
-    finally:
-        for m, (mean, var, count) in zip(layers, saved, strict=True):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
 
 
 def validate(run: Run, epoch: int, epoch_seconds: float) -> None:
@@ -474,9 +449,10 @@ def _save_weights(run: Run, name: str, epoch: int) -> None:
         }
         if run.ema is not None:
             payload["state_dict_ema"] = run.ema.module.state_dict()
-        tmp = run.run_dir / f".tmp-{name}"
-        torch.save(payload, tmp)
-        os.replace(tmp, run.run_dir / name)
+        try:
+            write_atomic(payload, run.run_dir / name)
+        except CheckpointError as e:  # the checkpoint that follows retries, then rescues the state
+            _log.error("%s", e)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -588,6 +564,7 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
                 run.bn_loader.set_epoch(progress.epoch - 1 if progress.batch == 0 else progress.epoch)
                 recalibrate_bn(module, run)
     pngs = _plots(run) if acc.is_main_process and trained else []
+    skipped = skipped_images(run.train_set, acc)  # a collective: every process calls it
     keys = ("run_dir", "model", "params", "method", "data", "synthetic", "processes", "mixed_precision")
     summary: dict[str, Any] = {
         "type": "summary",
@@ -602,6 +579,7 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
         "wall_seconds": wall_seconds,
         "train_samples_per_s": run.samples_seen / run.train_seconds if run.train_seconds > 0 else None,
         "plots": pngs,
+        "skipped_images": len(skipped),
     }
     log_record(acc, summary, step=progress.updates)
     if acc.is_main_process:

@@ -129,6 +129,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
     if summary.get("synthetic"):
         lines.append("NOTE       trained on the EMBEDDED SYNTHETIC data set (no --data-dir)")
+    if summary.get("skipped_images"):
+        lines.append(f"SKIPPED    {summary['skipped_images']} undecodable training images (see the log)")
     for png in summary.get("plots") or ():
         lines.append(f"plot       {png}")
     lines.append("=" * 78)
