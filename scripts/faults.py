@@ -72,8 +72,10 @@ def last_update(run: Path) -> int:
 
 
 def checkpoints(run: Path) -> list[int]:
+    """Updates of the complete checkpoints (``ckpt-<updates>``; not the ones set aside as damaged)."""
     folder = run / "checkpoints"
-    return sorted(int(p.name.split("-")[1]) for p in folder.glob("ckpt-*")) if folder.is_dir() else []
+    names = [p.name for p in folder.glob("ckpt-*")] if folder.is_dir() else []
+    return sorted(int(n.split("-")[1]) for n in names if n.split("-")[1].isdigit())
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -100,12 +102,13 @@ def trial(out: Path, index: int, rng: random.Random, reference: dict[str, torch.
     proc.send_signal(sig)
     proc.wait(timeout=300)
     stopped_at = last_update(run)
-    corrupted = None
+    corrupted, intact_before = None, 0
     if fault.endswith("corrupt checkpoint") and checkpoints(run):
-        newest = run / "checkpoints" / f"ckpt-{checkpoints(run)[-1]:09d}"
+        *older, corrupted = checkpoints(run)
+        newest = run / "checkpoints" / f"ckpt-{corrupted:09d}"
         weights = next(newest.glob("model*.safetensors"))
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-        corrupted = checkpoints(run)[-1]
+        intact_before = older[-1] if older else 0
     resumes = 0
     while not (run / "summary.json").is_file() and resumes < 3:
         resumes += 1
@@ -118,8 +121,7 @@ def trial(out: Path, index: int, rng: random.Random, reference: dict[str, torch.
     if fault in ("SIGTERM", "SIGINT"):
         expected = stopped_at
     elif corrupted is not None:
-        expected = max([c for c in checkpoints(run) if c < corrupted] + [0])
-        expected = min(expected, newest_at_fault)
+        expected = intact_before  # the damaged newest one is set aside: the one before it
     else:
         expected = newest_at_fault
     lost = max(0, expected - start)
