@@ -13,7 +13,8 @@ compares the final weights with those of an uninterrupted run, bit for bit. The 
 - ``SIGTERM`` and ``SIGINT``: the run finishes the update, writes a checkpoint and exits (143, 130);
   nothing is redone.
 - ``kill -9, then a corrupt checkpoint``: after the kill, the newest checkpoint's weights file is
-  truncated; the resume must report it and fall back to the one before.
+  truncated; the resume must report it and fall back to the one before, or, when it was the only
+  one, refuse with a message that says nothing intact is left.
 
 "Lost updates" counts the updates a resume had to redo beyond what the fault allows: for a signal, any
 update after the stop; for a kill, any update before the newest complete checkpoint at the time of
@@ -114,6 +115,10 @@ def trial(out: Path, index: int, rng: random.Random, reference: dict[str, torch.
         resumes += 1
         result = launch(out, name, "--resume", "auto")
         _, err = result.communicate(timeout=600)
+        if corrupted is not None and not intact_before:
+            # The only checkpoint was damaged: the resume must refuse, say so, and change nothing.
+            refused = result.returncode == 2 and "Nothing intact is left" in err
+            return dict(trial=index, fault=fault, at=at, corrupted=corrupted, refused=refused, ok=refused)
         if result.returncode != 0:
             return dict(trial=index, fault=fault, at=at, ok=False, error=err[-2000:])
     starts = resumed_from(run)
@@ -154,10 +159,12 @@ def main() -> None:
         results.append(r)
         print(json.dumps(r), flush=True)
     exact = sum(r.get("exact", False) for r in results)
+    refused = sum(r.get("refused", False) for r in results)
     lost = sum(r.get("lost", 0) for r in results)
     failed = [r["trial"] for r in results if not r["ok"]]
     print(
         f"{len(results)} trials, {exact} resumed exactly, {lost} lost updates beyond the last checkpoint"
+        + (f", {refused} refused as they must (the only checkpoint damaged)" if refused else "")
         + (f"; failed trials: {failed}" if failed else "")
     )
     if not args.keep:
