@@ -73,3 +73,64 @@ def write_cifar():
 def write_image_folder():
     """``write_image_folder(root, classes=..., per_class=3, size=20)``: a tiny ImageFolder tree."""
     return _write_image_folder
+
+
+# ----------------------------------------------------------------------------------------------
+# training runs in-process, for the training and bad-input tests
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_accelerate(monkeypatch):
+    """A new accelerate state per test (it is a process-wide singleton) and one thread per run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _tiny(tmp_path: Path, **overrides):
+    from timm_ortho.train.config import TrainConfig
+
+    values = dict(
+        model="plain_cnn20",
+        img_size=8,
+        synthetic_size=32,
+        synthetic_val_size=8,
+        batch_size=4,
+        epochs=1,
+        workers=0,
+        log_interval=1,
+        output=str(tmp_path),
+        experiment="run",
+        lr=0.05,
+        smoothing=0.0,
+        sched="cosine",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """``tiny(tmp_path, **overrides)``: the TrainConfig of a few updates of plain_cnn20 on 8x8 images."""
+    return _tiny
+
+
+@pytest.fixture
+def signal_at(monkeypatch):
+    """``signal_at(signum, forward)``: this process gets ``signum`` during that training forward pass."""
+    from signal_hook import send_signal_at
+
+    from timm_ortho.train import build
+
+    def arm(signum: int, forward: int) -> None:
+        monkeypatch.setattr(build, "build_model", send_signal_at(build.build_model, signum, forward))
+
+    return arm

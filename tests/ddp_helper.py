@@ -12,6 +12,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from signal_hook import send_signal_at
 
 from timm_ortho.train import build
 from timm_ortho.train.config import build_parser, config_from_args
@@ -20,23 +23,8 @@ from timm_ortho.train.loop import train
 
 
 def signal_at(rank: int, forward: int) -> None:
-    original = build.build_model
-
-    def with_signal(*args, **kwargs):
-        model, ema, init = original(*args, **kwargs)
-        seen = [0]
-
-        def hook(module, inputs, output):
-            if module.training:
-                seen[0] += 1
-                if seen[0] == forward:
-                    os.kill(os.getpid(), signal.SIGTERM)
-
-        if int(os.environ.get("RANK", "0")) == rank:
-            model.register_forward_hook(hook)
-        return model, ema, init
-
-    build.build_model = with_signal
+    if int(os.environ.get("RANK", "0")) == rank:
+        build.build_model = send_signal_at(build.build_model, signal.SIGTERM, forward)
 
 
 if __name__ == "__main__":

@@ -27,44 +27,10 @@ from timm_ortho.train.checkpoint import (
     resolve_resume,
     write_atomic,
 )
-from timm_ortho.train.config import SCHEDULERS, ConfigError, TrainConfig, validate_config
+from timm_ortho.train.config import SCHEDULERS, ConfigError, validate_config
 from timm_ortho.train.loop import main, train
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate(monkeypatch):
-    """A new accelerate state per test (it is a process-wide singleton) and one thread per run."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
-        monkeypatch.delenv(key)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def tiny(tmp_path: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model="plain_cnn20",
-        img_size=8,
-        synthetic_size=32,
-        synthetic_val_size=8,
-        batch_size=4,
-        epochs=1,
-        workers=0,
-        log_interval=1,
-        output=str(tmp_path),
-        experiment="run",
-        lr=0.05,
-        sched="cosine",
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def tiny_argv(output: Path, *extra: str) -> list[str]:
@@ -120,7 +86,7 @@ def test_numbers_out_of_range_are_refused(tmp_path, capsys, flag, value):
     assert not (tmp_path / "run").exists()
 
 
-def test_unknown_optimizer_and_scheduler_suggest_close_names(tmp_path, capsys):
+def test_unknown_optimizer_and_scheduler_suggest_close_names(tmp_path, capsys, tiny):
     line = fails_cleanly(capsys, tiny_argv(tmp_path, "--opt", "sgdd"), "--opt sgdd", "did you mean")
     assert "sgd" in line
     line = fails_cleanly(capsys, tiny_argv(tmp_path, "--sched", "cosin"), "--sched cosin", "cosine")
@@ -183,7 +149,7 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
     assert not discard_failed_start(run) and run.exists()
 
 
-def test_strict_data_stops_at_the_first_corrupt_image(tmp_path, capsys, write_image_folder):
+def test_strict_data_stops_at_the_first_corrupt_image(tmp_path, capsys, write_image_folder, tiny):
     write_image_folder(tmp_path / "data", per_class=4)
     bad = sorted((tmp_path / "data" / "train" / "dog").iterdir())[1]
     bad.write_bytes(b"\x89PNG garbage")
@@ -199,7 +165,7 @@ def test_strict_data_stops_at_the_first_corrupt_image(tmp_path, capsys, write_im
 # resume: damaged checkpoints, another recipe
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, tiny):
     """A run folder with intact checkpoints at updates 2, 4 and 6 (made once, copied per test)."""
     from accelerate.state import AcceleratorState, GradientState
 
@@ -219,7 +185,7 @@ def copy_run(trained_run: Path, tmp_path: Path) -> Path:
     return run
 
 
-def test_markers_record_sizes_crcs_and_the_recipe(trained_run):
+def test_markers_record_sizes_crcs_and_the_recipe(trained_run, tiny):
     newest = list_checkpoints(trained_run / "checkpoints")[-1]
     marker = json.loads((newest / MARKER).read_text())
     assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl"} <= set(marker["files"])
@@ -229,7 +195,7 @@ def test_markers_record_sizes_crcs_and_the_recipe(trained_run):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "marker"])
-def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(trained_run, tmp_path, capsys, damage):
+def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(trained_run, tmp_path, capsys, damage, tiny):
     run = copy_run(trained_run, tmp_path)
     newest = run / "checkpoints" / "ckpt-000000006"
     file = newest / ("optimizer.bin" if damage == "garbage" else "model.safetensors")
@@ -329,7 +295,7 @@ def test_a_save_that_keeps_failing_is_rescued_and_says_where(tmp_path):
         CheckpointManager(acc, tmp_path / "run" / "checkpoints", fallback=rescue).save(8)
 
 
-def test_an_unwritable_checkpoint_folder_mid_run_loses_nothing(tmp_path, capsys, monkeypatch):
+def test_an_unwritable_checkpoint_folder_mid_run_loses_nothing(tmp_path, capsys, monkeypatch, tiny):
     """The run's checkpoints folder cannot be created: the error names it and where the state went;
     resuming from there continues the run."""
     import tempfile

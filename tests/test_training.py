@@ -39,41 +39,7 @@ from timm_ortho.train.tracking import ratio_history
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate(monkeypatch):
-    """A new accelerate state per test (it is a process-wide singleton) and one thread per run."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
-        monkeypatch.delenv(key)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def tiny(tmp_path: Path, **overrides) -> TrainConfig:
-    values = dict(
-        model="plain_cnn20",
-        img_size=8,
-        synthetic_size=32,
-        synthetic_val_size=8,
-        batch_size=4,
-        epochs=1,
-        workers=0,
-        log_interval=1,
-        output=str(tmp_path),
-        experiment="run",
-        lr=0.05,
-        smoothing=0.0,
-        sched="cosine",
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -87,7 +53,7 @@ def states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 # ----------------------------------------------------------------------------------------------
 # end to end
 # ----------------------------------------------------------------------------------------------
-def test_synthetic_end_to_end(tmp_path):
+def test_synthetic_end_to_end(tmp_path, tiny):
     import timm
     from accelerate.utils import is_tensorboard_available
 
@@ -135,7 +101,7 @@ def test_synthetic_end_to_end(tmp_path):
         assert any(run.rglob("events.out.tfevents.*"))
 
 
-def test_image_folder_run_with_timm_augmentation(tmp_path, write_image_folder):
+def test_image_folder_run_with_timm_augmentation(tmp_path, write_image_folder, tiny):
     write_image_folder(tmp_path / "data", per_class=4)
     cfg = tiny(
         tmp_path,
@@ -207,7 +173,7 @@ def test_cifar_defaults_are_the_papers_protocol():
         assert opt.param_groups[0]["lr"] == pytest.approx(expected), t
 
 
-def test_baseline_uses_l2_and_the_method_does_not(tmp_path):
+def test_baseline_uses_l2_and_the_method_does_not(tmp_path, tiny):
     import timm
 
     model = timm.create_model("plain_cnn20", num_classes=10)
@@ -226,7 +192,7 @@ def test_baseline_uses_l2_and_the_method_does_not(tmp_path):
     assert "ortho_penalty" not in steps[0] and steps[0]["mod_layers_rescaled"] == 0
 
 
-def test_bf16_on_cpu(tmp_path, monkeypatch):
+def test_bf16_on_cpu(tmp_path, monkeypatch, tiny):
     import timm_ortho.train.build as build
 
     dtypes: list[torch.dtype] = []
@@ -250,7 +216,7 @@ def test_bf16_on_cpu(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # exact resume
 # ----------------------------------------------------------------------------------------------
-def test_resume_gives_bit_identical_weights(tmp_path):
+def test_resume_gives_bit_identical_weights(tmp_path, tiny):
     """Interrupt, resume, and end with exactly the weights of an uninterrupted run.
 
     The run uses everything that carries state or randomness: random augmentation (crop, flip,
@@ -434,12 +400,12 @@ def test_help_shows_every_default_once(preset):
     assert " ".join(parser.format_help().split()).count("(default: ") == shown > 80
 
 
-def test_amp_flag_sets_mixed_precision(tmp_path):
+def test_amp_flag_sets_mixed_precision(tmp_path, tiny):
     result = train(tiny(tmp_path, amp=True, amp_dtype="bfloat16", max_steps=1))
     assert result.summary["mixed_precision"] == "bf16"
 
 
-def test_trainer_builds_the_optimizer_with_timms_factory(tmp_path, monkeypatch):
+def test_trainer_builds_the_optimizer_with_timms_factory(tmp_path, monkeypatch, tiny):
     """The script's optimizer is timm_ortho.create_optimizer: timm's param groups, targets without L2,
     the targets the trainer found (once) handed over."""
     import timm_ortho
@@ -561,7 +527,7 @@ def test_two_processes_stop_together_on_a_signal_to_one_and_resume_exactly(tmp_p
 
 
 @pytest.mark.slow
-def test_a_short_run_learns_the_synthetic_set(tmp_path):
+def test_a_short_run_learns_the_synthetic_set(tmp_path, tiny):
     """3 epochs of 960 16x16 images: well above chance (10%) on the held-out split."""
     cfg = tiny(tmp_path, img_size=16, synthetic_size=960, synthetic_val_size=200, batch_size=32, epochs=3)
     result = train(dataclasses.replace(cfg, lr=0.1, augment="cifar", log_interval=30))
@@ -570,13 +536,13 @@ def test_a_short_run_learns_the_synthetic_set(tmp_path):
 
 def test_drop_path_on_a_plain_net_is_a_clear_config_error():
     from timm_ortho.train.build import create_model
-    from timm_ortho.train.config import ConfigError, TrainConfig
+    from timm_ortho.train.config import ConfigError
 
     with pytest.raises(ConfigError, match="drop-path"):
         create_model(TrainConfig(model="plain_cnn20", drop_path=0.1), num_classes=10)
 
 
-def test_precise_bn_is_on_for_plain_nets_and_recomputes_the_statistics(tmp_path, capsys):
+def test_precise_bn_is_on_for_plain_nets_and_recomputes_the_statistics(tmp_path, capsys, tiny):
     from timm_ortho.precise_bn import bn_layers
 
     plain = train(tiny(tmp_path, experiment="plain"))
@@ -603,37 +569,15 @@ def test_precise_bn_is_on_for_plain_nets_and_recomputes_the_statistics(tmp_path,
 # ----------------------------------------------------------------------------------------------
 # divergence and stop signals
 # ----------------------------------------------------------------------------------------------
-def signal_at(monkeypatch, signum: int, forward: int) -> None:
-    """Send ``signum`` to this process during the ``forward``-th training forward pass."""
-    from timm_ortho.train import build
-
-    original = build.build_model
-
-    def with_signal(*args, **kwargs):
-        model, ema, init = original(*args, **kwargs)
-        seen = [0]
-
-        def hook(module, inputs, output):
-            if module.training:
-                seen[0] += 1
-                if seen[0] == forward:
-                    os.kill(os.getpid(), signum)
-
-        model.register_forward_hook(hook)
-        return model, ema, init
-
-    monkeypatch.setattr(build, "build_model", with_signal)
-
-
 RESUMABLE = dict(synthetic_size=40, grad_accum_steps=2, epochs=2, modulation=True, reprob=0.25, mixup=0.2)
 
 
-def test_sigterm_saves_stops_and_resumes_bit_identically(tmp_path, monkeypatch, caplog):
+def test_sigterm_saves_stops_and_resumes_bit_identically(tmp_path, monkeypatch, caplog, tiny, signal_at):
     import signal
 
     full = train(tiny(tmp_path, experiment="full", **RESUMABLE))
     # SIGTERM in the middle of an accumulation window of the first epoch: that update completes.
-    signal_at(monkeypatch, signal.SIGTERM, forward=5)
+    signal_at(signal.SIGTERM, forward=5)
     with caplog.at_level("WARNING"):
         stopped = train(tiny(tmp_path, experiment="cut", **RESUMABLE))
     assert stopped.stopped_by == "SIGTERM" and stopped.summary["step"] == 3
@@ -647,24 +591,24 @@ def test_sigterm_saves_stops_and_resumes_bit_identically(tmp_path, monkeypatch, 
     assert [r["type"] for r in records(tmp_path / "cut")].count("stopped") == 1
 
 
-def test_sigint_at_an_epoch_end_validates_then_stops(tmp_path, monkeypatch):
+def test_sigint_at_an_epoch_end_validates_then_stops(tmp_path, monkeypatch, tiny, signal_at):
     import signal
 
-    signal_at(monkeypatch, signal.SIGINT, forward=10)  # the last micro-batch of epoch 1
+    signal_at(signal.SIGINT, forward=10)  # the last micro-batch of epoch 1
     stopped = train(tiny(tmp_path, **RESUMABLE))
     assert stopped.stopped_by == "SIGINT" and stopped.summary["step"] == 5
     assert any(r["type"] == "eval" for r in records(tmp_path / "run"))  # the epoch was evaluated
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["ckpt-000000005"]
 
 
-def test_main_exit_codes_say_why_the_run_ended(tmp_path, monkeypatch, capsys):
+def test_main_exit_codes_say_why_the_run_ended(tmp_path, monkeypatch, capsys, signal_at):
     import signal
 
     from timm_ortho.train import loop
 
     args = ["--model", "plain_cnn20", "--img-size", "8", "--synthetic-size", "16", "--batch-size", "4"]
     args += ["--synthetic-val-size", "4", "--workers", "0", "--epochs", "1", "--output", str(tmp_path)]
-    signal_at(monkeypatch, signal.SIGTERM, forward=2)
+    signal_at(signal.SIGTERM, forward=2)
     assert main([*args, "--experiment", "term"]) == 143
 
     def abort(cfg):
@@ -687,7 +631,7 @@ def test_divergence_stops_at_once_and_saves_nothing(tmp_path, capsys):
     assert not (run / "last.pth").exists() and not (run / "model_best.pth").exists()
 
 
-def test_skip_nonfinite_skips_bad_updates_within_its_bound(tmp_path, monkeypatch):
+def test_skip_nonfinite_skips_bad_updates_within_its_bound(tmp_path, monkeypatch, tiny):
     from timm_ortho.train import build
 
     original = build.build_loss
@@ -717,7 +661,7 @@ def test_skip_nonfinite_skips_bad_updates_within_its_bound(tmp_path, monkeypatch
 # ----------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------
-def compiled_and_eager(tmp_path: Path, backend: str) -> tuple[TrainResult, TrainResult]:
+def compiled_and_eager(tmp_path: Path, backend: str, tiny) -> tuple[TrainResult, TrainResult]:
     # mode="clamp": the rule is continuous in the error's norm. With "match" (the default) a ratio that
     # sits on the band's edge is rescaled or not by a last-bit difference between inductor's fused
     # kernels and eager ones, and the two runs then part by more than rounding.
@@ -748,12 +692,12 @@ def assert_same_training(eager: TrainResult, compiled: TrainResult, rtol: float)
     assert saved.keys() == want.keys()  # timm-loadable under --torchcompile too
 
 
-def test_torchcompile_trains_with_the_modulation_like_eager(tmp_path):
+def test_torchcompile_trains_with_the_modulation_like_eager(tmp_path, tiny):
     # aot_eager: dynamo and AOT autograd trace the model and the modulation's traced rule without
     # inductor's code generation (fast); the slow test below runs inductor itself.
-    assert_same_training(*compiled_and_eager(tmp_path, "aot_eager"), rtol=1e-5)
+    assert_same_training(*compiled_and_eager(tmp_path, "aot_eager", tiny), rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_torchcompile_inductor_trains_with_the_modulation_like_eager(tmp_path):
-    assert_same_training(*compiled_and_eager(tmp_path, "inductor"), rtol=1e-4)
+def test_torchcompile_inductor_trains_with_the_modulation_like_eager(tmp_path, tiny):
+    assert_same_training(*compiled_and_eager(tmp_path, "inductor", tiny), rtol=1e-4)
