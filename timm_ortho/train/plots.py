@@ -126,26 +126,29 @@ def plot_ratio_history(
 def plot_training_curves(
     records: Sequence[Mapping[str, Any]], path: str | Path, *, dpi: int = 100
 ) -> Path | None:
-    """Save a PNG of the training loss and the validation accuracy against the update.
+    """Save a PNG of the training and validation loss and the validation accuracy against the update.
 
     ``records`` are the run's ``metrics.jsonl`` records (``"train"``: ``step``, ``loss``; ``"eval"``:
-    ``step``, ``val_top1``, ``val_top5``). Returns ``None`` when there is neither.
+    ``step``, ``val_loss``, ``val_top1``, ``val_top5``). Returns ``None`` when there is neither.
     """
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
-    evals = [(r["step"], r["val_top1"], r["val_top5"]) for r in records if r.get("type") == "eval"]
+    keys = ("step", "val_loss", "val_top1", "val_top5")
+    evals = [tuple(r[k] for k in keys) for r in records if r.get("type") == "eval"]
     if not train and not evals:
         return None
     fig = Figure(figsize=(10.0, 3.8))
     loss_ax, acc_ax = fig.subplots(1, 2)
-    if train:
+    if train:  # every log record (--log-interval); markers, so that a short run's few points show
         steps, losses = zip(*train, strict=True)
-        loss_ax.plot(steps, losses, marker="o" if len(steps) <= 30 else None, ms=3, color="tab:blue")
-    loss_ax.set(xlabel="update", ylabel="training loss", title="training loss")
-    if evals:
-        steps, top1, top5 = zip(*evals, strict=True)
+        loss_ax.plot(steps, losses, marker="o" if len(steps) <= 30 else None, ms=3, label="training")
+    if evals:  # every epoch
+        steps, val_loss, top1, top5 = zip(*evals, strict=True)
+        loss_ax.plot(steps, val_loss, marker="s", ms=4, ls="--", label="validation")
         acc_ax.plot(steps, top1, marker="o", ms=4, label="top-1")
         acc_ax.plot(steps, top5, marker="s", ms=4, ls="--", label="top-5")
         acc_ax.legend(fontsize="small")
+    loss_ax.legend(fontsize="small")
+    loss_ax.set(xlabel="update", ylabel="loss", title="loss")
     acc_ax.set(xlabel="update", ylabel="validation accuracy (%)", title="validation accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(True, alpha=0.3)
