@@ -15,6 +15,10 @@ compares the final weights with those of an uninterrupted run, bit for bit. The 
 - ``kill -9, then a corrupt checkpoint``: after the kill, the newest checkpoint's weights file is
   truncated; the resume must report it and fall back to the one before, or, when it was the only
   one, refuse with a message that says nothing intact is left.
+- ``unwritable checkpoint folder``: a file takes the checkpoint folder's place (a root user writes
+  through permissions, not into a file); the next save fails twice, the state goes to the rescue
+  folder and the run stops with the command that continues; once the folder is back, the run
+  resumes from the rescued state.
 
 "Lost updates" counts the updates a resume had to redo beyond what the fault allows: for a signal, any
 update after the stop; for a kill, any update before the newest complete checkpoint at the time of
@@ -28,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -47,13 +52,27 @@ RUN_ARGS = [
     *("--sched", "cosine", "--modulation", "--seed", "0"),
 ]
 UPDATES = 24  # 96 images / batch 8 = 12 updates per epoch, 2 epochs
-FAULTS = ("kill -9", "SIGTERM", "SIGINT", "kill -9, then a corrupt checkpoint")
+FAULTS = (
+    "kill -9",
+    "SIGTERM",
+    "SIGINT",
+    "kill -9, then a corrupt checkpoint",
+    "unwritable checkpoint folder",
+)
 
 
-def launch(out: Path, name: str, *extra: str) -> subprocess.Popen:
+def launch(out: Path, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """The run as a subprocess; its stderr goes to a file (a pipe could fill up and block it)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(SCRIPT), *RUN_ARGS, "--output", str(out), "--experiment", name, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    log = out / f"{name}.{len(list(out.glob(name + '.*.log')))}.log"
+    with log.open("w") as err:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env), log
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> tuple[int, str]:
+    code = proc.wait(timeout=timeout)
+    return code, log.read_text()
 
 
 def last_update(run: Path) -> int:
@@ -90,18 +109,41 @@ def resumed_from(run: Path) -> list[int]:
     return [r["updates"] for r in records if r.get("type") == "resume"]
 
 
+def make_unwritable(proc: subprocess.Popen, log: Path, run: Path) -> tuple[int | None, str]:
+    """A file where the checkpoint folder was (root writes through permissions, not into a file) until
+    the run fails to save and stops; then the folder back. Returns the rescued update and the
+    ``--resume`` path the error names."""
+    folder, aside = run / "checkpoints", run / "checkpoints.aside"
+    os.replace(folder, aside)
+    folder.write_text("not a folder")
+    _, err = finish(proc, log)
+    folder.unlink()
+    os.replace(aside, folder)
+    found = re.search(r"continue with --resume (\S+)", err)
+    if found is None:
+        return None, err[-2000:]
+    return int(Path(found.group(1)).name.split("-")[1]), found.group(1)
+
+
 def trial(out: Path, index: int, rng: random.Random, reference: dict[str, torch.Tensor]) -> dict:
     fault = FAULTS[index % len(FAULTS)]
     at = rng.randint(3, UPDATES - 3)
     name = f"trial{index}"
     run = out / name
-    proc = launch(out, name)
+    shutil.rmtree(Path(tempfile.gettempdir()) / "timm_ortho-rescue" / name, ignore_errors=True)
+    proc, log = launch(out, name)
     while last_update(run) < at and proc.poll() is None:
         time.sleep(0.05)
     newest_at_fault = checkpoints(run)[-1] if checkpoints(run) else 0
-    sig = signal.SIGKILL if fault.startswith("kill") else getattr(signal, fault)
-    proc.send_signal(sig)
-    proc.wait(timeout=300)
+    rescued, first_resume = None, ("--resume", "auto")
+    if fault == "unwritable checkpoint folder":
+        rescued, where = make_unwritable(proc, log, run)
+        if rescued is None:
+            return dict(trial=index, fault=fault, at=at, ok=False, error=where)
+        first_resume = ("--resume", where)
+    else:
+        proc.send_signal(signal.SIGKILL if fault.startswith("kill") else getattr(signal, fault))
+        finish(proc, log)
     stopped_at = last_update(run)
     corrupted, intact_before = None, 0
     if fault.endswith("corrupt checkpoint") and checkpoints(run):
@@ -113,18 +155,19 @@ def trial(out: Path, index: int, rng: random.Random, reference: dict[str, torch.
     resumes = 0
     while not (run / "summary.json").is_file() and resumes < 3:
         resumes += 1
-        result = launch(out, name, "--resume", "auto")
-        _, err = result.communicate(timeout=600)
+        code, err = finish(*launch(out, name, *(first_resume if resumes == 1 else ("--resume", "auto"))))
         if corrupted is not None and not intact_before:
             # The only checkpoint was damaged: the resume must refuse, say so, and change nothing.
-            refused = result.returncode == 2 and "Nothing intact is left" in err
+            refused = code == 2 and "Nothing intact is left" in err
             return dict(trial=index, fault=fault, at=at, corrupted=corrupted, refused=refused, ok=refused)
-        if result.returncode != 0:
+        if code != 0:
             return dict(trial=index, fault=fault, at=at, ok=False, error=err[-2000:])
     starts = resumed_from(run)
     start = starts[0] if starts else 0
     if fault in ("SIGTERM", "SIGINT"):
         expected = stopped_at
+    elif rescued is not None:
+        expected = rescued  # the state saved in the rescue folder when the checkpoint folder failed
     elif corrupted is not None:
         expected = intact_before  # the damaged newest one is set aside: the one before it
     else:
@@ -148,9 +191,8 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="timm_ortho_faults_"))
     rng = random.Random(args.seed)
     print(f"reference run (uninterrupted, {UPDATES} updates) in {out}", flush=True)
-    reference = launch(out, "reference")
-    _, err = reference.communicate(timeout=600)
-    if reference.returncode != 0:
+    code, err = finish(*launch(out, "reference"))
+    if code != 0:
         sys.exit(f"the reference run failed:\n{err[-3000:]}")
     weights = final_weights(out / "reference")
     results = []
