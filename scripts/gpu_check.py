@@ -190,7 +190,15 @@ def main() -> None:
     )
     parser.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True, help="checks 1-3")
     parser.add_argument("--deadline", type=float, default=480.0, help="seconds after which no timing starts")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=[name for name, _, _ in THROUGHPUT_CASES],
+        choices=[name for name, _, _ in THROUGHPUT_CASES],
+        help="which models to time",
+    )
     args = parser.parse_args()
+    cases = tuple(case for case in THROUGHPUT_CASES if case[0] in args.models)
     deadline = time.perf_counter() + args.deadline
     if not args.cpu and not torch.cuda.is_available():
         sys.exit("no CUDA device: run on a GPU machine, or pass --cpu for a smoke test of the flow")
@@ -204,9 +212,9 @@ def main() -> None:
         check_fp16_scaler(device)
         check_training(device, 3 if args.cpu else args.steps)
     if not args.cpu and args.eager:
-        check_throughput(device, args.repeats, compiled=False, deadline=deadline)
+        check_throughput(device, args.repeats, compiled=False, deadline=deadline, cases=cases)
     if not args.cpu and args.compiled:
-        check_throughput(device, args.repeats, compiled=True, deadline=deadline)
+        check_throughput(device, args.repeats, compiled=True, deadline=deadline, cases=cases)
 
 
 if __name__ == "__main__":
