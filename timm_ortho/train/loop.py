@@ -480,7 +480,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             _log.info("checkpoint %s", _checkpoint(run))
             if run.stopped_by:
                 break
-        if run.stopped_by:
+        if run.stopped_by and progress.updates < run.info["stop_at"]:  # else the run is complete
             return _stopped(run, time.perf_counter() - t_start)
     summary = _finish(run, time.perf_counter() - t_start)
     return TrainResult(
