@@ -204,15 +204,15 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, resume_path: P
         "layers": [t.name for t in targets],
         "config": dataclasses.asdict(cfg),
     }
-    run = Run(
-        cfg, accelerator, run_dir, model, optimizer, scheduler, ema, loss_fn, mixup_fn, train_set,
-        train_loader, val_loader, bn_loader, precise_bn, probe, targets, info,
-        CheckpointManager(
+    checkpoints = CheckpointManager(
         accelerator, run_dir / "checkpoints", keep=cfg.checkpoint_hist,
         recipe=recipe_of(cfg, datasets.num_classes),
-    ),
     )  # fmt: skip
-    run.divergence = DivergenceMonitor(skip=cfg.skip_nonfinite)
+    run = Run(
+        cfg, accelerator, run_dir, model, optimizer, scheduler, ema, loss_fn, mixup_fn, train_set,
+        train_loader, val_loader, bn_loader, precise_bn, probe, targets, info, checkpoints,
+        divergence=DivergenceMonitor(skip=cfg.skip_nonfinite),
+    )  # fmt: skip
     _start(run, resume_path)
     return run
 
