@@ -133,6 +133,27 @@ DEEP_GRID: dict[str, dict[str, Any]] = {
 }
 
 
+# The same question at depths a CPU can run: how the step bound's size that trains well moves with
+# depth (``reproduce.py bounds --depths 20 44``; the 110-layer sizes are in DEFAULTS_GRID). If the
+# usable bound shrank like 1/sqrt(L) or 1/L, the 0.1 that fails at 110 layers would work at 20.
+BOUND_SIZES = (0.003, 0.01, 0.03, 0.1, 0.3)
+BOUNDS_GRID: dict[str, dict[str, Any]] = {
+    f"defaults, bound {r}": dict(method="default", wrapper=dict(max_grad_ratio=r)) for r in BOUND_SIZES
+}
+
+
+def plan_bounds(
+    seeds: list[int], steps: int, batch_size: int, depths: list[int]
+) -> list[tuple[str, str, int, RunConfig]]:
+    """The :data:`BOUNDS_GRID` runs on digits at each of ``depths``."""
+    return [
+        ("digits", label, depth, suite_config(f"plain_cnn{depth}", seed, steps, batch_size, overrides))
+        for depth in depths
+        for seed in seeds
+        for label, overrides in BOUNDS_GRID.items()
+    ]
+
+
 def plan_deep(
     seeds: list[int], steps: int, batch_size: int, datasets: list[str]
 ) -> list[tuple[str, str, int, RunConfig]]:
@@ -218,7 +239,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| data | depth | regime | test acc (final BN) | test acc (precise BN) | per seed (precise) | NaN |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    order = {label: i for i, label in enumerate([*REGIMES, *DEFAULTS_GRID, *DEEP_GRID])}
+    labels = dict.fromkeys([*REGIMES, *DEFAULTS_GRID, *DEEP_GRID, *BOUNDS_GRID])
+    order = {label: i for i, label in enumerate(labels)}
     for r in sorted(rows, key=lambda r: (r["dataset"], r["depth"], order[r["regime"]])):
         seeds = " / ".join(f"{v:.3f}" for v in r["acc_precise"])
         lines.append(

@@ -7,6 +7,7 @@
     python scripts/reproduce.py depth          # accuracy against depth, ablations (scripts/depth_suite.py)
     python scripts/reproduce.py defaults       # the runs that chose the step bound and modulation defaults
     python scripts/reproduce.py deep           # plain_cnn1202: the step bound's size at 1202 layers (a GPU)
+    python scripts/reproduce.py bounds --depths 20 44   # the step bound's size against depth (a CPU)
     python scripts/reproduce.py protocol       # print the commands of the full CIFAR-10 protocol
 
 Options shared by all suites: ``--data-dir`` (a ``cifar-10-batches-py`` folder; default: the
@@ -311,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
             "depth",
             "defaults",
             "deep",
+            "bounds",
         ],
     )
     parser.add_argument("--data-dir", default=None, help="cifar-10-batches-py folder (default: synthetic)")
@@ -379,7 +381,7 @@ def run_one(suite: str, args: argparse.Namespace, data: TensorData) -> None:
 
 def main() -> None:
     args = build_parser().parse_args()
-    if args.suite in ("depth", "defaults", "deep"):
+    if args.suite in ("depth", "defaults", "deep", "bounds"):
         run_depth(args)
         return
     if args.suite == "protocol":
@@ -419,6 +421,8 @@ def run_depth(args: argparse.Namespace) -> None:
     if name == "defaults":
         seeds = args.seeds or [0, 1]
         jobs = depth_suite.plan_defaults(seeds, steps, batch)
+    elif name == "bounds":
+        jobs = depth_suite.plan_bounds(seeds, steps, batch, args.depths)
     elif name == "deep":
         jobs = depth_suite.plan_deep(seeds, steps, batch, args.datasets)
     else:
