@@ -47,6 +47,7 @@ from ..diagnostics import filter_correlation
 from ..factory import create_optimizer
 from ..modulation import ErrorModulation, ModulationStats
 from ..precise_bn import recompute_bn_statistics
+from ..targets import find_targets
 
 __all__ = ["RunConfig", "TensorData", "best_by_loss", "load_tensor_data", "run", "run_many"]
 
@@ -316,6 +317,7 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     model, opt, probe = _make(cfg, data, device)
+    targets = find_targets(model)  # found once: the diagnostics keep one engine per target list
     base_lrs = [group["lr"] for group in opt.param_groups]
     batches = _EpochBatches(len(data.y_train), cfg.batch_size, seed=10_000 + cfg.seed)
     history: list[dict[str, float]] = []
@@ -339,7 +341,7 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
                 {
                     "step": step + 1,
                     "loss": window,
-                    "cosine": filter_correlation(model).mean().item(),
+                    "cosine": filter_correlation(targets).mean().item(),
                     "bottom_top_ratio": probe.last_stats().bottom_top_ratio("after").item(),
                     "lr": opt.param_groups[0]["lr"],
                 }

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import signal
 import threading
@@ -38,6 +39,9 @@ class Diverged(RuntimeError):
         self.update = update
 
 
+_NONE = torch.iinfo(torch.int64).max  # no non-finite loss noted
+
+
 class DivergenceMonitor:
     """Non-finite losses, found without a host-device synchronization per update.
 
@@ -59,17 +63,19 @@ class DivergenceMonitor:
         self.skip = skip
         self.skipped = 0
         self._in_a_row = 0
-        self._first_bad: Tensor | None = None  # update + 1 of the first non-finite loss; 0: none
+        self._first_bad: Tensor | None = None  # the first non-finite loss's update; _NONE: none yet
 
     def observe(self, loss: Tensor, update: int) -> None:
         """Note ``loss`` of ``update`` (0-d; any device). No synchronization. (Skip mode reads every
         loss in :meth:`should_skip` instead.)"""
         if self.skip:
             return
-        bad = ~torch.isfinite(loss.detach())
         if self._first_bad is None:
-            self._first_bad = torch.zeros((), dtype=torch.int64, device=loss.device)
-        self._first_bad = torch.where(bad & (self._first_bad == 0), update + 1, self._first_bad)
+            self._first_bad = torch.full((), _NONE, dtype=torch.int64, device=loss.device)
+        # Four kernels, no branch on a value: |loss| < inf is False for +-inf and NaN; the clamp keeps
+        # the earliest update (they only grow).
+        finite = loss.detach().abs() < math.inf
+        self._first_bad = torch.where(finite, self._first_bad, self._first_bad.clamp(max=update))
 
     def check(self, accelerator: Any = None) -> None:
         """Raise :class:`Diverged` if a loss noted since the start was not finite (one synchronization).
@@ -81,12 +87,10 @@ class DivergenceMonitor:
             return
         first = self._first_bad
         if accelerator is not None and accelerator.num_processes > 1:
-            seen = accelerator.gather(first[None])
-            first = torch.where(seen > 0, seen, torch.iinfo(seen.dtype).max).min()
-            first = torch.where(first == torch.iinfo(first.dtype).max, 0, first)
+            first = accelerator.gather(first[None]).min()
         update = int(first)
-        if update:
-            raise Diverged("the loss is NaN or infinite", update - 1)
+        if update != _NONE:
+            raise Diverged("the loss is NaN or infinite", update)
 
     def should_skip(self, loss: Tensor, update: int, accelerator: Any = None) -> bool:
         """With ``skip > 0``: whether to skip this update (its loss is not finite). Reads the loss.
