@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one bounded call (about 9 minutes on one H100):
-#   1. scripts/gpu_check.py: no host-device sync, fp16 GradScaler skip, bf16/fp16 training, eager
+#   1. scripts/gpu_check.py: no host-device sync, fp16 GradScaler skip, bf16/fp16 training, the
+#      fused Triton kernel against the aten hooks, eager
 #      overhead ratios (plain_cnn110 batch 128, resnet50 batch 256, bf16);
 #   2. scripts/reproduce.py deep: the step bound's size at 1202 layers (DEEP_GRID), two runs at a
 #      time (a 1202-layer run takes about 2.5 minutes when three share the GPU; eight sharing
@@ -18,8 +19,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, timm, sklearn; print('torch', torch.__version__, 'timm', timm.__version__)"
 } 2>&1 | tee "$out/machine.txt"
-timeout 100 python3 scripts/gpu_check.py --repeats 20 --deadline 70 2>&1 | tee "$out/gpu_check.txt"
-timeout "${DEEP_LIMIT:-250}" python3 scripts/reproduce.py deep --device cuda --jobs "${JOBS:-2}" \
+timeout 130 python3 scripts/gpu_check.py --repeats 20 --deadline 95 2>&1 | tee "$out/gpu_check.txt"
+timeout "${DEEP_LIMIT:-220}" python3 scripts/reproduce.py deep --device cuda --jobs "${JOBS:-2}" \
   --seeds 0 --datasets digits --out "$out" 2>&1 | tr '\r' '\n' | grep -v "run/s\]\|s/run\]" | tee "$out/deep.txt"
 timeout "${COMPILE_LIMIT:-200}" python3 scripts/gpu_check.py --no-checks --no-eager --compiled --repeats 10 \
   --models ${COMPILED_MODELS:-resnet50} --deadline 110 2>&1 | grep -v "^W1" | tee "$out/gpu_compiled.txt"

@@ -8,7 +8,9 @@ its equations are in :mod:`timm_ortho.modulation_rule`. This module is the glue 
 - eager mode: a forward hook on every target registers a tensor hook on its output; the tensor hook
   measures the error (one reduction), applies the rule and returns the rescaled error;
 - under ``torch.compile``: the same rule as an autograd identity that threads a small token through
-  the layers, so that dynamo traces it into the compiled graph (:class:`_TracedModulation`);
+  the layers, so that dynamo traces it into the compiled graph (:mod:`timm_ortho.modulation_traced`);
+- ``kernel="triton"`` on CUDA: the rule and the rescaling in one launch per layer
+  (:mod:`timm_ortho.modulation_kernel`);
 - :class:`ModulationStats`: what one backward did, stacked once after it.
 """
 
@@ -21,13 +23,14 @@ import operator
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
+from .modulation_kernel import fused_modulate, kernel_applies
 from .modulation_rule import (
     DEFAULT_BAND,
     DEFAULT_MODE,
@@ -44,10 +47,13 @@ from .modulation_rule import (
     scale_factor,
     simulate_chain,
 )
+from .modulation_traced import HEAD, Rule, TracedModulation, TracedRecord
 from .ortho import compute_dtype
 from .targets import FilterBank, find_targets
 
 Schedule = int | Callable[[int], bool] | None
+Kernel = Literal["aten", "triton"]
+_KERNELS = ("aten", "triton")
 
 __all__ = [
     "ErrorModulation",
@@ -86,16 +92,6 @@ class _Pass:
     """``s`` of every layer below the top, the very tensors the errors were multiplied by."""
 
 
-@dataclass(frozen=True, eq=False)
-class _TracedRecord:
-    """What a compiled backward left in the token sink (see :class:`_TracedModulation`)."""
-
-    record: Tensor
-    names: list[str]
-    """Module names in forward order (slot order)."""
-    modulated: bool
-
-
 def _graph_task_id() -> int:
     """Id of the autograd graph task running on this thread, -1 outside backward."""
     fn = getattr(torch._C, "_current_graph_task_id", None)
@@ -106,80 +102,6 @@ def _stack(values: list[Tensor], device: torch.device, dtype: torch.dtype) -> Te
     if not values:
         return torch.empty(0, device=device, dtype=dtype)
     return torch.stack([v.to(device=device, dtype=dtype) for v in values])
-
-
-# -- the traced path (torch.compile) -------------------------------------------------------------
-
-# Layout of the chain token's gradient (and of the sink's record): the reference log-norm, a flag
-# "a layer above has fired", then one log-norm per slot, then one log-scale per slot.
-_REF, _HAS_REF, _HEAD = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """The constants of the rule, passed to the traced identity (hashable, so dynamo treats them as
-    constants of the graph)."""
-
-    band: float
-    mode: str
-    max_scale: float | None
-    reference: str
-    statistic: str
-    modulate: bool
-    slots: int
-
-
-class _TracedModulation(torch.autograd.Function):
-    """The per-layer hook as an autograd identity that dynamo traces into the compiled graph.
-
-    Under ``torch.compile`` a tensor hook on an intermediate output and the Python-side chain state
-    of the eager path both break the graph. Here the state travels with the gradients instead:
-    every target's forward threads a small *token* through the layers, ``(y, t_in) -> (y, t_out)``.
-    In backward, the gradient that reaches ``t_out`` from the layer above carries the chain's state,
-    ``[log_ref, has_ref, log_n per slot, log_s per slot]``; this layer measures its error, applies
-    the same rule as the eager hook (:func:`log_scale`, :func:`next_log_ref`), rescales the
-    error and passes the state down as the gradient of ``t_in``. The top of the chain gets a zero
-    gradient (``has_ref = 0``: no reference, ``s = 1``). Below the bottom layer the token is the
-    module's *sink*, a leaf whose gradient is the whole record of the backward; a
-    post-accumulate-grad hook publishes it. Everything in backward is tensor arithmetic without
-    branches on values, so inductor fuses it.
-
-    The token also orders the hooks: layer ``l``'s backward needs the token gradient of the layer
-    above it in forward order, as the eager hooks' firing order is on one device.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, y: Tensor, token: Tensor, slot: int, rule: _Rule) -> tuple[Tensor, Tensor]:
-        ctx.slot, ctx.rule = slot, rule
-        # A copy, which inductor fuses into the consumers of y. Returning y itself would make it a
-        # view, which the in-place activation that often follows a conv (ReLU(inplace=True))
-        # refuses to modify; declaring y dirty (ctx.mark_dirty) avoids that but, when dynamo
-        # compiles the conv as a frame of its own (after a graph break), its backward then
-        # received a zero error and its rescaling was lost (tested).
-        return y.clone(), token.view_as(token)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor, state: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        rule, slot = ctx.rule, ctx.slot
-        with torch.no_grad():  # the factor is a constant of the backward, also under create_graph
-            norm = torch.linalg.vector_norm(g, dtype=state.dtype)
-            if rule.statistic == "mean":
-                # numel ** -0.5, not math.log(numel): with dynamic shapes numel is symbolic.
-                norm = norm * g.numel() ** -0.5
-            log_n = norm.log()
-            out = state.clone()
-            out[_HEAD + slot] = log_n
-            if rule.modulate:
-                log_ref = torch.where(state[_HAS_REF] > 0, state[_REF], math.nan)
-                log_s = log_scale(log_n, log_ref, rule.band, rule.mode, rule.max_scale)
-                after = log_n + log_s if rule.reference == "previous" else log_n
-                out[_REF] = next_log_ref(after, log_ref, rule.reference)
-                out[_HAS_REF] = 1.0
-                out[_HEAD + rule.slots + slot] = log_s
-                scale = log_s.exp()
-        if rule.modulate:
-            g = g * scale
-        return g, out, None, None
 
 
 # -- the hooks -----------------------------------------------------------------------------------
@@ -209,6 +131,9 @@ class ErrorModulation:
         measure_only: never change the error; only record statistics (the baseline of Fig. 3).
         record_when_inactive: while the schedule is off, still record statistics (default). False
             installs no tensor hook at all while off (zero backward cost).
+        kernel: ``"aten"`` (default): the rule as a few aten ops on 0-d tensors per layer.
+            ``"triton"``: on CUDA, the rule and the rescaling of the error fused into one Triton
+            launch per layer (:mod:`timm_ortho.modulation_kernel`); elsewhere the aten path.
         targets: the :class:`~timm_ortho.targets.FilterBank` list (the regularizer's targets); by
             default ``find_targets(model, **target_kwargs)``.
 
@@ -230,6 +155,7 @@ class ErrorModulation:
         schedule: Schedule = None,
         measure_only: bool = False,
         record_when_inactive: bool = True,
+        kernel: Kernel = "aten",
         targets: Sequence[FilterBank] | None = None,
         **target_kwargs: Any,
     ) -> None:
@@ -239,6 +165,8 @@ class ErrorModulation:
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         check_reference(reference)
+        if kernel not in _KERNELS:
+            raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
         _check_options(target_kwargs)
         if targets is None:
             targets = find_targets(model, **target_kwargs)
@@ -257,6 +185,7 @@ class ErrorModulation:
         self.schedule = schedule  # validated by the property setter
         self.measure_only = bool(measure_only)
         self.record_when_inactive = bool(record_when_inactive)
+        self.kernel: Kernel = kernel
 
         # Hooked modules in registration order (the statistics list them in firing order instead).
         modules, self.module_names = _hooked_modules(model, targets, self.include_classifier)
@@ -271,7 +200,7 @@ class ErrorModulation:
 
         self._current: _Pass | None = None
         self._in_backward: dict[int, _Pass] = {}  # graph task id -> pass opened in it
-        self._last: _Pass | _TracedRecord | None = None
+        self._last: _Pass | TracedRecord | None = None
         self._last_stats: ModulationStats | None = None
         self._removed = False
         # The traced path (torch.compile): the chain token of the forward being traced, the next
@@ -359,7 +288,7 @@ class ErrorModulation:
             f"{type(self).__name__}(layers={len(self.module_names)}, band={self.band}, mode={self.mode!r}, "
             f"statistic={self.statistic!r}, include_classifier={self.include_classifier}, "
             f"max_scale={self.max_scale}, reference={self.reference!r}, schedule={schedule}, "
-            f"measure_only={self.measure_only}"
+            f"measure_only={self.measure_only}, kernel={self.kernel!r}"
             f"{', removed' if self._removed else ''})"
         )
 
@@ -378,7 +307,7 @@ class ErrorModulation:
                     "no backward has gone through the modulation hooks yet: run a forward of the model "
                     "with grad enabled and a backward first"
                 )
-            if isinstance(p, _TracedRecord):
+            if isinstance(p, TracedRecord):
                 self._last_stats = self._traced_stats(p)
             else:
                 self._last_stats = self._eager_stats(p)
@@ -405,11 +334,11 @@ class ErrorModulation:
             statistic=self.statistic,
         )
 
-    def _traced_stats(self, r: _TracedRecord) -> ModulationStats:
+    def _traced_stats(self, r: TracedRecord) -> ModulationStats:
         fired, slots = len(r.names), len(self.module_names)
         # Slots are in forward order; the statistics list the top of the chain first.
-        log_n = r.record[_HEAD : _HEAD + fired].flip(0)
-        log_s = r.record[_HEAD + slots : _HEAD + slots + fired].flip(0)
+        log_n = r.record[HEAD : HEAD + fired].flip(0)
+        log_s = r.record[HEAD + slots : HEAD + slots + fired].flip(0)
         return ModulationStats(
             names=r.names[::-1],
             q_before=(2.0 * log_n).exp(),
@@ -487,8 +416,10 @@ class ErrorModulation:
         Dispatched ops (``torch.profiler`` / a dispatch mode show them; tests/test_modulation.py
         counts them): a measuring pass 1 (the norm); the top of a modulating chain 2 (norm, log);
         every layer below it 10 with ``reference="top"`` (norm, log, sub, shrink, nan_to_num, exp,
-        abs, lt, where, and the multiply of the error), 11 with ``"previous"`` (+ add). Stacking,
-        logs of measured norms and moments are left to :meth:`last_stats`.
+        abs, lt, where, and the multiply of the error), 11 with ``"previous"`` (+ add). With
+        ``kernel="triton"`` on CUDA a layer below the top launches 2 kernels: the norm and one
+        Triton kernel for the rule and the multiply. Stacking, logs of measured norms and moments
+        are left to :meth:`last_stats`.
         """
         if self._removed or g.numel() == 0:
             return None
@@ -503,18 +434,34 @@ class ErrorModulation:
             if not p.modulate:
                 p.stat.append(norm if self.statistic == "total" else norm * g.numel() ** -0.5)
                 return None
+            log_ref = p.log_ref
+            if log_ref is not None and log_ref.device != norm.device:
+                log_ref = log_ref.to(norm.device, non_blocking=True)
+            if log_ref is not None and self.kernel == "triton" and kernel_applies(g, log_ref):
+                # The rule and the rescaling in one launch (modulation_kernel.py).
+                g, log_n, log_s, scale, p.log_ref = fused_modulate(
+                    g,
+                    norm,
+                    log_ref,
+                    band=self.band,
+                    mode=self.mode,
+                    max_scale=self.max_scale,
+                    reference=self.reference,
+                    statistic=self.statistic,
+                )
+                p.stat.append(log_n)
+                p.log_s.append(log_s)
+                p.scale.append(scale)
+                return g
             log_n = norm.log()
             if self.statistic == "mean":
                 log_n = log_n - 0.5 * math.log(g.numel())
             p.stat.append(log_n)
-            log_ref = p.log_ref
             if log_ref is None:
                 # The top of the chain: it only sets the reference (valid or not: an invalid one is
                 # replaced by the next valid moment in next_log_ref). s = 1, the error is untouched.
                 p.log_ref = log_n
                 return None
-            if log_ref.device != log_n.device:
-                log_ref = log_ref.to(log_n.device, non_blocking=True)
             log_s = log_scale(log_n, log_ref, self.band, self.mode, self.max_scale)
             # "top" keeps the reference once valid, and takes log_n + 0 = log_n while it is not.
             after = log_n + log_s if self.reference == "previous" else log_n
@@ -527,10 +474,10 @@ class ErrorModulation:
 
     # -- traced path (torch.compile) --------------------------------------------------------------
     def _make_sink(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """A leaf whose gradient is the record of one compiled backward (see _TracedModulation)."""
+        """A leaf whose gradient is the record of one compiled backward (see TracedModulation)."""
         if self._sink_handle is not None:
             self._sink_handle.remove()
-        self._sink = torch.zeros(_HEAD + 2 * len(self.module_names), device=device, dtype=dtype)
+        self._sink = torch.zeros(HEAD + 2 * len(self.module_names), device=device, dtype=dtype)
         self._sink.requires_grad_(True)
         self._sink_handle = self._sink.register_post_accumulate_grad_hook(self._publish)
         return self._sink
@@ -541,7 +488,7 @@ class ErrorModulation:
         record, sink.grad = sink.grad, None
         if record is None or self._removed:
             return
-        self._last = _TracedRecord(record, list(self._traced_names), self._traced_modulate)
+        self._last = TracedRecord(record, list(self._traced_names), self._traced_modulate)
         self._last_stats = None
 
     def _on_output_traced(self, name: str, output: Tensor) -> Tensor | None:
@@ -557,7 +504,7 @@ class ErrorModulation:
             dtype = compute_dtype(output.dtype)
             if token is None or token.device != output.device or token.dtype != dtype:
                 token = self._make_sink(output.device, dtype)  # model moved since construction
-        rule = _Rule(
+        rule = Rule(
             self.band,
             self.mode,
             self.max_scale,
@@ -566,7 +513,7 @@ class ErrorModulation:
             modulate,
             len(self.module_names),
         )
-        output, self._token = _TracedModulation.apply(output, token, slot, rule)
+        output, self._token = TracedModulation.apply(output, token, slot, rule)
         self._slot = slot + 1
         self._traced_names.append(name)
         return output
@@ -607,6 +554,7 @@ _OPTIONS = (
     "schedule",
     "measure_only",
     "record_when_inactive",
+    "kernel",
     "targets",
 )
 _TARGET_OPTIONS = ("include", "exclude", "skip_stem", "skip_classifier", "include_depthwise")
