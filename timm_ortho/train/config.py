@@ -368,18 +368,6 @@ def _fields() -> typing.Iterator[tuple[str, Any, dict[str, Any]]]:
         yield f.name, hint, spec
 
 
-def _add_field(
-    group: argparse._ArgumentGroup, name: str, hint: Any, spec: dict[str, Any], default: Any
-) -> None:
-    meta = {k: v for k, v in spec.items() if k not in ("group", "bounds")}
-    # A long flag in ``flags`` replaces the one derived from the name (--pin-mem for pin_memory).
-    extra, aliases = meta.pop("flags", []), meta.pop("aliases", {})
-    long = [] if any(x.startswith("--") for x in extra) else [_flag(name)]
-    group.add_argument(*long, *extra, dest=name, default=default, **{**_from_hint(hint), **meta})
-    for alias, kwargs in aliases.items():  # an alias shows no default: the flag it stands for does
-        group.add_argument(alias, dest=name, default=argparse.SUPPRESS, **{"action": "store_const", **kwargs})
-
-
 def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     """The flags of the training scripts, named like timm's ``train.py`` where the concept is the same.
 
@@ -399,7 +387,15 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     for name, hint, spec in _fields():
         if spec["group"] or group is None:
             group = parser.add_argument_group(spec["group"])
-        _add_field(group, name, hint, spec, defaults[name])
+        meta = {k: v for k, v in spec.items() if k not in ("group", "bounds")}
+        # A long flag in ``flags`` replaces the one derived from the name (--pin-mem for pin_memory).
+        extra, aliases = meta.pop("flags", []), meta.pop("aliases", {})
+        long = [] if any(x.startswith("--") for x in extra) else [_flag(name)]
+        group.add_argument(*long, *extra, dest=name, default=defaults[name], **{**_from_hint(hint), **meta})
+        for alias, kwargs in aliases.items():  # an alias shows no default: the flag it stands for does
+            group.add_argument(
+                alias, dest=name, default=argparse.SUPPRESS, **{"action": "store_const", **kwargs}
+            )
     return parser
 
 
