@@ -1,11 +1,12 @@
 """Every setting of a training run, declared once.
 
 :class:`TrainConfig` is the single source: each field carries its command-line flag in its metadata
-(help, aliases, argparse extras: ``Annotated[type, cli(...)]``), its type hint gives the argparse
-type, ``nargs`` and choices, and its default is the imagenet preset's (``CIFAR_PROTOCOL`` overrides
-some for the cifar preset). The data settings are :class:`~timm_ortho.train.data.DataConfig`'s fields,
-inherited. :func:`build_parser` generates the options from the fields and :func:`config_from_args`
-maps them back by name, so adding a setting is adding one field.
+(help, aliases, a number's range, argparse extras: ``Annotated[type, cli(...)]``), its type hint gives
+the argparse type, ``nargs`` and choices, and its default is the imagenet preset's (``CIFAR_PROTOCOL``
+overrides some for the cifar preset). The data settings are
+:class:`~timm_ortho.train.data.DataConfig`'s fields, inherited. :func:`build_parser` generates the
+options from the fields, :func:`config_from_args` maps them back by name and :func:`validate_config`
+checks the ranges and choices they declare, so adding a setting is adding one field.
 """
 
 from __future__ import annotations
@@ -48,53 +49,57 @@ class ConfigError(ValueError):
     """Flags that contradict each other or are out of range."""
 
 
-def cli(help: str | None = None, *, group: str | None = None, **argparse_kwargs: Any) -> dict[str, Any]:
+def cli(
+    help: str | None = None,
+    *,
+    group: str | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float = math.inf,
+    **argparse_kwargs: Any,
+) -> dict[str, Any]:
     """The command-line side of a :class:`TrainConfig` field, as ``Annotated[type, cli(...)]``.
 
-    ``group`` opens a new argparse group at this field; ``flags`` adds short or timm-style spellings
-    (a long one replaces the flag derived from the name); ``aliases`` maps extra flags to the argparse
-    keywords that make them write into this field; the other keywords go to ``add_argument`` over
-    what the type hint implies. A field without it gets a flag from its name and type alone.
+    ``group`` opens a new argparse group at this field; ``ge``/``gt`` and ``le`` give the range of a
+    number (of each number of a list; ``None`` passes), which argparse does not check (``nan``,
+    ``-1``): :func:`validate_config` does. ``flags`` adds short or timm-style spellings (a long one
+    replaces the flag derived from the name); ``aliases`` maps extra flags to the argparse keywords
+    that make them write into this field; the other keywords go to ``add_argument`` over what the
+    type hint implies. A field without it gets a flag from its name and type alone. Every option
+    without a help text shows its default.
     """
-    return {"help": help, "group": group, **argparse_kwargs}
+    bounds = None if ge is None and gt is None else (gt if ge is None else ge, le, ge is not None)
+    return {"help": help or "(default: %(default)s)", "group": group, "bounds": bounds, **argparse_kwargs}
 
 
 class _ModulationAction(ParseKwargs):
-    """``--modulation [KEY=VALUE ...]``: on, with the pairs (if any) as ErrorModulation options.
-
-    Options given before it by the ``--mod-*`` aliases are kept; ``--no-modulation`` turns it off.
+    """``--modulation [KEY=VALUE ...]``: on, with the pairs (if any) as ErrorModulation options;
+    ``--no-modulation``: off. With a ``key``, a ``--mod-*`` alias: sets that one option, which takes
+    effect once ``--modulation`` is on, given before or after it.
     """
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string == "--no-modulation":
-            setattr(namespace, self.dest, False)
-            return
-        super().__call__(parser, namespace, values, option_string)
-        options = {**getattr(namespace, "_mod_options", {}), **getattr(namespace, self.dest)}
-        setattr(namespace, self.dest, options or True)
-
-
-class _ModulationOption(argparse.Action):
-    """A ``--mod-*`` alias: sets one ErrorModulation option, used once ``--modulation`` is on."""
-
-    def __init__(self, *args: Any, key: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, key: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.key = key
 
     def __call__(self, parser, namespace, values, option_string=None):
-        pending = {
-            **getattr(namespace, "_mod_options", {}),
-            self.key: self.const if self.nargs == 0 else values,
-        }
-        namespace._mod_options = pending
-        current = getattr(namespace, self.dest)
-        if current is not False:  # --modulation came first
-            setattr(namespace, self.dest, {**(current if isinstance(current, dict) else {}), **pending})
+        pending, current = getattr(namespace, "_mod_options", {}), getattr(namespace, self.dest)
+        if self.key is not None:
+            namespace._mod_options = {**pending, self.key: self.const if self.nargs == 0 else values}
+            if current is False:  # not (yet) on
+                return
+            options = {**(current if isinstance(current, dict) else {}), **namespace._mod_options}
+        elif option_string == "--no-modulation":
+            options = False
+        else:
+            super().__call__(parser, namespace, values, option_string)
+            options = {**pending, **getattr(namespace, self.dest)} or True
+        setattr(namespace, self.dest, options)
 
 
 def _mod_alias(key: str, help: str = "ErrorModulation's option", **argparse_kwargs: Any) -> dict[str, Any]:
     return dict(
-        action=_ModulationOption, key=key, help=f"same as --modulation {key}=...; {help}", **argparse_kwargs
+        action=_ModulationAction, key=key, help=f"same as --modulation {key}=...; {help}", **argparse_kwargs
     )
 
 
@@ -119,14 +124,17 @@ _DATA_CLI = {
         "ImageFolder root (train/, val/) or CIFAR-10 pickle directory; omitted: the embedded synthetic set",
         group="data",
     ),
-    "num_classes": cli("checked against the data; None with the synthetic set: 10 classes"),
-    "synthetic_size": cli("synthetic training images"),
+    "num_classes": cli("checked against the data; None with the synthetic set: 10 classes", ge=2),
+    "synthetic_size": cli("synthetic training images", ge=1),
+    "synthetic_val_size": cli(ge=1),
     "augment": cli(
         "timm: random resized crop etc.; cifar: pad-4 crop + flip; none",
         aliases={"--no-aug": dict(const="none", help="same as --augment none")},
     ),
     "aa": cli("auto-augment policy, e.g. rand-m9-mstd0.5-inc1"),
-    "reprob": cli("random erasing probability"),
+    "reprob": cli("random erasing probability", ge=0, le=1),
+    "hflip": cli(ge=0, le=1),
+    "color_jitter": cli(ge=0),
     "scale": cli(metavar=("MIN", "MAX")),
     "ratio": cli(metavar=("MIN", "MAX")),
     "strict_data": cli(
@@ -143,8 +151,8 @@ class TrainConfig(DataConfig):
     The data settings are :class:`~timm_ortho.train.data.DataConfig`'s own fields, inherited.
     """
 
-    img_size: Annotated[int | None, cli("None: the model's input size")] = None
-    workers: Annotated[int, cli(flags=["-j"])] = 4
+    img_size: Annotated[int | None, cli("None: the model's input size", ge=4)] = None
+    workers: Annotated[int, cli(flags=["-j"], ge=0)] = 4
     pin_memory: Annotated[
         bool | None, cli("pinned host memory (None: on when training on CUDA)", flags=["--pin-mem"])
     ] = None
@@ -154,8 +162,8 @@ class TrainConfig(DataConfig):
     model_kwargs: Annotated[dict[str, Any], cli(nargs="*", action=ParseKwargs, metavar="KEY=VALUE")] = field(
         default_factory=dict
     )
-    drop: Annotated[float | None, cli("dropout before the classifier")] = None
-    drop_path: float | None = None
+    drop: Annotated[float | None, cli("dropout before the classifier", ge=0, le=1)] = None
+    drop_path: Annotated[float | None, cli(ge=0, le=1)] = None
     init: Annotated[
         Literal["orthonormal", "msra"] | None, cli("None: orthonormal, or msra with --baseline")
     ] = None
@@ -163,14 +171,15 @@ class TrainConfig(DataConfig):
         False
     )
     ortho_decay: Annotated[
-        float, cli("lambda of the orthonormality regularizer (replaces L2 on conv/linear weights)")
+        float, cli("lambda of the orthonormality regularizer (replaces L2 on conv/linear weights)", ge=0)
     ] = DEFAULT_ORTHO_DECAY
     ortho_form: Literal["auto", "coupled", "decoupled"] = "auto"
     max_grad_ratio: Annotated[
         float | None,
         cli(
             "step bound: every regularized weight's gradient is scaled so that |grad| <= RATIO |W| "
-            "(per layer, inside the optimizer step); 0 turns it off"
+            "(per layer, inside the optimizer step); 0 turns it off",
+            ge=0,
         ),
     ] = DEFAULT_MAX_GRAD_RATIO
     ortho_exclude: Annotated[
@@ -205,37 +214,37 @@ class TrainConfig(DataConfig):
     opt: Annotated[
         str, cli("timm optimizer name (momentum = SGD without Nesterov)", group="optimizer and schedule")
     ] = "momentum"
-    lr: Annotated[float | None, cli("learning rate; None: --lr-base scaled by the global batch")] = None
-    lr_base: float = 0.1
-    lr_base_size: int = 256
+    lr: Annotated[float | None, cli("learning rate; None: --lr-base scaled by the global batch", ge=0)] = None
+    lr_base: Annotated[float, cli(gt=0)] = 0.1
+    lr_base_size: Annotated[int, cli(ge=1)] = 256
     lr_base_scale: Literal["linear", "sqrt"] = "linear"
-    momentum: float = 0.9
+    momentum: Annotated[float, cli(ge=0)] = 0.9
     weight_decay: Annotated[
-        float, cli("L2 for --baseline; otherwise only for weights outside the regularizer")
+        float, cli("L2 for --baseline; otherwise only for weights outside the regularizer", ge=0)
     ] = 1e-4
-    opt_eps: float | None = None
-    clip_grad: float | None = None
+    opt_eps: Annotated[float | None, cli(gt=0)] = None
+    clip_grad: Annotated[float | None, cli(gt=0)] = None
     clip_mode: Literal["norm", "value"] = "norm"
     sched: Annotated[str, cli("timm scheduler: cosine, step, multistep, poly, none, ...")] = "multistep"
     epochs: int = 90
-    iterations: Annotated[int | None, cli("length in updates (overrides --epochs)")] = None
-    decay_milestones: Annotated[list[float], cli("multistep milestones in epochs")] = field(
+    iterations: Annotated[int | None, cli("length in updates (overrides --epochs)", ge=1)] = None
+    decay_milestones: Annotated[list[float], cli("multistep milestones in epochs", ge=0)] = field(
         default_factory=lambda: [30.0, 60.0]
     )
     decay_steps: Annotated[
-        list[int] | None, cli("multistep milestones in updates (overrides --decay-milestones)")
+        list[int] | None, cli("multistep milestones in updates (overrides --decay-milestones)", ge=0)
     ] = None
-    decay_epochs: Annotated[float, cli("step scheduler interval")] = 90.0
-    decay_rate: float = 0.1
-    warmup_epochs: float = 0.0
-    warmup_steps: Annotated[int | None, cli("overrides --warmup-epochs")] = None
-    warmup_lr: float = 1e-5
-    min_lr: float = 0.0
+    decay_epochs: Annotated[float, cli("step scheduler interval", gt=0)] = 90.0
+    decay_rate: Annotated[float, cli(gt=0)] = 0.1
+    warmup_epochs: Annotated[float, cli(ge=0)] = 0.0
+    warmup_steps: Annotated[int | None, cli("overrides --warmup-epochs", ge=0)] = None
+    warmup_lr: Annotated[float, cli(ge=0)] = 1e-5
+    min_lr: Annotated[float, cli(ge=0)] = 0.0
 
     # training
-    batch_size: Annotated[int, cli("per process", flags=["-b"], group="training")] = 128
-    validation_batch_size: Annotated[int | None, cli("None: --batch-size", flags=["-vb"])] = None
-    grad_accum_steps: int = 1
+    batch_size: Annotated[int, cli("per process", flags=["-b"], group="training", ge=1)] = 128
+    validation_batch_size: Annotated[int | None, cli("None: --batch-size", flags=["-vb"], ge=1)] = None
+    grad_accum_steps: Annotated[int, cli(ge=1)] = 1
     amp: Annotated[
         bool,
         cli("mixed precision in --amp-dtype (as timm); without it, accelerate launch's --mixed_precision"),
@@ -245,16 +254,16 @@ class TrainConfig(DataConfig):
     sync_bn: Annotated[bool, cli("SyncBatchNorm across processes (timm converter)")] = False
     torchcompile: Annotated[str | None, cli(nargs="?", const="inductor", metavar="BACKEND")] = None
     model_ema: Annotated[bool, cli("keep an EMA of the weights (timm ModelEmaV3)")] = False
-    model_ema_decay: float = 0.9998
+    model_ema_decay: Annotated[float, cli(ge=0, le=1)] = 0.9998
     model_ema_warmup: bool = False
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
+    mixup: Annotated[float, cli(ge=0)] = 0.0
+    cutmix: Annotated[float, cli(ge=0)] = 0.0
+    mixup_prob: Annotated[float, cli(ge=0, le=1)] = 1.0
+    mixup_switch_prob: Annotated[float, cli(ge=0, le=1)] = 0.5
     mixup_mode: str = "batch"
-    mixup_off_epoch: int = 0
-    smoothing: float = 0.0
-    max_steps: Annotated[int | None, cli("stop after N updates")] = None
+    mixup_off_epoch: Annotated[int, cli(ge=0)] = 0
+    smoothing: Annotated[float, cli(ge=0, le=1)] = 0.0
+    max_steps: Annotated[int | None, cli("stop after N updates", ge=1)] = None
     """Stop after this many updates (the schedule is unchanged); for tests and quick runs."""
 
     # output
@@ -267,14 +276,15 @@ class TrainConfig(DataConfig):
             "or 'auto' (newest of --experiment; none yet: start fresh)"
         ),
     ] = None
-    checkpoint_interval: Annotated[int, cli("also checkpoint every N updates")] = 0
-    checkpoint_hist: Annotated[int, cli("checkpoints kept")] = 2
-    log_interval: Annotated[int, cli("updates between log records")] = 50
+    checkpoint_interval: Annotated[int, cli("also checkpoint every N updates", ge=0)] = 0
+    checkpoint_hist: Annotated[int, cli("checkpoints kept", ge=1)] = 2
+    log_interval: Annotated[int, cli("updates between log records", ge=1)] = 50
     skip_nonfinite: Annotated[
         int,
         cli(
             "skip an update whose loss is NaN or infinite, up to N in a row, instead of stopping at the "
-            "first (costs one host-device synchronization per update)"
+            "first (costs one host-device synchronization per update)",
+            ge=0,
         ),
     ] = 0
     log_with: Annotated[
@@ -307,21 +317,14 @@ class TrainConfig(DataConfig):
 
 CIFAR_PROTOCOL: dict[str, Any] = {
     # The paper follows He et al.: 64k iterations at batch 128, lr 0.1 divided by 10 at 32k and 48k.
+    # The defaults are the rest of it: batch 128, SGD momentum 0.9, weight decay 1e-4, multistep by 0.1,
+    # no warmup, no label smoothing (test_cifar_defaults_are_the_papers_protocol holds them).
     "model": "plain_cnn44",
-    "batch_size": 128,
     "lr": 0.1,
-    "momentum": 0.9,
-    "weight_decay": 1e-4,
-    "opt": "momentum",
-    "sched": "multistep",
     "iterations": 64000,
     "decay_steps": [32000, 48000],
-    "decay_rate": 0.1,
-    "warmup_epochs": 0.0,
-    "smoothing": 0.0,
     "augment": "none",
     "img_size": 32,
-    "dataset": "auto",
     "synthetic_size": 50000,
     "synthetic_val_size": 10000,
     "workers": 2,
@@ -351,16 +354,18 @@ def _from_hint(hint: Any) -> dict[str, Any]:
     return {"type": hint} if hint in (int, float) else {}
 
 
-def _add_field(
-    group: argparse._ArgumentGroup, name: str, hint: Any, spec: dict[str, Any], default: Any
-) -> None:
-    meta = {k: v for k, v in spec.items() if k != "group"}
-    # A long flag in ``flags`` replaces the one derived from the name (--pin-mem for pin_memory).
-    extra, aliases = meta.pop("flags", []), meta.pop("aliases", {})
-    long = [] if any(x.startswith("--") for x in extra) else [f"--{name.replace('_', '-')}"]
-    group.add_argument(*long, *extra, dest=name, default=default, **{**_from_hint(hint), **meta})
-    for alias, kwargs in aliases.items():  # an alias shows no default: the flag it stands for does
-        group.add_argument(alias, dest=name, default=argparse.SUPPRESS, **{"action": "store_const", **kwargs})
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _fields() -> typing.Iterator[tuple[str, Any, dict[str, Any]]]:
+    """``(name, type hint, cli spec)`` of every :class:`TrainConfig` field, in declaration order."""
+    hints = typing.get_type_hints(TrainConfig, include_extras=True)
+    for f in dataclasses.fields(TrainConfig):
+        hint, spec = hints[f.name], _DATA_CLI.get(f.name, cli())
+        if typing.get_origin(hint) is Annotated:
+            hint, spec = hint.__origin__, hint.__metadata__[0]
+        yield f.name, hint, spec
 
 
 def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
@@ -371,7 +376,6 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
     if preset not in ("imagenet", "cifar"):
         raise ValueError(f"unknown preset {preset!r}")
     defaults = {**dataclasses.asdict(TrainConfig()), **(CIFAR_PROTOCOL if preset == "cifar" else {})}
-    hints = typing.get_type_hints(TrainConfig, include_extras=True)
     parser = argparse.ArgumentParser(
         description=(
             "Train a timm model with orthonormality regularization and backward error modulation "
@@ -380,17 +384,18 @@ def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     group = None
-    for f in dataclasses.fields(TrainConfig):
-        hint, spec = hints[f.name], _DATA_CLI.get(f.name, cli())
-        if typing.get_origin(hint) is Annotated:
-            hint, spec = hint.__origin__, hint.__metadata__[0]
+    for name, hint, spec in _fields():
         if spec["group"] or group is None:
             group = parser.add_argument_group(spec["group"])
-        _add_field(group, f.name, hint, spec, defaults[f.name])
-    for action in parser._actions:
-        # ArgumentDefaultsHelpFormatter appends "(default: ...)" only to options that have a help text.
-        if action.help is None and action.default is not argparse.SUPPRESS:
-            action.help = "(default: %(default)s)"
+        meta = {k: v for k, v in spec.items() if k not in ("group", "bounds")}
+        # A long flag in ``flags`` replaces the one derived from the name (--pin-mem for pin_memory).
+        extra, aliases = meta.pop("flags", []), meta.pop("aliases", {})
+        long = [] if any(x.startswith("--") for x in extra) else [_flag(name)]
+        group.add_argument(*long, *extra, dest=name, default=defaults[name], **{**_from_hint(hint), **meta})
+        for alias, kwargs in aliases.items():  # an alias shows no default: the flag it stands for does
+            group.add_argument(
+                alias, dest=name, default=argparse.SUPPRESS, **{"action": "store_const", **kwargs}
+            )
     return parser
 
 
@@ -403,59 +408,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
-# Settings that must be finite numbers, with the range each one takes: (low, high, low_inclusive).
-# A value outside it would be accepted by argparse ("nan", "-1") and fail late, or worse, train.
-_RANGES: dict[str, tuple[float, float, bool]] = {
-    "lr": (0.0, math.inf, True),
-    "lr_base": (0.0, math.inf, False),
-    "momentum": (0.0, math.inf, True),
-    "weight_decay": (0.0, math.inf, True),
-    "ortho_decay": (0.0, math.inf, True),
-    "opt_eps": (0.0, math.inf, False),
-    "clip_grad": (0.0, math.inf, False),
-    "decay_epochs": (0.0, math.inf, False),
-    "decay_rate": (0.0, math.inf, False),
-    "warmup_epochs": (0.0, math.inf, True),
-    "warmup_lr": (0.0, math.inf, True),
-    "min_lr": (0.0, math.inf, True),
-    "drop": (0.0, 1.0, True),
-    "drop_path": (0.0, 1.0, True),
-    "model_ema_decay": (0.0, 1.0, True),
-    "mixup": (0.0, math.inf, True),
-    "cutmix": (0.0, math.inf, True),
-    "mixup_prob": (0.0, 1.0, True),
-    "mixup_switch_prob": (0.0, 1.0, True),
-    "smoothing": (0.0, 1.0, True),
-    "reprob": (0.0, 1.0, True),
-    "hflip": (0.0, 1.0, True),
-    "color_jitter": (0.0, math.inf, True),
-}
-# Counts and their least value; ``None`` (where a field allows it) means "not given".
-_AT_LEAST = {
-    "skip_nonfinite": 0,
-    "batch_size": 1,
-    "validation_batch_size": 1,
-    "grad_accum_steps": 1,
-    "log_interval": 1,
-    "checkpoint_hist": 1,
-    "max_steps": 1,
-    "iterations": 1,
-    "lr_base_size": 1,
-    "synthetic_size": 1,
-    "synthetic_val_size": 1,
-    "img_size": 4,
-    "workers": 0,
-    "checkpoint_interval": 0,
-    "warmup_steps": 0,
-    "mixup_off_epoch": 0,
-    "num_classes": 2,
-}
 SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt", "none")
 """The ``sched`` names of ``timm.scheduler.create_scheduler_v2`` (timm has no registry to list them)."""
-
-
-def _flag(name: str) -> str:
-    return f"--{name.replace('_', '-')}"
 
 
 def _did_you_mean(name: str, known: typing.Iterable[str]) -> str:
@@ -463,31 +417,32 @@ def _did_you_mean(name: str, known: typing.Iterable[str]) -> str:
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
-def _check_numbers(cfg: TrainConfig) -> None:
-    """Every numeric setting finite and in its range (argparse lets ``nan``, ``inf`` and ``-1`` through)."""
-    for name, (low, high, inclusive) in _RANGES.items():
-        value = getattr(cfg, name)
-        if value is None:
+def _check_fields(cfg: TrainConfig) -> None:
+    """Every number in its field's range, every name among its field's choices.
+
+    argparse lets ``nan``, ``inf`` and ``-1`` through, and a :class:`TrainConfig` built in Python
+    meets no parser at all.
+    """
+    for name, hint, spec in _fields():
+        value, implied = getattr(cfg, name), _from_hint(hint)
+        if value is not None and "choices" in implied and value not in implied["choices"]:
+            raise ConfigError(f"{_flag(name)} must be one of {', '.join(implied['choices'])}, got {value!r}")
+        if value is None or spec["bounds"] is None:
             continue
-        below = value < low if inclusive else value <= low
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or below or value > high:
-            side = ">=" if inclusive else ">"
+        low, high, inclusive = spec["bounds"]
+        if implied.get("type") is int:
+            rule, high, inclusive = f"at least {low}", math.inf, True
+        else:
             upper = "" if high == math.inf else f" and <= {high:g}"
-            raise ConfigError(f"{_flag(name)} must be a finite number {side} {low:g}{upper}, got {value}")
-    for name, least in _AT_LEAST.items():
-        value = getattr(cfg, name)
-        if value is not None and value < least:
-            raise ConfigError(f"{_flag(name)} must be at least {least}, got {value}")
-    if cfg.max_grad_ratio is not None and not 0 <= cfg.max_grad_ratio < math.inf:
-        raise ConfigError(f"--max-grad-ratio must be a finite number >= 0 (0: off), got {cfg.max_grad_ratio}")
+            rule = f"a finite number {'>=' if inclusive else '>'} {low:g}{upper}"
+        for v in value if isinstance(value, list) else [value]:
+            below = v < low if inclusive else v <= low
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or below or v > high:
+                raise ConfigError(f"{_flag(name)} must be {rule}, got {value}")
     if cfg.precise_bn is not None and cfg.precise_bn < 0:
         raise ConfigError(f"--precise-bn takes a number of batches >= 0 (0: off), got {cfg.precise_bn}")
     if cfg.epochs < 1 and cfg.iterations is None:
         raise ConfigError(f"--epochs must be positive, got {cfg.epochs}")
-    if any(not math.isfinite(m) or m < 0 for m in cfg.decay_milestones):
-        raise ConfigError(f"--decay-milestones must be finite epochs >= 0, got {cfg.decay_milestones}")
-    if any(m < 0 for m in cfg.decay_steps or ()):
-        raise ConfigError(f"--decay-steps must be updates >= 0, got {cfg.decay_steps}")
 
 
 def _check_names(cfg: TrainConfig) -> None:
@@ -536,14 +491,12 @@ def validate_config(cfg: TrainConfig) -> None:
 
     Nothing here touches the file system or builds anything: it runs first, before any work.
     """
-    _check_numbers(cfg)
+    _check_fields(cfg)
     _check_names(cfg)
     check_model_arguments(cfg)
     if cfg.baseline and cfg.modulation is not False:
         raise ConfigError("--baseline means no modulation; drop --modulation or --baseline")
     if cfg.baseline and cfg.init == "orthonormal":
         raise ConfigError("--baseline means MSRA init; drop --init orthonormal or --baseline")
-    if cfg.amp_dtype not in ("float16", "bfloat16"):
-        raise ConfigError(f"--amp-dtype must be float16 or bfloat16, got {cfg.amp_dtype!r}")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise ConfigError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size}")

@@ -68,13 +68,11 @@ def precise_bn_for_eval(model: nn.Module, run: Any) -> Iterator[None]:
     """Recomputed BN statistics inside the block (evaluation, saving the evaluated weights), the
     training ones restored after it: evaluating never changes the state that training continues
     from, so a run resumed from any checkpoint ends exactly where an uninterrupted one does."""
-    layers = bn_layers(model)
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
+    buffers = [b for m in bn_layers(model) for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    saved = [b.clone() for b in buffers]
     recalibrate_bn(model, run)
     try:
         yield
     finally:
-        for m, (mean, var, count) in zip(layers, saved, strict=True):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
+        for buffer, value in zip(buffers, saved, strict=True):
+            buffer.copy_(value)

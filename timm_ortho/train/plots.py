@@ -25,34 +25,25 @@ __all__ = ["plot_error_moments", "plot_ratio_history"]
 
 Which = Literal["before", "after", "unmodulated"]
 
-_STYLE: dict[str, dict[str, object]] = {
-    "unmodulated": {"linestyle": ":", "marker": "", "label": "unmodulated"},
-    "before": {"linestyle": "--", "marker": "", "label": "arrived (before own scale)"},
-    "after": {"linestyle": "-", "marker": ".", "label": "after modulation"},
+_STYLE = {  # line style, marker, label
+    "unmodulated": (":", "", "unmodulated"),
+    "before": ("--", "", "arrived (before own scale)"),
+    "after": ("-", ".", "after modulation"),
 }
 
 
 def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+    """Grid and legend (where there are labelled lines) on every axes, then the PNG."""
+    for ax in fig.axes:
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=dpi, format="png")
     return path
-
-
-def _finish_log_plot(
-    fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str | None, path: str | Path, dpi: int
-) -> Path:
-    """Log y axis, labels, grid and legend, then the PNG."""
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    return _save(fig, path, dpi)
 
 
 def plot_error_moments(
@@ -86,17 +77,15 @@ def plot_error_moments(
         if w not in _STYLE:
             raise ValueError(f"which entries must be among {tuple(_STYLE)}, got {w!r}")
     fig = Figure(figsize=(7.0, 4.0))
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(yscale="log", title=title, ylabel=f"error second moment ({stats[0].statistic})")
+    ax.set_xlabel("layer (0 = top of the chain, in backward firing order)")
     for i, st in enumerate(stats):
-        color = f"C{i % 10}"
         prefix = "" if labels is None and len(stats) == 1 else f"{labels[i] if labels else i}: "
         for w in which:
             y = st.moments(w).detach().to("cpu", torch.float64).numpy()
-            style = dict(_STYLE[w])
-            label = prefix + str(style.pop("label"))
-            ax.plot(range(len(y)), y, color=color, label=label, **style)
-    xlabel = "layer (0 = top of the chain, in backward firing order)"
-    return _finish_log_plot(fig, ax, xlabel, f"error second moment ({stats[0].statistic})", title, path, dpi)
+            ls, marker, label = _STYLE[w]
+            ax.plot(range(len(y)), y, color=f"C{i % 10}", ls=ls, marker=marker, label=prefix + label)
+    return _save(fig, path, dpi)
 
 
 def plot_ratio_history(
@@ -114,13 +103,15 @@ def plot_ratio_history(
     if not history:
         raise ValueError("nothing to plot: history is empty")
     fig = Figure(figsize=(7.0, 4.0))
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(
+        yscale="log", title=title, xlabel="iteration", ylabel="error second moment, bottom / top"
+    )
     for label, (steps, ratios) in history.items():
         if len(steps) != len(ratios):
             raise ValueError(f"{label!r}: {len(steps)} steps but {len(ratios)} ratios")
         few = len(steps) <= 30  # markers, so that a short run's few points are seen
         ax.plot(list(steps), [float(r) for r in ratios], label=label, marker="o" if few else None, ms=3)
-    return _finish_log_plot(fig, ax, "iteration", "error second moment, bottom / top", title, path, dpi)
+    return _save(fig, path, dpi)
 
 
 def plot_training_curves(
@@ -138,6 +129,8 @@ def plot_training_curves(
         return None
     fig = Figure(figsize=(10.0, 3.8))
     loss_ax, acc_ax = fig.subplots(1, 2)
+    loss_ax.set(xlabel="update", ylabel="loss", title="loss")
+    acc_ax.set(xlabel="update", ylabel="validation accuracy (%)", title="validation accuracy")
     if train:  # every log record (--log-interval); markers, so that a short run's few points show
         steps, losses = zip(*train, strict=True)
         loss_ax.plot(steps, losses, marker="o" if len(steps) <= 30 else None, ms=3, label="training")
@@ -146,11 +139,4 @@ def plot_training_curves(
         loss_ax.plot(steps, val_loss, marker="s", ms=4, ls="--", label="validation")
         acc_ax.plot(steps, top1, marker="o", ms=4, label="top-1")
         acc_ax.plot(steps, top5, marker="s", ms=4, ls="--", label="top-5")
-        acc_ax.legend(fontsize="small")
-    loss_ax.legend(fontsize="small")
-    loss_ax.set(xlabel="update", ylabel="loss", title="loss")
-    acc_ax.set(xlabel="update", ylabel="validation accuracy (%)", title="validation accuracy")
-    for ax in (loss_ax, acc_ax):
-        ax.grid(True, alpha=0.3)
-    fig.tight_layout()
     return _save(fig, path, dpi)

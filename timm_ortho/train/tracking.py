@@ -79,20 +79,14 @@ def ratio_history(path: Path, unmodulated: bool) -> dict[str, tuple[list[int], l
     Steps logged twice (after the last checkpoint of an interrupted run, then again after the
     resume) keep their latest value.
     """
-    after: dict[int, float] = {}
-    plain: dict[int, float] = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("type") == "train" and "mod_bottom_top_ratio" in record:
-            after[record["step"]] = record["mod_bottom_top_ratio"]
-            plain[record["step"]] = record["mod_bottom_top_ratio_unmodulated"]
-    if not after:
-        return {}
-    steps = sorted(after)
-    history = {"as trained": (steps, [after[t] for t in steps])}
+    keys = {"as trained": "mod_bottom_top_ratio"}
     if unmodulated:
-        history["same forward, unmodulated"] = (steps, [plain[t] for t in steps])
-    return history
+        keys["same forward, unmodulated"] = "mod_bottom_top_ratio_unmodulated"
+    records = (json.loads(line) for line in path.read_text().splitlines())
+    by_step = {r["step"]: r for r in records if r.get("type") == "train" and keys["as trained"] in r}
+    steps = sorted(by_step)
+    history = {label: (steps, [by_step[t][key] for t in steps]) for label, key in keys.items()}
+    return history if steps else {}
 
 
 def banner(lines: list[str]) -> str:
@@ -115,23 +109,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"trained    {summary['updates']} updates ({summary['epochs_done']:.2f} epochs) in "
         f"{summary['wall_seconds']:.1f} s"
         + (f", {summary['train_samples_per_s']:.0f} img/s" if summary.get("train_samples_per_s") else ""),
-    ]
-    if ev:
-        lines.append(
-            f"final      val loss {ev['loss']:.4f}, top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%"
-            + (f"; best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']})")
-        )
-    if summary.get("ema_eval"):
-        lines.append(f"EMA        top-1 {summary['ema_eval']['top1']:.2f}%")
-    lines.append(
+        # The lines below that start with ``condition and``: shown only when the run has that.
+        ev
+        and f"final      val loss {ev['loss']:.4f}, top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%; "
+        f"best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']})",
+        summary.get("ema_eval") and f"EMA        top-1 {summary['ema_eval']['top1']:.2f}%",
         f"filters    sum ||WW^T-I||^2 = {summary['ortho_residual']:.4g}, "
-        f"mean |cos| = {summary['filter_cos']:.4g}"
-    )
-    if summary.get("synthetic"):
-        lines.append("NOTE       trained on the EMBEDDED SYNTHETIC data set (no --data-dir)")
-    if summary.get("skipped_images"):
-        lines.append(f"SKIPPED    {summary['skipped_images']} undecodable training images (see the log)")
-    for png in summary.get("plots") or ():
-        lines.append(f"plot       {png}")
-    lines.append("=" * 78)
-    return "\n".join(lines)
+        f"mean |cos| = {summary['filter_cos']:.4g}",
+        summary.get("synthetic") and "NOTE       trained on the EMBEDDED SYNTHETIC data set (no --data-dir)",
+        summary.get("skipped_images")
+        and f"SKIPPED    {summary['skipped_images']} undecodable training images (see the log)",
+        *(f"plot       {png}" for png in summary.get("plots") or ()),
+        "=" * 78,
+    ]
+    return "\n".join(line for line in lines if line)
