@@ -155,8 +155,7 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: abort now
-        if self.received is None:
-            self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name
 
     def requested(self, accelerator: Any = None) -> bool:
         """Whether any process received a stop signal. One process: a flag, no synchronization.
@@ -182,17 +181,10 @@ def exit_code_for(signal_name: str | None) -> int:
 
 def resume_command(argv: Sequence[str], checkpoint: str) -> str:
     """The command line that resumes this run from ``checkpoint``: ``argv`` with ``--resume`` set."""
-    args = list(argv)
-    out: list[str] = []
-    skip_next = False
-    for i, arg in enumerate(args):
-        if skip_next:
-            skip_next = False
-            continue
+    args, out = iter(argv), []
+    for arg in args:
         if arg == "--resume":
-            skip_next = i + 1 < len(args)
-            continue
-        if arg.startswith("--resume="):
-            continue
-        out.append(arg)
+            next(args, None)  # and its value
+        elif not arg.startswith("--resume="):
+            out.append(arg)
     return shlex.join(["accelerate", "launch", *out, "--resume", checkpoint])
