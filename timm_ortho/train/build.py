@@ -170,9 +170,8 @@ def _resume_point(cfg: TrainConfig, accelerator: Any) -> tuple[Path | None, Path
         # Damaged checkpoints newer than the one resumed would confuse rotation and the next
         # --resume auto: set them aside (not deleted) when the run continues in their folder.
         here = [(p, why) for p, why in skipped if run_dir is not None and p.parent == run_dir / "checkpoints"]
-        if here and accelerator.is_main_process:
-            for moved in set_aside(here):
-                _log.warning("set aside as %s (delete it when no longer needed)", moved)
+        if accelerator.is_main_process:
+            set_aside(here)
         accelerator.wait_for_everyone()
     return resume_path, run_dir
 
