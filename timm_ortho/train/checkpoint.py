@@ -86,15 +86,8 @@ def _fsync_dir(path: Path) -> None:
 
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root`` (those with a marker), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / MARKER).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    found = [p for p in Path(root).glob("ckpt-*") if _NAME.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=_updates)
 
 
 def _updates(path: Path) -> int:
@@ -409,15 +402,12 @@ class CheckpointManager:
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        old = None
+        old = final.with_name(f".tmp-old-{final.name}")  # none yet: the save began by clearing .tmp-*
         if final.exists():  # the same update count saved twice (e.g. step and epoch end)
-            old = final.with_name(f".tmp-old-{final.name}")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         for stale in list_checkpoints(final.parent)[: -self.keep]:
             if stale != final:
                 shutil.rmtree(stale, ignore_errors=True)
