@@ -175,8 +175,7 @@ def exit_code_for(signal_name: str | None) -> int:
     a process stopped because another one received a signal)."""
     if signal_name is None:
         return 0
-    known = signal_name in signal.Signals.__members__
-    return 128 + int(signal.Signals[signal_name] if known else signal.SIGTERM)
+    return 128 + int(signal.Signals.__members__.get(signal_name, signal.SIGTERM))
 
 
 def resume_command(argv: Sequence[str], checkpoint: str) -> str:

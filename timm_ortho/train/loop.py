@@ -93,8 +93,7 @@ class TrainProgress:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
+        vars(self).update(state)
 
 
 @dataclass
