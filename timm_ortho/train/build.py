@@ -308,14 +308,12 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any,
     )
     bound = f"|grad| <= {cfg.max_grad_ratio:g} |W| per layer" if cfg.max_grad_ratio else "off"
     if options is None:
-        described = "off" + (" (error moments measured only)" if cfg.error_stats else "")
+        status = "off" + (" (error moments measured only)" if cfg.error_stats else "")
     else:
-        described = "on " + (
-            ", ".join(f"{k}={v}" for k, v in options.items()) or "(ErrorModulation defaults)"
-        )
+        status = "on " + (", ".join(f"{k}={v}" for k, v in options.items()) or "(ErrorModulation defaults)")
     method = (
         f"orthonormality regularizer lambda={cfg.ortho_decay:g} on {len(optimizer.targets)} weights "
-        f"(no L2 on them), step bound {bound}, modulation {described}"
+        f"(no L2 on them), step bound {bound}, modulation {status}"
     )
     return optimizer, optimizer.modulation, optimizer.targets, method
 

@@ -42,6 +42,14 @@ class Diverged(RuntimeError):
 _NONE = torch.iinfo(torch.int64).max  # no non-finite loss noted
 
 
+def _on_any_process(flag: bool | Tensor, accelerator: Any) -> bool:
+    """Whether ``flag`` holds on any process: a read on the host, one all-reduce when there are several."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return bool(flag)
+    flag = torch.as_tensor(flag, dtype=torch.float32, device=accelerator.device).reshape(1)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 class DivergenceMonitor:
     """Non-finite losses, found without a host-device synchronization per update.
 
@@ -101,10 +109,7 @@ class DivergenceMonitor:
         """
         if self.skip == 0:
             return False
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if accelerator is not None and accelerator.num_processes > 1:
-            bad = accelerator.reduce(bad, reduction="sum")
-        if not bool(bad.item() > 0):
+        if not _on_any_process(~torch.isfinite(loss.detach()), accelerator):
             self._in_a_row = 0
             return False
         self._in_a_row += 1
@@ -163,11 +168,7 @@ class StopSignals:
         Several processes: one all-reduce of a flag (a synchronization), so every process stops after
         the same update; call it on a cadence, not every update.
         """
-        local = self.received is not None
-        if accelerator is None or accelerator.num_processes == 1:
-            return local
-        flag = torch.tensor([float(local)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return _on_any_process(self.received is not None, accelerator)
 
 
 def exit_code_for(signal_name: str | None) -> int:
