@@ -224,9 +224,7 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, resume_path: P
 def _start(run: Run, resume_path: Path | None) -> None:
     """Register the checkpointed state, open the trackers, resume, and describe the run."""
     acc, cfg, info = run.accelerator, run.cfg, run.info
-    for stateful in (run.progress, run.scheduler, run.ema):
-        if stateful is not None:
-            acc.register_for_checkpointing(stateful)
+    acc.register_for_checkpointing(*[s for s in (run.progress, run.scheduler, run.ema) if s is not None])
     jsonl = next(t for t in acc.log_with if isinstance(t, JsonlTracker))
     jsonl.path = run.run_dir / "metrics.jsonl"
     hparams = {
