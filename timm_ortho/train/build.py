@@ -45,7 +45,6 @@ __all__ = [
     "create_model",
     "discard_failed_start",
     "expected_num_classes",
-    "init_weights_",
     "make_accelerator",
     "precise_bn_loader",
     "run_folder",
@@ -170,9 +169,8 @@ def _resume_point(cfg: TrainConfig, accelerator: Any) -> tuple[Path | None, Path
         # Damaged checkpoints newer than the one resumed would confuse rotation and the next
         # --resume auto: set them aside (not deleted) when the run continues in their folder.
         here = [(p, why) for p, why in skipped if run_dir is not None and p.parent == run_dir / "checkpoints"]
-        if here and accelerator.is_main_process:
-            for moved in set_aside(here):
-                _log.warning("set aside as %s (delete it when no longer needed)", moved)
+        if accelerator.is_main_process:
+            set_aside(here)
         accelerator.wait_for_everyone()
     return resume_path, run_dir
 
@@ -211,15 +209,12 @@ def discard_failed_start(run_dir: Path) -> bool:
     if not run_dir.is_dir() or any(p.name not in ("config.json", "metrics.jsonl") for p in run_dir.iterdir()):
         return False
     metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        try:
-            kinds = {
-                json.loads(line).get("type") for line in metrics.read_text().splitlines() if line.strip()
-            }
-        except ValueError:
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    try:
+        if any(json.loads(line).get("type") != "config" for line in lines if line.strip()):
             return False
-        if kinds - {"config"}:
-            return False
+    except ValueError:
+        return False
     shutil.rmtree(run_dir, ignore_errors=True)
     return True
 
@@ -248,39 +243,31 @@ def build_data(cfg: TrainConfig, accelerator: Any) -> tuple[Any, SeededTransform
     return datasets, train_set, train_loader, val_loader
 
 
-def init_weights_(model: nn.Module, scheme: str) -> str:
-    """The trainer's whole-model initialization of a model that takes no ``init`` argument.
-
-    ``msra`` keeps the model's own (timm) initialization; ``orthonormal`` gives every conv/linear
-    weight orthonormal filters (:func:`timm_ortho.init_weights_`, the model's biases kept). Returns
-    how the model was initialized, for the run's description.
-    """
-    from ..init import init_weights_ as library_init_
-
-    if scheme == "msra":
-        return "the model's own (timm) initialization"
-    library_init_(model, "orthonormal", zero_bias=False)
-    return "orthonormal (applied by the trainer to every conv/linear weight)"
-
-
 def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
-    """The model and a description of its initialization."""
+    """The model and a description of its initialization.
+
+    This package's architectures take ``init`` as a creation argument. Other models are initialized
+    by the trainer: ``msra`` keeps the model's own (timm) initialization; ``orthonormal`` gives every
+    conv/linear weight orthonormal filters (:func:`timm_ortho.init_weights_`, the model's biases kept).
+    """
     import timm
     from timm.models import model_entrypoint
 
+    from ..init import init_weights_
     from ..models.plain_cnn import StagedCnn
 
     kwargs: dict[str, Any] = {"num_classes": num_classes, **cfg.model_kwargs}
-    if cfg.drop is not None:
-        kwargs["drop_rate"] = cfg.drop
-    if cfg.drop_path is not None:
-        kwargs["drop_path_rate"] = cfg.drop_path
+    rates = {"drop_rate": cfg.drop, "drop_path_rate": cfg.drop_path}  # None: the model's own default
+    kwargs.update((name, rate) for name, rate in rates.items() if rate is not None)
     init = cfg.init or ("msra" if cfg.baseline else "orthonormal")
     # This package's architectures (all StagedCnn, registered from its own modules) take the
     # initialization as a creation argument; the signature says which other arguments they take.
     if not model_entrypoint(cfg.model).__module__.startswith(StagedCnn.__module__.rpartition(".")[0]):
         model = timm.create_model(cfg.model, **kwargs)
-        return model, init_weights_(model, init)
+        if init == "msra":
+            return model, "the model's own (timm) initialization"
+        init_weights_(model, "orthonormal", zero_bias=False)
+        return model, "orthonormal (applied by the trainer to every conv/linear weight)"
     check_model_arguments(cfg)
     return timm.create_model(cfg.model, init=init, **kwargs), init
 
@@ -321,14 +308,12 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any,
     )
     bound = f"|grad| <= {cfg.max_grad_ratio:g} |W| per layer" if cfg.max_grad_ratio else "off"
     if options is None:
-        described = "off" + (" (error moments measured only)" if cfg.error_stats else "")
+        status = "off" + (" (error moments measured only)" if cfg.error_stats else "")
     else:
-        described = "on " + (
-            ", ".join(f"{k}={v}" for k, v in options.items()) or "(ErrorModulation defaults)"
-        )
+        status = "on " + (", ".join(f"{k}={v}" for k, v in options.items()) or "(ErrorModulation defaults)")
     method = (
         f"orthonormality regularizer lambda={cfg.ortho_decay:g} on {len(optimizer.targets)} weights "
-        f"(no L2 on them), step bound {bound}, modulation {described}"
+        f"(no L2 on them), step bound {bound}, modulation {status}"
     )
     return optimizer, optimizer.modulation, optimizer.targets, method
 
@@ -337,10 +322,8 @@ def build_schedule(cfg: TrainConfig, optimizer: Any, updates_per_epoch: int) -> 
     """``(scheduler or None, total updates, epochs)``; the schedule is counted in updates."""
     from timm.scheduler import create_scheduler_v2
 
-    if cfg.iterations is not None:
-        total, epochs = cfg.iterations, math.ceil(cfg.iterations / updates_per_epoch)
-    else:
-        total, epochs = cfg.epochs * updates_per_epoch, cfg.epochs
+    total = cfg.iterations if cfg.iterations is not None else cfg.epochs * updates_per_epoch
+    epochs = math.ceil(total / updates_per_epoch)
     milestones = cfg.decay_steps or [round(m * updates_per_epoch) for m in cfg.decay_milestones]
     if cfg.sched == "multistep":
         # Here milestone m means: the first m updates run at the undecayed rate (the lr is divided

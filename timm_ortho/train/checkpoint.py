@@ -30,6 +30,7 @@ folder, and the error says where the state went.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,7 +39,9 @@ import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .config import ConfigError
@@ -72,30 +75,19 @@ class CheckpointError(ConfigError):
 
 
 def _fsync_dir(path: Path) -> None:
-    # Make the rename itself durable; not every platform can open a directory.
-    try:
+    # Make the rename itself durable; not every platform can open (or fsync) a directory.
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root`` (those with a marker), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / MARKER).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    found = [p for p in Path(root).glob("ckpt-*") if _NAME.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=_updates)
 
 
 def _updates(path: Path) -> int:
@@ -141,22 +133,15 @@ def check_checkpoint(path: str | Path) -> list[str]:
     return problems
 
 
-def latest_checkpoint(root: str | Path, check: bool = False) -> Path | None:
-    """The newest complete checkpoint under ``root`` (with ``check``: the newest intact one), or ``None``."""
-    for found in reversed(list_checkpoints(root)):
-        if not check or not check_checkpoint(found):
-            return found
-    return None
-
-
-def _newest_intact(root: Path, skipped: list[tuple[Path, list[str]]]) -> Path | None:
-    """The newest checkpoint of ``root`` that passes :func:`check_checkpoint`; the newer damaged
-    ones are appended to ``skipped`` with their problems."""
+def latest_checkpoint(root: str | Path, skipped: list[tuple[Path, list[str]]] | None = None) -> Path | None:
+    """The newest checkpoint under ``root`` that passes :func:`check_checkpoint`, or ``None``; the
+    newer damaged ones are appended to ``skipped`` with their problems."""
     for found in reversed(list_checkpoints(root)):
         problems = check_checkpoint(found)
         if not problems:
             return found
-        skipped.append((found, problems))
+        if skipped is not None:
+            skipped.append((found, problems))
     return None
 
 
@@ -205,7 +190,7 @@ def resolve_resume(
             )
         candidates = [path / "checkpoints", path]
     for c in candidates:
-        found = _newest_intact(c, skipped)
+        found = latest_checkpoint(c, skipped)
         if found is not None:
             return found
     if skipped:
@@ -249,20 +234,10 @@ def _saved_recipe(path: Path) -> dict[str, Any] | None:
     config = path.parent.parent / "config.json"
     if path.parent.name != "checkpoints" or not config.is_file():
         return None
-    try:
+    try:  # the saved settings, read like a TrainConfig
         info = json.loads(config.read_text())
-    except ValueError:
-        return None
-    if not isinstance(info.get("config"), dict):
-        return None
-
-    class Saved:  # the saved settings, read like a TrainConfig
-        def __init__(self, values: dict[str, Any]) -> None:
-            self.__dict__.update(values)
-
-    try:
-        return recipe_of(Saved(info["config"]), info.get("num_classes"))
-    except (AttributeError, TypeError):
+        return recipe_of(SimpleNamespace(**info["config"]), info.get("num_classes"))
+    except (ValueError, KeyError, AttributeError, TypeError):
         return None
 
 
@@ -380,9 +355,17 @@ class CheckpointManager:
             f"{self.root.parent.parent} --experiment {self.root.parent.name}"
         )
 
-    def _agree(self, error: str | None) -> str | None:
-        """The first error of any process, on every process (a collective when there are several)."""
-        if getattr(self.accelerator, "num_processes", 1) <= 1:
+    def _together(self, action: Callable[[], object], main_only: bool = False) -> str | None:
+        """Run ``action`` on every process (with ``main_only``: on the main one), then wait for all;
+        returns the first error of any process, on every process (a collective when there are several)."""
+        acc, error = self.accelerator, None
+        if acc.is_main_process or not main_only:
+            try:
+                action()
+            except Exception as e:  # OSError, or torch's RuntimeError from its zip writer; not interrupts
+                error = f"{type(e).__name__}: {e}"
+        acc.wait_for_everyone()
+        if getattr(acc, "num_processes", 1) <= 1:
             return error
         from accelerate.utils import gather_object
 
@@ -390,34 +373,19 @@ class CheckpointManager:
 
     def _attempt(self, root: Path, updates: int, info: dict[str, Any] | None) -> str | None:
         """One save into ``root``; returns what went wrong (the same on every process) or ``None``."""
-        acc = self.accelerator
         final = root / f"ckpt-{updates:09d}"
         tmp = root / f".tmp-{final.name}"
-        error = None
-        if acc.is_main_process:
-            try:
-                root.mkdir(parents=True, exist_ok=True)
-                for stale in root.glob(".tmp-*"):  # left by an interrupted or failed save
-                    shutil.rmtree(stale, ignore_errors=True)
-            except OSError as e:
-                error = f"{type(e).__name__}: {e}"
-        acc.wait_for_everyone()
-        error = self._agree(error)
-        if error is not None:
-            return error
-        try:
-            acc.save_state(str(tmp))
-        except Exception as e:  # OSError, or torch's RuntimeError from its zip writer; not interrupts
-            error = f"{type(e).__name__}: {e}"
-        acc.wait_for_everyone()
-        error = self._agree(error)
-        if error is None and acc.is_main_process:
-            try:
-                self._commit(tmp, final, updates, info)
-            except OSError as e:
-                error = f"{type(e).__name__}: {e}"
-        acc.wait_for_everyone()
-        return self._agree(error)
+
+        def prepare() -> None:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-*"):  # left by an interrupted or failed save
+                shutil.rmtree(stale, ignore_errors=True)
+
+        return (
+            self._together(prepare, main_only=True)
+            or self._together(lambda: self.accelerator.save_state(str(tmp)))
+            or self._together(lambda: self._commit(tmp, final, updates, info), main_only=True)
+        )
 
     def _commit(self, tmp: Path, final: Path, updates: int, info: dict[str, Any] | None) -> None:
         """Main process: the marker (sizes and recipe), the atomic rename, then the rotation."""
@@ -434,15 +402,12 @@ class CheckpointManager:
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        old = None
+        old = final.with_name(f".tmp-old-{final.name}")  # none yet: the save began by clearing .tmp-*
         if final.exists():  # the same update count saved twice (e.g. step and epoch end)
-            old = final.with_name(f".tmp-old-{final.name}")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         for stale in list_checkpoints(final.parent)[: -self.keep]:
             if stale != final:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -471,13 +436,11 @@ def check_run_folder(run_dir: Path, resume_path: Path | None) -> None:
         )
 
 
-def set_aside(damaged: list[tuple[Path, list[str]]]) -> list[Path]:
+def set_aside(damaged: list[tuple[Path, list[str]]]) -> None:
     """Rename damaged checkpoints to ``<name>.damaged`` (main process): resume and rotation then
-    ignore them, and they stay for inspection. Returns the new paths."""
-    moved = []
+    ignore them, and they stay for inspection. Each one is logged."""
     for path, _ in damaged:
         target = path.with_name(f"{path.name}.damaged")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(path, target)
-        moved.append(target)
-    return moved
+        _log.warning("set aside as %s (delete it when no longer needed)", target)

@@ -42,6 +42,14 @@ class Diverged(RuntimeError):
 _NONE = torch.iinfo(torch.int64).max  # no non-finite loss noted
 
 
+def _on_any_process(flag: bool | Tensor, accelerator: Any) -> bool:
+    """Whether ``flag`` holds on any process: a read on the host, one all-reduce when there are several."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return bool(flag)
+    flag = torch.as_tensor(flag, dtype=torch.float32, device=accelerator.device).reshape(1)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 class DivergenceMonitor:
     """Non-finite losses, found without a host-device synchronization per update.
 
@@ -101,10 +109,7 @@ class DivergenceMonitor:
         """
         if self.skip == 0:
             return False
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if accelerator is not None and accelerator.num_processes > 1:
-            bad = accelerator.reduce(bad, reduction="sum")
-        if not bool(bad.item() > 0):
+        if not _on_any_process(~torch.isfinite(loss.detach()), accelerator):
             self._in_a_row = 0
             return False
         self._in_a_row += 1
@@ -155,8 +160,7 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: abort now
-        if self.received is None:
-            self.received = signal.Signals(signum).name
+        self.received = self.received or signal.Signals(signum).name
 
     def requested(self, accelerator: Any = None) -> bool:
         """Whether any process received a stop signal. One process: a flag, no synchronization.
@@ -164,11 +168,7 @@ class StopSignals:
         Several processes: one all-reduce of a flag (a synchronization), so every process stops after
         the same update; call it on a cadence, not every update.
         """
-        local = self.received is not None
-        if accelerator is None or accelerator.num_processes == 1:
-            return local
-        flag = torch.tensor([float(local)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return _on_any_process(self.received is not None, accelerator)
 
 
 def exit_code_for(signal_name: str | None) -> int:
@@ -176,23 +176,15 @@ def exit_code_for(signal_name: str | None) -> int:
     a process stopped because another one received a signal)."""
     if signal_name is None:
         return 0
-    known = signal_name in signal.Signals.__members__
-    return 128 + int(signal.Signals[signal_name] if known else signal.SIGTERM)
+    return 128 + int(signal.Signals.__members__.get(signal_name, signal.SIGTERM))
 
 
 def resume_command(argv: Sequence[str], checkpoint: str) -> str:
     """The command line that resumes this run from ``checkpoint``: ``argv`` with ``--resume`` set."""
-    args = list(argv)
-    out: list[str] = []
-    skip_next = False
-    for i, arg in enumerate(args):
-        if skip_next:
-            skip_next = False
-            continue
+    args, out = iter(argv), []
+    for arg in args:
         if arg == "--resume":
-            skip_next = i + 1 < len(args)
-            continue
-        if arg.startswith("--resume="):
-            continue
-        out.append(arg)
+            next(args, None)  # and its value
+        elif not arg.startswith("--resume="):
+            out.append(arg)
     return shlex.join(["accelerate", "launch", *out, "--resume", checkpoint])

@@ -93,8 +93,7 @@ class TrainProgress:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
+        vars(self).update(state)
 
 
 @dataclass
@@ -138,6 +137,11 @@ class Run:
         """The model without DDP and torch.compile: precise BN's cumulative averages (momentum=None)
         would make a compiled model recompile and break its graph."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    @property
+    def models(self) -> list[nn.Module]:
+        """The eager model and, with an EMA, the EMA's: what is evaluated, saved and returned."""
+        return [self.eager_model, *([self.ema.module] if self.ema is not None else [])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,9 +224,7 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, resume_path: P
 def _start(run: Run, resume_path: Path | None) -> None:
     """Register the checkpointed state, open the trackers, resume, and describe the run."""
     acc, cfg, info = run.accelerator, run.cfg, run.info
-    for stateful in (run.progress, run.scheduler, run.ema):
-        if stateful is not None:
-            acc.register_for_checkpointing(stateful)
+    acc.register_for_checkpointing(*[s for s in (run.progress, run.scheduler, run.ema) if s is not None])
     jsonl = next(t for t in acc.log_with if isinstance(t, JsonlTracker))
     jsonl.path = run.run_dir / "metrics.jsonl"
     hparams = {
@@ -352,7 +354,7 @@ def _after_update(run: Run, epoch: int, interval: _Interval, bar: Any) -> bool:
     if progress.updates >= run.info["stop_at"]:
         return True
     if cfg.checkpoint_interval and progress.updates % cfg.checkpoint_interval == 0:
-        _checkpoint(run, epoch)
+        _checkpoint(run)
     if _stop_requested(run):
         run.stopped_by = run.stop.received or "a signal to another process"
         return True
@@ -361,13 +363,11 @@ def _after_update(run: Run, epoch: int, interval: _Interval, bar: Any) -> bool:
 
 def _log_step(run: Run, epoch: int, interval: _Interval) -> float:
     """The ``train`` and ``layers`` records; the one place of the hot loop that reads the device."""
-    from ..diagnostics import filter_statistics
-
     acc, step = run.accelerator, run.progress.updates
     loss = acc.reduce(interval.loss_sum / max(interval.count, 1), "mean").item()
     elapsed = time.perf_counter() - interval.start
     run.divergence.check(acc)  # the loss was just read: this costs no further wait
-    residuals, cosines = filter_statistics(run.targets)  # one Gram pass for both
+    residuals, cosines, filters = _filters(run)
     record: dict[str, Any] = {
         "type": "train",
         "epoch": epoch + 1,  # epochs count from 1 wherever they are shown
@@ -375,8 +375,7 @@ def _log_step(run: Run, epoch: int, interval: _Interval) -> float:
         "loss": loss,
         "lr": float(run.optimizer.param_groups[0]["lr"]),
         "samples_per_s": interval.samples * acc.num_processes / max(elapsed, 1e-9),
-        "ortho_residual": float(residuals.sum()),
-        "filter_cos": float(cosines.mean()),
+        **filters,
     }
     if not run.cfg.baseline:  # the prepared optimizer wraps the OrthoModulated
         ortho = run.optimizer.optimizer
@@ -406,9 +405,8 @@ def validate(run: Run, epoch: int, epoch_seconds: float) -> None:
     with contextlib.ExitStack() as evaluation_state:
         if run.bn_loader is not None:  # evaluated (and saved) with precise BN, trained on unchanged
             run.bn_loader.set_epoch(epoch)
-            for model in (run.eager_model, ema.module if ema is not None else None):
-                if model is not None:
-                    evaluation_state.enter_context(precise_bn_for_eval(model, run))
+            for model in run.models:
+                evaluation_state.enter_context(precise_bn_for_eval(model, run))
         evaluation = evaluate(run.model, run.val_loader, acc, cfg.channels_last)
         record = {"type": "eval", "epoch": epoch + 1, "step": progress.updates}
         record["epoch_seconds"] = epoch_seconds
@@ -480,15 +478,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             _log.info("checkpoint %s", _checkpoint(run))
             if run.stopped_by:
                 break
-        if run.stopped_by and progress.updates < run.info["stop_at"]:  # else the run is complete
-            return _stopped(run, time.perf_counter() - t_start)
-    summary = _finish(run, time.perf_counter() - t_start)
-    return TrainResult(
-        summary=summary,
-        model=run.eager_model,
-        run_dir=run.run_dir,
-        ema_model=run.ema.module if run.ema is not None else None,
-    )
+        if progress.updates >= run.info["stop_at"]:  # the run is complete, even if a signal came
+            run.stopped_by = None
+        summary = _stopped(run, time.perf_counter() - t_start) if run.stopped_by else None
+    summary = summary or _finish(run, time.perf_counter() - t_start)
+    run.accelerator.end_training()
+    if run.probe is not None:
+        run.probe.remove()
+    ema_model = run.ema.module if run.ema is not None else None
+    return TrainResult(summary, run.eager_model, run.run_dir, ema_model, run.stopped_by)
 
 
 # Updates between two checks for a stop signal when several processes must agree (one all-reduce).
@@ -498,9 +496,7 @@ _STOP_POLL = 5
 def _stop_requested(run: Run) -> bool:
     """One process: the signal flag (no sync). Several: every ``_STOP_POLL`` updates, all together."""
     acc = run.accelerator
-    if acc.num_processes == 1:
-        return run.stop.received is not None
-    return run.progress.updates % _STOP_POLL == 0 and run.stop.requested(acc)
+    return (acc.num_processes == 1 or run.progress.updates % _STOP_POLL == 0) and run.stop.requested(acc)
 
 
 def _check_finite(run: Run) -> None:
@@ -509,18 +505,18 @@ def _check_finite(run: Run) -> None:
     run.divergence.check_weights(run.model.parameters(), run.progress.updates)
 
 
-def _checkpoint(run: Run, epoch: int | None = None) -> Path:
+def _checkpoint(run: Run) -> Path:
     """A crash-safe checkpoint of the current state, never of a diverged one."""
     _check_finite(run)
     progress = run.progress
-    info = {"epoch": progress.epoch if epoch is None else epoch, "batch": progress.batch}
+    info = {"epoch": progress.epoch, "batch": progress.batch}
     run.last_checkpoint = run.checkpoints.save(progress.updates, info)
     run.last_checkpoint_update = progress.updates
     return run.last_checkpoint
 
 
-def _stopped(run: Run, wall_seconds: float) -> TrainResult:
-    """After a stop signal: the checkpoint, the command that resumes from it, and the trackers closed."""
+def _stopped(run: Run, wall_seconds: float) -> dict[str, Any]:
+    """After a stop signal: the checkpoint and the command that resumes from it; returns the record."""
     acc, progress = run.accelerator, run.progress
     newest = run.last_checkpoint
     if newest is None or run.last_checkpoint_update != progress.updates:  # not saved at this update yet
@@ -534,35 +530,25 @@ def _stopped(run: Run, wall_seconds: float) -> TrainResult:
     record = {"type": "stopped", "signal": who, "step": progress.updates, "checkpoint": str(newest)}
     log_record(acc, {**record, "resume": command, "wall_seconds": wall_seconds}, step=progress.updates)
     acc.wait_for_everyone()  # the processes leave together: a launcher ends the others at the first exit
-    acc.end_training()
-    if run.probe is not None:
-        run.probe.remove()
-    return TrainResult(
-        summary=record,
-        model=run.eager_model,
-        run_dir=run.run_dir,
-        ema_model=run.ema.module if run.ema is not None else None,
-        stopped_by=run.stopped_by,
-    )
+    return record
 
 
-def _filter_summary(run: Run) -> dict[str, float]:
+def _filters(run: Run) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Each target's orthonormality residual and mean filter cosine, and the whole model's."""
     from ..diagnostics import filter_statistics
 
-    residuals, cosines = filter_statistics(run.targets)
-    return {"ortho_residual": float(residuals.sum()), "filter_cos": float(cosines.mean())}
+    residuals, cosines = filter_statistics(run.targets)  # one Gram pass for both
+    return residuals, cosines, {"ortho_residual": float(residuals.sum()), "filter_cos": float(cosines.mean())}
 
 
 def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
     """Leave the returned model as evaluated, draw the plots, log and write the summary."""
-
-    acc, progress, ema = run.accelerator, run.progress, run.ema
+    acc, progress = run.accelerator, run.progress
     trained = run.samples_seen > 0  # a backward ran in this process
     if run.bn_loader is not None and trained:  # the returned model carries what was evaluated
-        for module in (run.eager_model, ema.module if ema is not None else None):
-            if module is not None:
-                run.bn_loader.set_epoch(progress.epoch - 1 if progress.batch == 0 else progress.epoch)
-                recalibrate_bn(module, run)
+        for module in run.models:
+            run.bn_loader.set_epoch(progress.epoch - 1 if progress.batch == 0 else progress.epoch)
+            recalibrate_bn(module, run)
     pngs = _plots(run) if acc.is_main_process and trained else []
     skipped = skipped_images(run.train_set, acc)  # a collective: every process calls it
     keys = ("run_dir", "model", "params", "method", "data", "synthetic", "processes", "mixed_precision")
@@ -575,7 +561,7 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
         "ema_eval": run.ema_eval,
         "best_top1": progress.best_top1,
         "best_epoch": progress.best_epoch,
-        **_filter_summary(run),
+        **_filters(run)[2],
         "wall_seconds": wall_seconds,
         "train_samples_per_s": run.samples_seen / run.train_seconds if run.train_seconds > 0 else None,
         "plots": pngs,
@@ -585,9 +571,6 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
     if acc.is_main_process:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=to_json))
         _log.info("\n%s", format_summary(summary))
-    acc.end_training()
-    if run.probe is not None:
-        run.probe.remove()
     return summary
 
 
@@ -607,13 +590,10 @@ def _plots(run: Run) -> list[str]:
     # without, the measured moments.
     which = ("unmodulated", "after") if modulated else ("before",)
     title = f"{cfg.model}: error second moments at update {run.progress.updates}"
-    pngs.append(
-        str(
-            plot_error_moments(
-                run.probe.last_stats(), run.run_dir / "error_moments.png", which=which, title=title
-            )
-        )
+    moments = plot_error_moments(
+        run.probe.last_stats(), run.run_dir / "error_moments.png", which=which, title=title
     )
+    pngs.append(str(moments))
     history = ratio_history(metrics, unmodulated=modulated)
     if history:
         pngs.append(str(plot_ratio_history(history, run.run_dir / "bottom_top_ratio.png", title=cfg.model)))
