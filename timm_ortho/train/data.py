@@ -43,11 +43,7 @@ from ..constants import CIFAR10_MEAN, CIFAR10_STD
 from .sampling import EpochShuffleSampler, SeededTransform
 
 __all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
     "CIFAR_LAYOUT",
-    "IMAGEFOLDER_LAYOUT",
-    "CheckedImages",
     "Cifar10",
     "CorruptImageError",
     "DataConfig",
@@ -59,7 +55,7 @@ __all__ = [
     "build_datasets",
     "build_loader",
     "build_transforms",
-    "cifar_folder",
+    "check_data",
     "detect_dataset",
     "skipped_images",
 ]
@@ -317,6 +313,7 @@ class CheckedImages(Dataset):
 
     def __init__(self, dataset: Any, strict: bool = False) -> None:
         self.dataset, self.reader, self.strict = dataset, dataset.reader, strict
+        self.classes = sorted(self.reader.class_to_idx, key=self.reader.class_to_idx.get)
         # One byte per image, in shared memory: worker processes inherit it and mark what they skip.
         self._bad = multiprocessing.get_context().RawArray("b", len(dataset))
 
@@ -368,31 +365,17 @@ def skipped_images(dataset: Any, accelerator: Any = None) -> list[str]:
     return [dataset.path(i) for i in torch.nonzero(flags).flatten().tolist()]
 
 
-def _image_folder(root: Path, split: str, strict: bool = False) -> CheckedImages:
+def _image_folder(folder: Path, strict: bool = False) -> CheckedImages:
+    """One split of an ImageFolder tree that :func:`check_data` has passed."""
     from timm.data import ImageDataset
 
-    folder = root / split
-    if not folder.is_dir():
-        raise DataError(
-            f"ImageFolder split {folder} does not exist (data dir {root}). "
-            f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
-        )
-    if not any(p.is_dir() for p in folder.iterdir()):
-        raise DataError(f"{folder} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
     try:
         dataset = ImageDataset(str(folder))
     except Exception as e:  # timm raises a bare RuntimeError when a tree holds no image
         raise DataError(
             f"cannot read images under {folder} ({e}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
         ) from e
-    if len(dataset) == 0:
-        raise DataError(f"no images found under {folder}. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
     return CheckedImages(dataset, strict=strict)
-
-
-def _folder_classes(dataset: CheckedImages) -> list[str]:
-    mapping = dataset.reader.class_to_idx
-    return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,14 +386,10 @@ def detect_dataset(data_dir: str | Path | None) -> Literal["imagefolder", "cifar
     if data_dir is None or str(data_dir) == "":
         return "synthetic"
     root = Path(data_dir).expanduser()
-    if root.exists() and not root.is_dir():
-        raise DataError(
-            f"data directory {root} is a file, not a directory. Expected either an ImageFolder tree:\n"
-            f"{IMAGEFOLDER_LAYOUT}\nor a CIFAR-10 directory:\n{CIFAR_LAYOUT}"
-        )
     if not root.is_dir():
+        problem = "is a file, not a directory" if root.exists() else "does not exist"
         raise DataError(
-            f"data directory {root} does not exist. Expected either an ImageFolder tree:\n"
+            f"data directory {root} {problem}. Expected either an ImageFolder tree:\n"
             f"{IMAGEFOLDER_LAYOUT}\nor a CIFAR-10 directory:\n{CIFAR_LAYOUT}"
         )
     if root.name == _CIFAR_DIRNAME or (root / _CIFAR_DIRNAME).is_dir() or (root / _CIFAR_META).is_file():
@@ -418,56 +397,70 @@ def detect_dataset(data_dir: str | Path | None) -> Literal["imagefolder", "cifar
     return "imagefolder"
 
 
+def check_data(cfg: DataConfig) -> Literal["imagefolder", "cifar10", "synthetic"]:
+    """The kind of data ``cfg`` names, its layout checked without reading an image or a pickle.
+
+    The data folder exists; a CIFAR-10 folder holds every batch file; an ImageFolder tree has both
+    splits, each with class folders. Cheap enough to run before a run folder is created.
+    """
+    kind = detect_dataset(cfg.data_dir) if cfg.dataset == "auto" else cfg.dataset
+    if kind == "synthetic":
+        return kind
+    if kind not in ("imagefolder", "cifar10"):
+        raise ValueError(f"unknown dataset {kind!r}; choose auto, imagefolder, cifar10 or synthetic")
+    if cfg.data_dir is None:
+        raise DataError(f"dataset {kind!r} needs --data-dir")
+    root = Path(cfg.data_dir).expanduser()
+    detect_dataset(root)  # raises unless it is an existing folder
+    if kind == "cifar10":
+        cifar_folder(root)
+    for folder in (root / cfg.train_split, root / cfg.val_split) if kind == "imagefolder" else ():
+        if not folder.is_dir():
+            raise DataError(
+                f"ImageFolder split {folder} does not exist (data dir {root}). "
+                f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            )
+        if not any(p.is_dir() for p in folder.iterdir()):
+            raise DataError(f"{folder} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+    return kind
+
+
 def build_datasets(cfg: DataConfig) -> Datasets:
     """Open (or generate) the train and validation splits described by ``cfg``."""
-    kind = detect_dataset(cfg.data_dir) if cfg.dataset == "auto" else cfg.dataset
-    if kind != "synthetic" and cfg.data_dir is None:
-        raise DataError(f"dataset {kind!r} needs --data-dir")
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    kind = check_data(cfg)
+    root = Path(cfg.data_dir or ".").expanduser()
     if kind == "synthetic":
-        num_classes = cfg.num_classes or 10
-        train = SyntheticImages(cfg.synthetic_size, num_classes, cfg.img_size, cfg.seed, split=0)
-        val = SyntheticImages(cfg.synthetic_val_size, num_classes, cfg.img_size, cfg.seed, split=1)
-        description = (
-            f"EMBEDDED SYNTHETIC data set: {num_classes} classes of procedural gratings and blobs, "
-            f"{cfg.img_size}x{cfg.img_size} px, {len(train)} train / {len(val)} val images, seed {cfg.seed}"
-        )
-        classes = train.classes
-        mean, std = SYNTHETIC_MEAN, SYNTHETIC_STD
-        native: int | None = cfg.img_size
+        n, size = cfg.num_classes or 10, cfg.img_size
+        train = SyntheticImages(cfg.synthetic_size, n, size, cfg.seed, split=0)
+        val = SyntheticImages(cfg.synthetic_val_size, n, size, cfg.seed, split=1)
+        source = f"EMBEDDED SYNTHETIC data set of gratings and blobs ({size}x{size} px, seed {cfg.seed})"
+        mean, std, native = SYNTHETIC_MEAN, SYNTHETIC_STD, size
     elif kind == "cifar10":
-        train, val = Cifar10(cfg.data_dir, train=True), Cifar10(cfg.data_dir, train=False)
-        classes = train.classes
-        description = f"CIFAR-10 from {train.folder}: {len(train)} train / {len(val)} test images"
-        mean, std = CIFAR10_MEAN, CIFAR10_STD
-        native = 32
-    elif kind == "imagefolder":
-        root = Path(cfg.data_dir).expanduser()
-        train = _image_folder(root, cfg.train_split, cfg.strict_data)
-        val = _image_folder(root, cfg.val_split, cfg.strict_data)
-        classes = _folder_classes(train)
-        if _folder_classes(val) != classes:
+        train, val = Cifar10(root, train=True), Cifar10(root, train=False)
+        source = f"CIFAR-10 from {train.folder}"
+        mean, std, native = CIFAR10_MEAN, CIFAR10_STD, 32
+    else:
+        train = _image_folder(root / cfg.train_split, cfg.strict_data)
+        val = _image_folder(root / cfg.val_split, cfg.strict_data)
+        if val.classes != train.classes:
             raise DataError(
                 f"{root / cfg.train_split} and {root / cfg.val_split} have different class folders "
-                f"({len(classes)} vs {len(_folder_classes(val))}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+                f"({len(train.classes)} vs {len(val.classes)}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
             )
-        description = (
-            f"ImageFolder {root}: {len(classes)} classes, {len(train)} train / {len(val)} val images"
-        )
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        native = None
-    else:
-        raise ValueError(f"unknown dataset {kind!r}; choose auto, imagefolder, cifar10 or synthetic")
-    if kind != "synthetic" and cfg.num_classes is not None and cfg.num_classes != len(classes):
+        source = f"ImageFolder {root}"
+        mean, std, native = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, None
+    classes = list(train.classes)
+    if cfg.num_classes not in (None, len(classes)):
         raise DataError(f"--num-classes {cfg.num_classes} but {cfg.data_dir} holds {len(classes)} classes")
     return Datasets(
         train=train,
         val=val,
         kind=kind,
         num_classes=len(classes),
-        class_names=list(classes),
-        description=description,
+        class_names=classes,
+        description=f"{source}: {len(classes)} classes, {len(train)} train / {len(val)} val images",
         mean=tuple(cfg.mean or mean),
         std=tuple(cfg.std or std),
         native_size=native,
