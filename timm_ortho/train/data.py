@@ -95,9 +95,8 @@ class CorruptImageError(DataError):
     """
 
     def __init__(self, message: str) -> None:
-        if message.startswith(f"Caught {type(self).__name__}"):
-            last = message.rstrip().splitlines()[-1]
-            message = last.split(": ", 1)[-1]
+        if message.startswith(f"Caught {type(self).__name__}"):  # the last line is "<class>: <message>"
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(message)
 
 
@@ -484,14 +483,8 @@ def build_transforms(
         raise ValueError(f"augment must be 'timm', 'cifar' or 'none', got {cfg.augment!r}")
     size = cfg.img_size
     if cfg.augment == "timm":
-        eval_tf = create_transform(
-            size,
-            is_training=False,
-            interpolation=cfg.interpolation,
-            mean=mean,
-            std=std,
-            crop_pct=cfg.crop_pct,
-        )
+        common = dict(interpolation=cfg.interpolation, mean=mean, std=std)
+        eval_tf = create_transform(size, is_training=False, crop_pct=cfg.crop_pct, **common)
         train_tf = create_transform(
             size,
             is_training=True,
@@ -500,12 +493,10 @@ def build_transforms(
             hflip=cfg.hflip,
             color_jitter=cfg.color_jitter,
             auto_augment=cfg.aa,
-            interpolation=cfg.interpolation,
-            mean=mean,
-            std=std,
             re_prob=cfg.reprob,
             re_mode=cfg.remode,
             re_count=cfg.recount,
+            **common,
         )
         return train_tf, eval_tf
 
@@ -554,8 +545,6 @@ def build_loader(
         raise ValueError(f"batch size must be positive, got {batch_size}")
     if train and len(dataset) < batch_size:
         raise DataError(f"the training split has {len(dataset)} images, fewer than one batch of {batch_size}")
-    generator = torch.Generator()
-    generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -563,6 +552,6 @@ def build_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=train,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,  # workers must see each epoch's SeededTransform.set_epoch
     )
