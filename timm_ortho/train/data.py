@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from timm.data import ImageDataset
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10
 
@@ -302,25 +303,29 @@ class Cifar10(CIFAR10):
 # ----------------------------------------------------------------------------------------------
 # ImageFolder through timm
 # ----------------------------------------------------------------------------------------------
-class CheckedImages(Dataset):
+class CheckedImages(ImageDataset):
     """An ImageFolder split (timm's ``ImageDataset``) that counts the images it cannot decode.
 
     timm's own ``__getitem__`` silently serves the next image instead. Here it is still replaced
     (the batch keeps its shape), but marked in flags shared with the loader's worker processes, which
     :func:`skipped_images` reads; with ``strict=True`` the first one raises :class:`CorruptImageError`.
+    ``folder`` is one split of a tree that :func:`check_data` has passed.
     """
 
-    def __init__(self, dataset: Any, strict: bool = False) -> None:
-        self.dataset, self.reader, self.strict = dataset, dataset.reader, strict
+    def __init__(self, folder: Path, strict: bool = False) -> None:
+        try:
+            super().__init__(str(folder))
+        except Exception as e:  # timm raises a bare RuntimeError when a tree holds no image
+            raise DataError(
+                f"cannot read images under {folder} ({e}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            ) from e
+        self.strict = strict
         self.classes = sorted(self.reader.class_to_idx, key=self.reader.class_to_idx.get)
         # One byte per image, in shared memory: worker processes inherit it and mark what they skip.
-        self._bad = multiprocessing.get_context().RawArray("b", len(dataset))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+        self._bad = multiprocessing.get_context().RawArray("b", len(self))
 
     def path(self, index: int) -> str:
-        return str(self.reader._filename(index, absolute=True))
+        return str(self.filename(index, absolute=True))
 
     def _read(self, index: int) -> tuple[Image.Image, int]:
         file, target = self.reader[index]
@@ -362,19 +367,6 @@ def skipped_images(dataset: Any, accelerator: Any = None) -> list[str]:
     if accelerator is not None and accelerator.num_processes > 1:
         flags = accelerator.reduce(flags.to(accelerator.device), "sum").cpu()
     return [dataset.path(i) for i in torch.nonzero(flags).flatten().tolist()]
-
-
-def _image_folder(folder: Path, strict: bool = False) -> CheckedImages:
-    """One split of an ImageFolder tree that :func:`check_data` has passed."""
-    from timm.data import ImageDataset
-
-    try:
-        dataset = ImageDataset(str(folder))
-    except Exception as e:  # timm raises a bare RuntimeError when a tree holds no image
-        raise DataError(
-            f"cannot read images under {folder} ({e}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
-        ) from e
-    return CheckedImages(dataset, strict=strict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,8 +433,8 @@ def build_datasets(cfg: DataConfig) -> Datasets:
         source = f"CIFAR-10 from {train.folder}"
         mean, std, native = CIFAR10_MEAN, CIFAR10_STD, 32
     else:
-        train = _image_folder(root / cfg.train_split, cfg.strict_data)
-        val = _image_folder(root / cfg.val_split, cfg.strict_data)
+        train = CheckedImages(root / cfg.train_split, cfg.strict_data)
+        val = CheckedImages(root / cfg.val_split, cfg.strict_data)
         if val.classes != train.classes:
             raise DataError(
                 f"{root / cfg.train_split} and {root / cfg.val_split} have different class folders "
