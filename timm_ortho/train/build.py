@@ -86,11 +86,8 @@ def expected_num_classes(cfg: TrainConfig) -> int:
 
     An ImageFolder tree counts its class folders (``check_data`` has seen that there are some).
     """
-    kind = check_data(cfg)
-    if cfg.num_classes is not None or kind == "synthetic":
-        return cfg.num_classes or 10
-    if kind == "cifar10":
-        return 10
+    if cfg.num_classes is not None or check_data(cfg) != "imagefolder":
+        return cfg.num_classes or 10  # the synthetic set's default and CIFAR-10's
     return sum(p.is_dir() for p in (Path(cfg.data_dir).expanduser() / cfg.train_split).iterdir())
 
 

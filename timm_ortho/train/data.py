@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import ImageDataset
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10
 
@@ -418,8 +418,6 @@ def check_data(cfg: DataConfig) -> Literal["imagefolder", "cifar10", "synthetic"
 
 def build_datasets(cfg: DataConfig) -> Datasets:
     """Open (or generate) the train and validation splits described by ``cfg``."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
     kind = check_data(cfg)
     root = Path(cfg.data_dir or ".").expanduser()
     if kind == "synthetic":
@@ -469,8 +467,6 @@ def build_transforms(
     ``native_size`` is the side of the stored images when known; the ``cifar`` and ``none``
     pipelines resize only when it differs from ``cfg.img_size``.
     """
-    from timm.data import create_transform
-
     if cfg.augment not in ("timm", "cifar", "none"):
         raise ValueError(f"augment must be 'timm', 'cifar' or 'none', got {cfg.augment!r}")
     size = cfg.img_size
