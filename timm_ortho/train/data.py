@@ -529,8 +529,6 @@ def build_loader(
     The loader gets its own generator so that creating an iterator draws nothing from the global
     RNG (whose state a checkpoint saves and a resume restores).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
     if train and len(dataset) < batch_size:
         raise DataError(f"the training split has {len(dataset)} images, fewer than one batch of {batch_size}")
     return DataLoader(
