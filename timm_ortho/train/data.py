@@ -327,16 +327,13 @@ class CheckedImages(ImageDataset):
     def path(self, index: int) -> str:
         return str(self.filename(index, absolute=True))
 
-    def _read(self, index: int) -> tuple[Image.Image, int]:
-        file, target = self.reader[index]
-        with file:
-            return Image.open(file).convert("RGB"), target  # convert() decodes every pixel
-
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         for attempt in range(_MAX_CONSECUTIVE_BAD):
             i = (index + attempt) % len(self)
             try:
-                return self._read(i)
+                file, target = self.reader[i]
+                with file:
+                    return Image.open(file).convert("RGB"), target  # convert() decodes every pixel
             except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
                 # PIL's "cannot identify" message repeats the path inside a file object's repr.
                 why = "no image format recognized" if isinstance(e, UnidentifiedImageError) else e
