@@ -243,11 +243,10 @@ class SyntheticImages(Dataset):
 def cifar_folder(root: str | Path) -> Path:
     """The folder of the batch files (``root`` or ``root/cifar-10-batches-py``), checked for every file.
 
-    Reads nothing: a :class:`DataError` names the missing files and the expected layout.
+    Reads nothing: a :class:`DataError` names the missing files (all of them where ``root`` does not
+    exist) and the expected layout.
     """
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"CIFAR-10 directory {root} does not exist. Expected layout:\n{CIFAR_LAYOUT}")
     folder = root / _CIFAR_DIRNAME if (root / _CIFAR_DIRNAME).is_dir() else root
     missing = [n for n in (*_CIFAR_TRAIN, _CIFAR_TEST, _CIFAR_META) if not (folder / n).is_file()]
     if missing:
