@@ -23,16 +23,7 @@ from torch import nn
 
 from .checkpoint import check_recipe, check_run_folder, recipe_of, resolve_resume, set_aside
 from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig, check_model_arguments
-from .data import (
-    IMAGEFOLDER_LAYOUT,
-    DataError,
-    SeededTransform,
-    build_datasets,
-    build_loader,
-    build_transforms,
-    cifar_folder,
-    detect_dataset,
-)
+from .data import SeededTransform, build_datasets, build_loader, build_transforms, check_data
 from .tracking import JsonlTracker, banner
 
 __all__ = [
@@ -89,37 +80,14 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     return accelerator
 
 
-def check_data(cfg: TrainConfig) -> None:
-    """Cheap checks of ``--data-dir`` before a run starts: it exists, is a folder, has its splits.
+def expected_num_classes(cfg: TrainConfig) -> int:
+    """The class count the data of ``cfg`` will have, as far as it is known without reading them.
 
-    Reads no image and no pickle (:func:`build_data` does, after the run folder exists).
+    An ImageFolder tree counts its class folders (``check_data`` has seen that there are some).
     """
-    kind = detect_dataset(cfg.data_dir) if cfg.dataset == "auto" else cfg.dataset
-    if kind == "synthetic":
-        return
-    if cfg.data_dir is None:
-        raise DataError(f"dataset {kind!r} needs --data-dir")
-    root = Path(cfg.data_dir).expanduser()
-    detect_dataset(root)  # raises unless it is an existing folder
-    if kind == "cifar10":
-        cifar_folder(root)
-    for split in (cfg.train_split, cfg.val_split) if kind == "imagefolder" else ():
-        if not (root / split).is_dir():
-            raise DataError(
-                f"ImageFolder split {root / split} does not exist (data dir {root}). "
-                f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
-            )
-
-
-def expected_num_classes(cfg: TrainConfig) -> int | None:
-    """The class count the data of ``cfg`` will have, when it is known without reading them."""
-    kind = detect_dataset(cfg.data_dir) if cfg.dataset == "auto" else cfg.dataset
-    if cfg.num_classes is not None or kind == "synthetic":
-        return cfg.num_classes or 10
-    if kind == "cifar10":
-        return 10
-    folder = Path(cfg.data_dir).expanduser() / cfg.train_split
-    return sum(p.is_dir() for p in folder.iterdir()) if folder.is_dir() else None
+    if cfg.num_classes is not None or check_data(cfg) != "imagefolder":
+        return cfg.num_classes or 10  # the synthetic set's default and CIFAR-10's
+    return sum(p.is_dir() for p in (Path(cfg.data_dir).expanduser() / cfg.train_split).iterdir())
 
 
 def check_writable(path: Path) -> None:
@@ -223,8 +191,7 @@ def build_data(cfg: TrainConfig, accelerator: Any) -> tuple[Any, SeededTransform
     """``(datasets, train_set, train_loader, val_loader)``; the loaders are not prepared yet."""
     from timm.models import get_pretrained_cfg
 
-    pretrained = get_pretrained_cfg(cfg.model)
-    size = getattr(pretrained, "input_size", None) if pretrained is not None else None
+    size = getattr(get_pretrained_cfg(cfg.model), "input_size", None)  # None for an unknown model
     data_cfg = cfg.data_config(cfg.img_size or (int(size[-1]) if size else 224))
     datasets = build_datasets(data_cfg)
     if datasets.synthetic:

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10
 
@@ -43,11 +44,7 @@ from ..constants import CIFAR10_MEAN, CIFAR10_STD
 from .sampling import EpochShuffleSampler, SeededTransform
 
 __all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
     "CIFAR_LAYOUT",
-    "IMAGEFOLDER_LAYOUT",
-    "CheckedImages",
     "Cifar10",
     "CorruptImageError",
     "DataConfig",
@@ -59,7 +56,7 @@ __all__ = [
     "build_datasets",
     "build_loader",
     "build_transforms",
-    "cifar_folder",
+    "check_data",
     "detect_dataset",
     "skipped_images",
 ]
@@ -99,9 +96,8 @@ class CorruptImageError(DataError):
     """
 
     def __init__(self, message: str) -> None:
-        if message.startswith(f"Caught {type(self).__name__}"):
-            last = message.rstrip().splitlines()[-1]
-            message = last.split(": ", 1)[-1]
+        if message.startswith(f"Caught {type(self).__name__}"):  # the last line is "<class>: <message>"
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(message)
 
 
@@ -247,11 +243,10 @@ class SyntheticImages(Dataset):
 def cifar_folder(root: str | Path) -> Path:
     """The folder of the batch files (``root`` or ``root/cifar-10-batches-py``), checked for every file.
 
-    Reads nothing: a :class:`DataError` names the missing files and the expected layout.
+    Reads nothing: a :class:`DataError` names the missing files (all of them where ``root`` does not
+    exist) and the expected layout.
     """
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"CIFAR-10 directory {root} does not exist. Expected layout:\n{CIFAR_LAYOUT}")
     folder = root / _CIFAR_DIRNAME if (root / _CIFAR_DIRNAME).is_dir() else root
     missing = [n for n in (*_CIFAR_TRAIN, _CIFAR_TEST, _CIFAR_META) if not (folder / n).is_file()]
     if missing:
@@ -307,35 +302,37 @@ class Cifar10(CIFAR10):
 # ----------------------------------------------------------------------------------------------
 # ImageFolder through timm
 # ----------------------------------------------------------------------------------------------
-class CheckedImages(Dataset):
+class CheckedImages(ImageDataset):
     """An ImageFolder split (timm's ``ImageDataset``) that counts the images it cannot decode.
 
     timm's own ``__getitem__`` silently serves the next image instead. Here it is still replaced
     (the batch keeps its shape), but marked in flags shared with the loader's worker processes, which
     :func:`skipped_images` reads; with ``strict=True`` the first one raises :class:`CorruptImageError`.
+    ``folder`` is one split of a tree that :func:`check_data` has passed.
     """
 
-    def __init__(self, dataset: Any, strict: bool = False) -> None:
-        self.dataset, self.reader, self.strict = dataset, dataset.reader, strict
+    def __init__(self, folder: Path, strict: bool = False) -> None:
+        try:
+            super().__init__(str(folder))
+        except Exception as e:  # timm raises a bare RuntimeError when a tree holds no image
+            raise DataError(
+                f"cannot read images under {folder} ({e}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            ) from e
+        self.strict = strict
+        self.classes = sorted(self.reader.class_to_idx, key=self.reader.class_to_idx.get)
         # One byte per image, in shared memory: worker processes inherit it and mark what they skip.
-        self._bad = multiprocessing.get_context().RawArray("b", len(dataset))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+        self._bad = multiprocessing.get_context().RawArray("b", len(self))
 
     def path(self, index: int) -> str:
-        return str(self.reader._filename(index, absolute=True))
-
-    def _read(self, index: int) -> tuple[Image.Image, int]:
-        file, target = self.reader[index]
-        with file:
-            return Image.open(file).convert("RGB"), target  # convert() decodes every pixel
+        return str(self.filename(index, absolute=True))
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         for attempt in range(_MAX_CONSECUTIVE_BAD):
             i = (index + attempt) % len(self)
             try:
-                return self._read(i)
+                file, target = self.reader[i]
+                with file:
+                    return Image.open(file).convert("RGB"), target  # convert() decodes every pixel
             except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
                 # PIL's "cannot identify" message repeats the path inside a file object's repr.
                 why = "no image format recognized" if isinstance(e, UnidentifiedImageError) else e
@@ -368,33 +365,6 @@ def skipped_images(dataset: Any, accelerator: Any = None) -> list[str]:
     return [dataset.path(i) for i in torch.nonzero(flags).flatten().tolist()]
 
 
-def _image_folder(root: Path, split: str, strict: bool = False) -> CheckedImages:
-    from timm.data import ImageDataset
-
-    folder = root / split
-    if not folder.is_dir():
-        raise DataError(
-            f"ImageFolder split {folder} does not exist (data dir {root}). "
-            f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
-        )
-    if not any(p.is_dir() for p in folder.iterdir()):
-        raise DataError(f"{folder} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
-    try:
-        dataset = ImageDataset(str(folder))
-    except Exception as e:  # timm raises a bare RuntimeError when a tree holds no image
-        raise DataError(
-            f"cannot read images under {folder} ({e}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
-        ) from e
-    if len(dataset) == 0:
-        raise DataError(f"no images found under {folder}. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
-    return CheckedImages(dataset, strict=strict)
-
-
-def _folder_classes(dataset: CheckedImages) -> list[str]:
-    mapping = dataset.reader.class_to_idx
-    return [name for name, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
-
-
 # ----------------------------------------------------------------------------------------------
 # choosing a source
 # ----------------------------------------------------------------------------------------------
@@ -403,14 +373,10 @@ def detect_dataset(data_dir: str | Path | None) -> Literal["imagefolder", "cifar
     if data_dir is None or str(data_dir) == "":
         return "synthetic"
     root = Path(data_dir).expanduser()
-    if root.exists() and not root.is_dir():
-        raise DataError(
-            f"data directory {root} is a file, not a directory. Expected either an ImageFolder tree:\n"
-            f"{IMAGEFOLDER_LAYOUT}\nor a CIFAR-10 directory:\n{CIFAR_LAYOUT}"
-        )
     if not root.is_dir():
+        problem = "is a file, not a directory" if root.exists() else "does not exist"
         raise DataError(
-            f"data directory {root} does not exist. Expected either an ImageFolder tree:\n"
+            f"data directory {root} {problem}. Expected either an ImageFolder tree:\n"
             f"{IMAGEFOLDER_LAYOUT}\nor a CIFAR-10 directory:\n{CIFAR_LAYOUT}"
         )
     if root.name == _CIFAR_DIRNAME or (root / _CIFAR_DIRNAME).is_dir() or (root / _CIFAR_META).is_file():
@@ -418,56 +384,68 @@ def detect_dataset(data_dir: str | Path | None) -> Literal["imagefolder", "cifar
     return "imagefolder"
 
 
+def check_data(cfg: DataConfig) -> Literal["imagefolder", "cifar10", "synthetic"]:
+    """The kind of data ``cfg`` names, its layout checked without reading an image or a pickle.
+
+    The data folder exists; a CIFAR-10 folder holds every batch file; an ImageFolder tree has both
+    splits, each with class folders. Cheap enough to run before a run folder is created.
+    """
+    kind = detect_dataset(cfg.data_dir) if cfg.dataset == "auto" else cfg.dataset
+    if kind == "synthetic":
+        return kind
+    if kind not in ("imagefolder", "cifar10"):
+        raise ValueError(f"unknown dataset {kind!r}; choose auto, imagefolder, cifar10 or synthetic")
+    if cfg.data_dir is None:
+        raise DataError(f"dataset {kind!r} needs --data-dir")
+    root = Path(cfg.data_dir).expanduser()
+    detect_dataset(root)  # raises unless it is an existing folder
+    if kind == "cifar10":
+        cifar_folder(root)
+    for folder in (root / cfg.train_split, root / cfg.val_split) if kind == "imagefolder" else ():
+        if not folder.is_dir():
+            raise DataError(
+                f"ImageFolder split {folder} does not exist (data dir {root}). "
+                f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            )
+        if not any(p.is_dir() for p in folder.iterdir()):
+            raise DataError(f"{folder} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+    return kind
+
+
 def build_datasets(cfg: DataConfig) -> Datasets:
     """Open (or generate) the train and validation splits described by ``cfg``."""
-    kind = detect_dataset(cfg.data_dir) if cfg.dataset == "auto" else cfg.dataset
-    if kind != "synthetic" and cfg.data_dir is None:
-        raise DataError(f"dataset {kind!r} needs --data-dir")
+    kind = check_data(cfg)
+    root = Path(cfg.data_dir or ".").expanduser()
     if kind == "synthetic":
-        num_classes = cfg.num_classes or 10
-        train = SyntheticImages(cfg.synthetic_size, num_classes, cfg.img_size, cfg.seed, split=0)
-        val = SyntheticImages(cfg.synthetic_val_size, num_classes, cfg.img_size, cfg.seed, split=1)
-        description = (
-            f"EMBEDDED SYNTHETIC data set: {num_classes} classes of procedural gratings and blobs, "
-            f"{cfg.img_size}x{cfg.img_size} px, {len(train)} train / {len(val)} val images, seed {cfg.seed}"
-        )
-        classes = train.classes
-        mean, std = SYNTHETIC_MEAN, SYNTHETIC_STD
-        native: int | None = cfg.img_size
+        n, size = cfg.num_classes or 10, cfg.img_size
+        train = SyntheticImages(cfg.synthetic_size, n, size, cfg.seed, split=0)
+        val = SyntheticImages(cfg.synthetic_val_size, n, size, cfg.seed, split=1)
+        source = f"EMBEDDED SYNTHETIC data set of gratings and blobs ({size}x{size} px, seed {cfg.seed})"
+        mean, std, native = SYNTHETIC_MEAN, SYNTHETIC_STD, size
     elif kind == "cifar10":
-        train, val = Cifar10(cfg.data_dir, train=True), Cifar10(cfg.data_dir, train=False)
-        classes = train.classes
-        description = f"CIFAR-10 from {train.folder}: {len(train)} train / {len(val)} test images"
-        mean, std = CIFAR10_MEAN, CIFAR10_STD
-        native = 32
-    elif kind == "imagefolder":
-        root = Path(cfg.data_dir).expanduser()
-        train = _image_folder(root, cfg.train_split, cfg.strict_data)
-        val = _image_folder(root, cfg.val_split, cfg.strict_data)
-        classes = _folder_classes(train)
-        if _folder_classes(val) != classes:
+        train, val = Cifar10(root, train=True), Cifar10(root, train=False)
+        source = f"CIFAR-10 from {train.folder}"
+        mean, std, native = CIFAR10_MEAN, CIFAR10_STD, 32
+    else:
+        train = CheckedImages(root / cfg.train_split, cfg.strict_data)
+        val = CheckedImages(root / cfg.val_split, cfg.strict_data)
+        if val.classes != train.classes:
             raise DataError(
                 f"{root / cfg.train_split} and {root / cfg.val_split} have different class folders "
-                f"({len(classes)} vs {len(_folder_classes(val))}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+                f"({len(train.classes)} vs {len(val.classes)}). Expected layout:\n{IMAGEFOLDER_LAYOUT}"
             )
-        description = (
-            f"ImageFolder {root}: {len(classes)} classes, {len(train)} train / {len(val)} val images"
-        )
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        native = None
-    else:
-        raise ValueError(f"unknown dataset {kind!r}; choose auto, imagefolder, cifar10 or synthetic")
-    if kind != "synthetic" and cfg.num_classes is not None and cfg.num_classes != len(classes):
+        source = f"ImageFolder {root}"
+        mean, std, native = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, None
+    classes = list(train.classes)
+    if cfg.num_classes not in (None, len(classes)):
         raise DataError(f"--num-classes {cfg.num_classes} but {cfg.data_dir} holds {len(classes)} classes")
     return Datasets(
         train=train,
         val=val,
         kind=kind,
         num_classes=len(classes),
-        class_names=list(classes),
-        description=description,
+        class_names=classes,
+        description=f"{source}: {len(classes)} classes, {len(train)} train / {len(val)} val images",
         mean=tuple(cfg.mean or mean),
         std=tuple(cfg.std or std),
         native_size=native,
@@ -485,20 +463,12 @@ def build_transforms(
     ``native_size`` is the side of the stored images when known; the ``cifar`` and ``none``
     pipelines resize only when it differs from ``cfg.img_size``.
     """
-    from timm.data import create_transform
-
     if cfg.augment not in ("timm", "cifar", "none"):
         raise ValueError(f"augment must be 'timm', 'cifar' or 'none', got {cfg.augment!r}")
     size = cfg.img_size
     if cfg.augment == "timm":
-        eval_tf = create_transform(
-            size,
-            is_training=False,
-            interpolation=cfg.interpolation,
-            mean=mean,
-            std=std,
-            crop_pct=cfg.crop_pct,
-        )
+        common = dict(interpolation=cfg.interpolation, mean=mean, std=std)
+        eval_tf = create_transform(size, is_training=False, crop_pct=cfg.crop_pct, **common)
         train_tf = create_transform(
             size,
             is_training=True,
@@ -507,12 +477,10 @@ def build_transforms(
             hflip=cfg.hflip,
             color_jitter=cfg.color_jitter,
             auto_augment=cfg.aa,
-            interpolation=cfg.interpolation,
-            mean=mean,
-            std=std,
             re_prob=cfg.reprob,
             re_mode=cfg.remode,
             re_count=cfg.recount,
+            **common,
         )
         return train_tf, eval_tf
 
@@ -557,12 +525,8 @@ def build_loader(
     The loader gets its own generator so that creating an iterator draws nothing from the global
     RNG (whose state a checkpoint saves and a resume restores).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
     if train and len(dataset) < batch_size:
         raise DataError(f"the training split has {len(dataset)} images, fewer than one batch of {batch_size}")
-    generator = torch.Generator()
-    generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -570,6 +534,6 @@ def build_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         drop_last=train,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,  # workers must see each epoch's SeededTransform.set_epoch
     )

@@ -93,8 +93,6 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
-            yield from range(self.n)
-            return
-        g = torch.Generator()
-        g.manual_seed(int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch]).generate_state(1)[0]))
-        yield from torch.randperm(self.n, generator=g).tolist()
+            return iter(range(self.n))
+        key = int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch]).generate_state(1)[0])
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(key)).tolist())
