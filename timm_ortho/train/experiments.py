@@ -231,7 +231,12 @@ def _make(
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, data: TensorData, device: torch.device, batch: int = 256) -> dict[str, float]:
+def _evaluate(
+    model: nn.Module, data: TensorData, device: torch.device, diverged: bool = False, batch: int = 256
+) -> dict[str, float]:
+    """Held-out loss and accuracy; NaN and 0 for a diverged run, which is not evaluated."""
+    if diverged:
+        return {"val_loss": float("nan"), "val_acc": 0.0}
     model.eval()
     correct, loss = 0.0, 0.0
     for i in range(0, len(data.y_val), batch):
@@ -296,19 +301,15 @@ def _final(
         "layer_names": stats.names,
         "layer_moments": stats.q_after.double().cpu().tolist(),
         "layer_scales": stats.scale.double().cpu().tolist(),
-        **(_evaluate(model, data, device) if not diverged else {"val_loss": float("nan"), "val_acc": 0.0}),
+        **_evaluate(model, data, device, diverged),
     }
-    if cfg.precise_bn and not diverged:
-        # The first batches of the last epoch's order: training data, drawn without new randomness.
-        batches = (
-            data.x_train[perm[i : i + cfg.batch_size]].to(device)
-            for i in range(0, min(len(perm), cfg.precise_bn * cfg.batch_size), cfg.batch_size)
-        )
-        recompute_bn_statistics(model, batches, cfg.precise_bn)
-        precise = _evaluate(model, data, device)
+    if cfg.precise_bn:
+        if not diverged:
+            # The first batches of the last epoch's order: training data, drawn without new randomness.
+            batches = (data.x_train[idx].to(device) for idx in perm.split(cfg.batch_size))
+            recompute_bn_statistics(model, batches, cfg.precise_bn)
+        precise = _evaluate(model, data, device, diverged)
         final.update(val_loss_precise=precise["val_loss"], val_acc_precise=precise["val_acc"])
-    elif cfg.precise_bn:
-        final.update(val_loss_precise=float("nan"), val_acc_precise=0.0)
     return final
 
 
