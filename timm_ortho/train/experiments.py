@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..defaults import DEFAULT_ORTHO_DECAY
 from ..diagnostics import filter_correlation
 from ..factory import create_optimizer
-from ..modulation import ErrorModulation, ModulationStats
+from ..modulation import ErrorModulation
 from ..precise_bn import recompute_bn_statistics
 from ..targets import find_targets
 
@@ -213,34 +213,15 @@ def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
-def _make(
-    cfg: RunConfig, data: TensorData, device: torch.device
-) -> tuple[nn.Module, torch.optim.Optimizer, ErrorModulation]:
-    """The model, its optimizer and the modulation that measures (or modulates) the error moments."""
-    model_kwargs: dict[str, Any] = dict(num_classes=data.num_classes, in_chans=data.in_chans)
-    if cfg.act_layer is not None:
-        model_kwargs["act_layer"] = cfg.act_layer
-    if cfg.method != "default":  # "default" is the model as created, unless an ablation sets init
-        model_kwargs["init"] = cfg.init or ("msra" if cfg.method == "l2" else "orthonormal")
-    elif cfg.init is not None:
-        model_kwargs["init"] = cfg.init
-    model = timm.create_model(cfg.model, **model_kwargs).to(device)
-    opt = _optimizer(cfg, model)
-    modulation = getattr(opt, "modulation", None)
-    return model, opt, modulation or ErrorModulation(model, measure_only=True)
-
-
 @torch.no_grad()
-def _evaluate(
-    model: nn.Module, data: TensorData, device: torch.device, diverged: bool = False, batch: int = 256
-) -> dict[str, float]:
+def _evaluate(model: nn.Module, data: TensorData, device: torch.device, diverged: bool) -> dict[str, float]:
     """Held-out loss and accuracy; NaN and 0 for a diverged run, which is not evaluated."""
     if diverged:
         return {"val_loss": float("nan"), "val_acc": 0.0}
     model.eval()
     correct, loss = 0.0, 0.0
-    for i in range(0, len(data.y_val), batch):
-        x, y = data.x_val[i : i + batch].to(device), data.y_val[i : i + batch].to(device)
+    for i in range(0, len(data.y_val), 256):
+        x, y = data.x_val[i : i + 256].to(device), data.y_val[i : i + 256].to(device)
         logits = model(x)
         loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -283,41 +264,18 @@ def _set_lr(opt: torch.optim.Optimizer, cfg: RunConfig, step: int, base_lrs: lis
             group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / cfg.steps))
 
 
-def _final(
-    cfg: RunConfig,
-    model: nn.Module,
-    data: TensorData,
-    device: torch.device,
-    stats: ModulationStats,
-    losses: list[Tensor],
-    diverged: bool,
-    perm: Tensor,
-) -> dict[str, Any]:
-    """The record's ``final``: losses, error moments per layer, validation (also after precise BN)."""
-    tail = max(1, len(losses) // 10)
-    final = {
-        "train_loss": torch.stack(losses[-tail:]).mean().item(),
-        "diverged": diverged,
-        "layer_names": stats.names,
-        "layer_moments": stats.q_after.double().cpu().tolist(),
-        "layer_scales": stats.scale.double().cpu().tolist(),
-        **_evaluate(model, data, device, diverged),
-    }
-    if cfg.precise_bn:
-        if not diverged:
-            # The first batches of the last epoch's order: training data, drawn without new randomness.
-            batches = (data.x_train[idx].to(device) for idx in perm.split(cfg.batch_size))
-            recompute_bn_statistics(model, batches, cfg.precise_bn)
-        precise = _evaluate(model, data, device, diverged)
-        final.update(val_loss_precise=precise["val_loss"], val_acc_precise=precise["val_acc"])
-    return final
-
-
 def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train one configuration and return its record (config, history, final values, timing)."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    model, opt, probe = _make(cfg, data, device)
+    # "default" is the model as created, unless an ablation sets init.
+    init = cfg.init or {"l2": "msra", "default": None}.get(cfg.method, "orthonormal")
+    options = {k: v for k, v in dict(act_layer=cfg.act_layer, init=init).items() if v is not None}
+    model = timm.create_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **options)
+    model = model.to(device)
+    opt = _optimizer(cfg, model)
+    # The modulation that measures (or modulates) the error moments.
+    probe = getattr(opt, "modulation", None) or ErrorModulation(model, measure_only=True)
     targets = find_targets(model)  # found once: the diagnostics keep one engine per target list
     base_lrs = [group["lr"] for group in opt.param_groups]
     batches = _EpochBatches(len(data.y_train), cfg.batch_size, seed=10_000 + cfg.seed)
@@ -351,7 +309,23 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
                 diverged = True
                 break
     seconds = time.perf_counter() - start
-    final = _final(cfg, model, data, device, probe.last_stats(), losses, diverged, batches.perm)
+    # The final values: losses, error moments per layer, validation (also after precise BN).
+    stats, tail = probe.last_stats(), max(1, len(losses) // 10)
+    final = {
+        "train_loss": torch.stack(losses[-tail:]).mean().item(),
+        "diverged": diverged,
+        "layer_names": stats.names,
+        "layer_moments": stats.q_after.double().cpu().tolist(),
+        "layer_scales": stats.scale.double().cpu().tolist(),
+        **_evaluate(model, data, device, diverged),
+    }
+    if cfg.precise_bn:
+        if not diverged:
+            # The first batches of the last epoch's order: training data, drawn without new randomness.
+            bn_batches = (data.x_train[i].to(device) for i in batches.perm.split(cfg.batch_size))
+            recompute_bn_statistics(model, bn_batches, cfg.precise_bn)
+        precise = _evaluate(model, data, device, diverged)
+        final.update(val_loss_precise=precise["val_loss"], val_acc_precise=precise["val_acc"])
     probe.remove()
     return {"config": asdict(cfg), "history": history, "final": final, "seconds": seconds}
 
