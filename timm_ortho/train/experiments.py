@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -229,24 +229,21 @@ def _evaluate(model: nn.Module, data: TensorData, device: torch.device, diverged
     return {"val_loss": loss / len(data.y_val), "val_acc": correct / len(data.y_val)}
 
 
-class _EpochBatches:
-    """Index batches: a permutation per epoch drawn from one generator, the incomplete batch dropped.
+def _epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(epoch order, index batch): a permutation per epoch drawn from one generator, the incomplete
+    batch dropped.
 
     torch's ``BatchSampler(RandomSampler(...), drop_last=True)`` gives the same epochs but draws one
     more, discarded, permutation at the end of each, which would change the batches of every run
     recorded so far.
     """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
-        self._generator = torch.Generator().manual_seed(seed)
-        self.perm, self._cursor = torch.randperm(n, generator=self._generator), 0
-
-    def __next__(self) -> Tensor:
-        if self._cursor + self.batch_size > self.n:
-            self.perm, self._cursor = torch.randperm(self.n, generator=self._generator), 0
-        self._cursor += self.batch_size
-        return self.perm[self._cursor - self.batch_size : self._cursor]
+    generator = torch.Generator().manual_seed(seed)
+    perm, cursor = torch.randperm(n, generator=generator), 0
+    while True:
+        if cursor + batch_size > n:
+            perm, cursor = torch.randperm(n, generator=generator), 0
+        cursor += batch_size
+        yield perm, perm[cursor - batch_size : cursor]
 
 
 def _set_lr(opt: torch.optim.Optimizer, cfg: RunConfig, step: int, base_lrs: list[float]) -> None:
@@ -255,10 +252,9 @@ def _set_lr(opt: torch.optim.Optimizer, cfg: RunConfig, step: int, base_lrs: lis
     Not timm's ``MultiStepLRScheduler``: it computes ``lr * 0.1 ** k``, which differs from the
     recorded runs' ``lr * 0.1 * 0.1`` in the last bit for some learning rates (0.01, 0.3, ...).
     """
-    if cfg.schedule == "step":
-        if step in {int(f * cfg.steps) for f in cfg.lr_drops}:
-            for group in opt.param_groups:
-                group["lr"] *= 0.1
+    if cfg.schedule == "step" and step in {int(f * cfg.steps) for f in cfg.lr_drops}:
+        for group in opt.param_groups:
+            group["lr"] *= 0.1
     elif cfg.schedule == "cosine":
         for group, lr in zip(opt.param_groups, base_lrs, strict=True):
             group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / cfg.steps))
@@ -278,14 +274,14 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
     probe = getattr(opt, "modulation", None) or ErrorModulation(model, measure_only=True)
     targets = find_targets(model)  # found once: the diagnostics keep one engine per target list
     base_lrs = [group["lr"] for group in opt.param_groups]
-    batches = _EpochBatches(len(data.y_train), cfg.batch_size, seed=10_000 + cfg.seed)
+    batches = _epoch_batches(len(data.y_train), cfg.batch_size, seed=10_000 + cfg.seed)
     history: list[dict[str, float]] = []
     losses: list[Tensor] = []
     diverged = False
     start = time.perf_counter()
     for step in range(cfg.steps):
         _set_lr(opt, cfg, step, base_lrs)
-        idx = next(batches)
+        perm, idx = next(batches)
         x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -322,7 +318,7 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
     if cfg.precise_bn:
         if not diverged:
             # The first batches of the last epoch's order: training data, drawn without new randomness.
-            bn_batches = (data.x_train[i].to(device) for i in batches.perm.split(cfg.batch_size))
+            bn_batches = (data.x_train[i].to(device) for i in perm.split(cfg.batch_size))
             recompute_bn_statistics(model, bn_batches, cfg.precise_bn)
         precise = _evaluate(model, data, device, diverged)
         final.update(val_loss_precise=precise["val_loss"], val_acc_precise=precise["val_acc"])
