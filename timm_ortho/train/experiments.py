@@ -85,13 +85,11 @@ class RunConfig:
     init: str | None = None
     """Override the regime's init (``"msra"`` for l2, ``"orthonormal"`` otherwise)."""
     wrapper: dict[str, Any] = field(default_factory=dict)
-    """For ``"default"``: OrthoModulated options that differ from the library's (ablations)."""
+    """For ``"default"``: :func:`timm_ortho.create_optimizer`'s options that differ from the library's
+    (``ortho_decay``, ``modulation``, ``max_grad_ratio``, ``form``, ``target_kwargs``; ablations)."""
     precise_bn: int = 0
     """Batches of training data to recompute BN statistics with before the second evaluation
     (``val_acc_precise``); 0 for none."""
-
-    def label(self) -> str:
-        return f"{self.model}/{self.method}/lr{self.lr:g}/s{self.seed}"
 
 
 @dataclass
@@ -180,10 +178,6 @@ def load_tensor_data(
     return TensorData(x_train, labels[0], x_val, labels[1], num_classes, source)
 
 
-# The keyword arguments of create_optimizer itself; every other wrapper option is a target option.
-_FACTORY_OPTIONS = ("ortho_decay", "modulation", "max_grad_ratio", "form")
-
-
 def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The regime's optimizer; every wrapped one comes from :func:`timm_ortho.create_optimizer`.
 
@@ -196,21 +190,11 @@ def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     if cfg.method == "default":  # the library's defaults; ablations change one option in cfg.wrapper
-        options = {k: v for k, v in cfg.wrapper.items() if k in _FACTORY_OPTIONS}
-        target_kwargs = {k: v for k, v in cfg.wrapper.items() if k not in _FACTORY_OPTIONS}
+        options = cfg.wrapper
     else:
         modulation = (dict(cfg.modulation) or True) if cfg.method == "ortho_mod" else False
         options = dict(ortho_decay=cfg.ortho_decay, max_grad_ratio=cfg.max_grad_ratio, modulation=modulation)
-        target_kwargs = {}
-    return create_optimizer(
-        model,
-        "momentum",
-        lr=cfg.lr,
-        weight_decay=0.0,
-        momentum=cfg.momentum,
-        target_kwargs=target_kwargs,
-        **options,
-    )
+    return create_optimizer(model, "momentum", lr=cfg.lr, weight_decay=0.0, momentum=cfg.momentum, **options)
 
 
 @torch.no_grad()
