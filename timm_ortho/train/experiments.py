@@ -29,6 +29,7 @@ factory as the trainer's (:func:`timm_ortho.create_optimizer`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -320,31 +321,20 @@ def best_by_loss(records: list[dict[str, Any]]) -> dict[str, Any]:
     return min(records, key=key)
 
 
-# A worker's data sets, loaded once per process and kept for the runs that follow.
-_WORKER_DATA: dict[str, TensorData] = {}
+# Each process's data sets, loaded once and kept for the runs that follow.
+_cached_data = functools.cache(load_tensor_data)
 
 
 def _run_job(
-    cfg: RunConfig,
-    data_kwargs: dict[str, Any],
-    device: str,
-    deadline_at: float | None,
-    cache: dict[str, TensorData],
+    cfg: RunConfig, data_kwargs: dict[str, Any], device: str, deadline_at: float | None, threads: int | None
 ) -> dict[str, Any] | None:
-    """One run on the data ``data_kwargs`` describe (loaded into ``cache`` once); None past the deadline."""
+    """One run on the data ``data_kwargs`` describe; None past the deadline. ``threads``: a worker
+    process's share of the cores (None: this process, its threads left as they are)."""
     if deadline_at is not None and time.time() >= deadline_at:
         return None
-    key = repr(sorted(data_kwargs.items()))
-    if key not in cache:
-        cache[key] = load_tensor_data(**data_kwargs)
-    return run(cfg, cache[key], device)
-
-
-def _run_in_worker(
-    cfg: RunConfig, data_kwargs: dict[str, Any], device: str, deadline_at: float | None, threads: int
-) -> dict[str, Any] | None:
-    torch.set_num_threads(threads)
-    return _run_job(cfg, data_kwargs, device, deadline_at, _WORKER_DATA)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return run(cfg, _cached_data(**data_kwargs), device)
 
 
 def run_many(
@@ -352,7 +342,6 @@ def run_many(
     data_kwargs: dict[str, Any] | Sequence[dict[str, Any]],
     device: str = "cpu",
     jobs: int = 1,
-    progress: Callable[[], Any] | None = None,
     *,
     deadline: float | None = None,
     on_result: Callable[[int, dict[str, Any]], None] | None = None,
@@ -362,14 +351,13 @@ def run_many(
     Args:
         configs: the runs.
         data_kwargs: the arguments of :func:`load_tensor_data`, one dict for every run or one per run;
-            each process loads each data set once.
+            each process loads each data set once and keeps it.
         device: where every run trains; worker processes share it (on a CPU each gets an equal share
             of the cores as threads).
         jobs: worker processes (spawned); 1 runs everything in this process.
-        progress: called once per finished run (e.g. a tqdm bar's ``update``).
         deadline: seconds from now after which no run starts; a run not started gives ``None``.
         on_result: ``on_result(index, record)`` as each run finishes, in the order they finish (to
-            save what finished if the whole is cut short).
+            save what finished if the whole is cut short, or to advance a progress bar).
     """
     per_run = [data_kwargs] * len(configs) if isinstance(data_kwargs, dict) else list(data_kwargs)
     if len(per_run) != len(configs):
@@ -381,13 +369,10 @@ def run_many(
         records[index] = record
         if record is not None and on_result is not None:
             on_result(index, record)
-        if record is not None and progress is not None:
-            progress()
 
     if jobs <= 1:
-        cache: dict[str, TensorData] = {}
         for i, (cfg, kwargs) in enumerate(zip(configs, per_run, strict=True)):
-            finished(i, _run_job(cfg, kwargs, device, deadline_at, cache))
+            finished(i, _run_job(cfg, kwargs, device, deadline_at, None))
         return records
     import concurrent.futures
     import multiprocessing
@@ -396,7 +381,7 @@ def run_many(
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {
-            pool.submit(_run_in_worker, cfg, kwargs, device, deadline_at, threads): i
+            pool.submit(_run_job, cfg, kwargs, device, deadline_at, threads): i
             for i, (cfg, kwargs) in enumerate(zip(configs, per_run, strict=True))
         }
         for future in concurrent.futures.as_completed(futures):
