@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..defaults import DEFAULT_ORTHO_DECAY
@@ -104,10 +105,6 @@ class TensorData:
     num_classes: int
     source: str
 
-    @property
-    def in_chans(self) -> int:
-        return self.x_train.shape[1]
-
 
 def _digits(img_size: int, n_train: int, seed: int) -> tuple[list[np.ndarray], list[Tensor], str]:
     """scikit-learn's 1,797 handwritten digits (8x8, grey levels 0-16) as RGB uint8, fixed split."""
@@ -153,7 +150,6 @@ def load_tensor_data(
         raise ValueError("dataset='cifar10' needs data_dir (a cifar-10-batches-py folder)")
     if dataset == "digits":
         arrays, labels, source = _digits(img_size, n_train, seed)
-        num_classes = 10
     elif dataset == "synthetic":
         train = SyntheticImages(n_train, num_classes, img_size, seed=seed, split=0)
         val = SyntheticImages(n_val, num_classes, img_size, seed=seed, split=1)
@@ -165,17 +161,15 @@ def load_tensor_data(
         n_train, n_val = min(n_train, len(train)), min(n_val, len(val))
         arrays = [train.data[:n_train], val.data[:n_val]]  # (N, 32, 32, 3) uint8
         labels = [torch.tensor(train.targets[:n_train]), torch.tensor(val.targets[:n_val])]
-        num_classes = 10
         source = f"CIFAR-10 from {data_dir} ({n_train} train / {n_val} test images)"
     # contiguous: an NHWC-strided batch would send every conv and BN down the channels-last path.
     tensors = [torch.from_numpy(a).permute(0, 3, 1, 2).float().div_(255.0).contiguous() for a in arrays]
     if tensors[0].shape[-1] != img_size:
-        tensors = [
-            nn.functional.interpolate(t, size=img_size, mode="bilinear", antialias=True) for t in tensors
-        ]
+        tensors = [F.interpolate(t, size=img_size, mode="bilinear", antialias=True) for t in tensors]
     mean = tensors[0].mean(dim=(0, 2, 3), keepdim=True)
     std = tensors[0].std(dim=(0, 2, 3), keepdim=True)
     x_train, x_val = ((t - mean) / std for t in tensors)
+    num_classes = num_classes if dataset == "synthetic" else 10  # digits and CIFAR-10 have ten
     return TensorData(x_train, labels[0], x_val, labels[1], num_classes, source)
 
 
@@ -208,7 +202,7 @@ def _evaluate(model: nn.Module, data: TensorData, device: torch.device, diverged
     for i in range(0, len(data.y_val), 256):
         x, y = data.x_val[i : i + 256].to(device), data.y_val[i : i + 256].to(device)
         logits = model(x)
-        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     model.train()
     return {"val_loss": loss / len(data.y_val), "val_acc": correct / len(data.y_val)}
@@ -251,9 +245,9 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
     torch.manual_seed(cfg.seed)
     # "default" is the model as created, unless an ablation sets init.
     init = cfg.init or {"l2": "msra", "default": None}.get(cfg.method, "orthonormal")
-    options = {k: v for k, v in dict(act_layer=cfg.act_layer, init=init).items() if v is not None}
-    model = timm.create_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **options)
-    model = model.to(device)
+    model_kwargs = dict(in_chans=data.x_train.shape[1], act_layer=cfg.act_layer, init=init)
+    model_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
+    model = timm.create_model(cfg.model, num_classes=data.num_classes, **model_kwargs).to(device)
     opt = _optimizer(cfg, model)
     # The modulation that measures (or modulates) the error moments.
     probe = getattr(opt, "modulation", None) or ErrorModulation(model, measure_only=True)
@@ -268,7 +262,7 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
         _set_lr(opt, cfg, step, base_lrs)
         perm, idx = next(batches)
         x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad is not None:
