@@ -299,8 +299,7 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
             # The first batches of the last epoch's order: training data, drawn without new randomness.
             bn_batches = (data.x_train[i].to(device) for i in perm.split(cfg.batch_size))
             recompute_bn_statistics(model, bn_batches, cfg.precise_bn)
-        precise = _evaluate(model, data, device, diverged)
-        final.update(val_loss_precise=precise["val_loss"], val_acc_precise=precise["val_acc"])
+        final.update({f"{k}_precise": v for k, v in _evaluate(model, data, device, diverged).items()})
     probe.remove()
     return {"config": asdict(cfg), "history": history, "final": final, "seconds": seconds}
 
