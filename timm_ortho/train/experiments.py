@@ -285,7 +285,8 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
                 break
     seconds = time.perf_counter() - start
     # The final values: losses, error moments per layer, validation (also after precise BN).
-    stats, tail = probe.last_stats(), max(1, len(losses) // 10)
+    stats = probe.last_stats()
+    tail = max(1, len(losses) // 10)
     final = {
         "train_loss": torch.stack(losses[-tail:]).mean().item(),
         "diverged": diverged,
