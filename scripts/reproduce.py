@@ -63,7 +63,7 @@ def compare(depth: int, args: argparse.Namespace, name: str) -> dict[str, Any]:
             model=model, method=method, steps=args.steps, batch_size=args.batch_size, act_layer="relu"
         )
     grid_cfgs = [RunConfig(**plan, lr=lr, seed=args.seeds[0]) for plan in plans.values() for lr in args.lrs]
-    grid = run_many(grid_cfgs, args.data_kwargs, args.device, args.jobs, bar.update)
+    grid = run_many(grid_cfgs, args.data_kwargs, args.device, args.jobs, on_result=lambda *_: bar.update())
     per_regime = {label: grid[i * len(args.lrs) : (i + 1) * len(args.lrs)] for i, label in enumerate(plans)}
     best = {label: best_by_loss(records) for label, records in per_regime.items()}
     seed_cfgs = [
@@ -71,7 +71,7 @@ def compare(depth: int, args: argparse.Namespace, name: str) -> dict[str, Any]:
         for label in plans
         for seed in args.seeds[1:]
     ]
-    extra = run_many(seed_cfgs, args.data_kwargs, args.device, args.jobs, bar.update)
+    extra = run_many(seed_cfgs, args.data_kwargs, args.device, args.jobs, on_result=lambda *_: bar.update())
     bar.close()
     results: dict[str, Any] = {}
     n_extra = len(args.seeds) - 1
@@ -193,7 +193,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         for rule in SWEEP_RULES
         for seed in args.seeds
     ]
-    records = run_many(rule_cfgs, args.data_kwargs, args.device, args.jobs, bar.update)
+    records = run_many(rule_cfgs, args.data_kwargs, args.device, args.jobs, on_result=lambda *_: bar.update())
     n = len(args.seeds)
     out: dict[str, Any] = {"rule": [], "schedule": [], "ortho_decay": []}
     for i, rule in enumerate(SWEEP_RULES):
@@ -206,7 +206,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         for decay in SWEEP_DECAYS
         for seed in args.seeds
     ]
-    records = run_many(later, args.data_kwargs, args.device, args.jobs, bar.update)
+    records = run_many(later, args.data_kwargs, args.device, args.jobs, on_result=lambda *_: bar.update())
     bar.close()
     out["schedule"] = [
         {"options": {**best["options"], "schedule": "always"}, "runs": best["runs"]},

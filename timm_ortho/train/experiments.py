@@ -29,10 +29,11 @@ factory as the trainer's (:func:`timm_ortho.create_optimizer`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,12 +41,13 @@ from typing import Any, Literal
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..defaults import DEFAULT_ORTHO_DECAY
 from ..diagnostics import filter_correlation
 from ..factory import create_optimizer
-from ..modulation import ErrorModulation, ModulationStats
+from ..modulation import ErrorModulation
 from ..precise_bn import recompute_bn_statistics
 from ..targets import find_targets
 
@@ -85,13 +87,11 @@ class RunConfig:
     init: str | None = None
     """Override the regime's init (``"msra"`` for l2, ``"orthonormal"`` otherwise)."""
     wrapper: dict[str, Any] = field(default_factory=dict)
-    """For ``"default"``: OrthoModulated options that differ from the library's (ablations)."""
+    """For ``"default"``: :func:`timm_ortho.create_optimizer`'s options that differ from the library's
+    (``ortho_decay``, ``modulation``, ``max_grad_ratio``, ``form``, ``target_kwargs``; ablations)."""
     precise_bn: int = 0
     """Batches of training data to recompute BN statistics with before the second evaluation
     (``val_acc_precise``); 0 for none."""
-
-    def label(self) -> str:
-        return f"{self.model}/{self.method}/lr{self.lr:g}/s{self.seed}"
 
 
 @dataclass
@@ -104,10 +104,6 @@ class TensorData:
     y_val: Tensor
     num_classes: int
     source: str
-
-    @property
-    def in_chans(self) -> int:
-        return self.x_train.shape[1]
 
 
 def _digits(img_size: int, n_train: int, seed: int) -> tuple[list[np.ndarray], list[Tensor], str]:
@@ -154,7 +150,6 @@ def load_tensor_data(
         raise ValueError("dataset='cifar10' needs data_dir (a cifar-10-batches-py folder)")
     if dataset == "digits":
         arrays, labels, source = _digits(img_size, n_train, seed)
-        num_classes = 10
     elif dataset == "synthetic":
         train = SyntheticImages(n_train, num_classes, img_size, seed=seed, split=0)
         val = SyntheticImages(n_val, num_classes, img_size, seed=seed, split=1)
@@ -166,22 +161,16 @@ def load_tensor_data(
         n_train, n_val = min(n_train, len(train)), min(n_val, len(val))
         arrays = [train.data[:n_train], val.data[:n_val]]  # (N, 32, 32, 3) uint8
         labels = [torch.tensor(train.targets[:n_train]), torch.tensor(val.targets[:n_val])]
-        num_classes = 10
         source = f"CIFAR-10 from {data_dir} ({n_train} train / {n_val} test images)"
     # contiguous: an NHWC-strided batch would send every conv and BN down the channels-last path.
     tensors = [torch.from_numpy(a).permute(0, 3, 1, 2).float().div_(255.0).contiguous() for a in arrays]
     if tensors[0].shape[-1] != img_size:
-        tensors = [
-            nn.functional.interpolate(t, size=img_size, mode="bilinear", antialias=True) for t in tensors
-        ]
+        tensors = [F.interpolate(t, size=img_size, mode="bilinear", antialias=True) for t in tensors]
     mean = tensors[0].mean(dim=(0, 2, 3), keepdim=True)
     std = tensors[0].std(dim=(0, 2, 3), keepdim=True)
     x_train, x_val = ((t - mean) / std for t in tensors)
+    num_classes = num_classes if dataset == "synthetic" else 10  # digits and CIFAR-10 have ten
     return TensorData(x_train, labels[0], x_val, labels[1], num_classes, source)
-
-
-# The keyword arguments of create_optimizer itself; every other wrapper option is a target option.
-_FACTORY_OPTIONS = ("ortho_decay", "modulation", "max_grad_ratio", "form")
 
 
 def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -196,71 +185,44 @@ def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
             model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
     if cfg.method == "default":  # the library's defaults; ablations change one option in cfg.wrapper
-        options = {k: v for k, v in cfg.wrapper.items() if k in _FACTORY_OPTIONS}
-        target_kwargs = {k: v for k, v in cfg.wrapper.items() if k not in _FACTORY_OPTIONS}
+        options = cfg.wrapper
     else:
         modulation = (dict(cfg.modulation) or True) if cfg.method == "ortho_mod" else False
         options = dict(ortho_decay=cfg.ortho_decay, max_grad_ratio=cfg.max_grad_ratio, modulation=modulation)
-        target_kwargs = {}
-    return create_optimizer(
-        model,
-        "momentum",
-        lr=cfg.lr,
-        weight_decay=0.0,
-        momentum=cfg.momentum,
-        target_kwargs=target_kwargs,
-        **options,
-    )
-
-
-def _make(
-    cfg: RunConfig, data: TensorData, device: torch.device
-) -> tuple[nn.Module, torch.optim.Optimizer, ErrorModulation]:
-    """The model, its optimizer and the modulation that measures (or modulates) the error moments."""
-    model_kwargs: dict[str, Any] = dict(num_classes=data.num_classes, in_chans=data.in_chans)
-    if cfg.act_layer is not None:
-        model_kwargs["act_layer"] = cfg.act_layer
-    if cfg.method != "default":  # "default" is the model as created, unless an ablation sets init
-        model_kwargs["init"] = cfg.init or ("msra" if cfg.method == "l2" else "orthonormal")
-    elif cfg.init is not None:
-        model_kwargs["init"] = cfg.init
-    model = timm.create_model(cfg.model, **model_kwargs).to(device)
-    opt = _optimizer(cfg, model)
-    modulation = getattr(opt, "modulation", None)
-    return model, opt, modulation or ErrorModulation(model, measure_only=True)
+    return create_optimizer(model, "momentum", lr=cfg.lr, weight_decay=0.0, momentum=cfg.momentum, **options)
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, data: TensorData, device: torch.device, batch: int = 256) -> dict[str, float]:
+def _evaluate(model: nn.Module, data: TensorData, device: torch.device, diverged: bool) -> dict[str, float]:
+    """Held-out loss and accuracy; NaN and 0 for a diverged run, which is not evaluated."""
+    if diverged:
+        return {"val_loss": float("nan"), "val_acc": 0.0}
     model.eval()
     correct, loss = 0.0, 0.0
-    for i in range(0, len(data.y_val), batch):
-        x, y = data.x_val[i : i + batch].to(device), data.y_val[i : i + batch].to(device)
+    for i in range(0, len(data.y_val), 256):
+        x, y = data.x_val[i : i + 256].to(device), data.y_val[i : i + 256].to(device)
         logits = model(x)
-        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     model.train()
     return {"val_loss": loss / len(data.y_val), "val_acc": correct / len(data.y_val)}
 
 
-class _EpochBatches:
-    """Index batches: a permutation per epoch drawn from one generator, the incomplete batch dropped.
+def _epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(epoch order, index batch): a permutation per epoch drawn from one generator, the incomplete
+    batch dropped.
 
     torch's ``BatchSampler(RandomSampler(...), drop_last=True)`` gives the same epochs but draws one
     more, discarded, permutation at the end of each, which would change the batches of every run
     recorded so far.
     """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
-        self._generator = torch.Generator().manual_seed(seed)
-        self.perm, self._cursor = torch.randperm(n, generator=self._generator), 0
-
-    def __next__(self) -> Tensor:
-        if self._cursor + self.batch_size > self.n:
-            self.perm, self._cursor = torch.randperm(self.n, generator=self._generator), 0
-        self._cursor += self.batch_size
-        return self.perm[self._cursor - self.batch_size : self._cursor]
+    generator = torch.Generator().manual_seed(seed)
+    perm, cursor = torch.randperm(n, generator=generator), 0
+    while True:
+        if cursor + batch_size > n:
+            perm, cursor = torch.randperm(n, generator=generator), 0
+        cursor += batch_size
+        yield perm, perm[cursor - batch_size : cursor]
 
 
 def _set_lr(opt: torch.optim.Optimizer, cfg: RunConfig, step: int, base_lrs: list[float]) -> None:
@@ -269,66 +231,38 @@ def _set_lr(opt: torch.optim.Optimizer, cfg: RunConfig, step: int, base_lrs: lis
     Not timm's ``MultiStepLRScheduler``: it computes ``lr * 0.1 ** k``, which differs from the
     recorded runs' ``lr * 0.1 * 0.1`` in the last bit for some learning rates (0.01, 0.3, ...).
     """
-    if cfg.schedule == "step":
-        if step in {int(f * cfg.steps) for f in cfg.lr_drops}:
-            for group in opt.param_groups:
-                group["lr"] *= 0.1
+    if cfg.schedule == "step" and step in {int(f * cfg.steps) for f in cfg.lr_drops}:
+        for group in opt.param_groups:
+            group["lr"] *= 0.1
     elif cfg.schedule == "cosine":
         for group, lr in zip(opt.param_groups, base_lrs, strict=True):
             group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / cfg.steps))
-
-
-def _final(
-    cfg: RunConfig,
-    model: nn.Module,
-    data: TensorData,
-    device: torch.device,
-    stats: ModulationStats,
-    losses: list[Tensor],
-    diverged: bool,
-    perm: Tensor,
-) -> dict[str, Any]:
-    """The record's ``final``: losses, error moments per layer, validation (also after precise BN)."""
-    tail = max(1, len(losses) // 10)
-    final = {
-        "train_loss": torch.stack(losses[-tail:]).mean().item(),
-        "diverged": diverged,
-        "layer_names": stats.names,
-        "layer_moments": stats.q_after.double().cpu().tolist(),
-        "layer_scales": stats.scale.double().cpu().tolist(),
-        **(_evaluate(model, data, device) if not diverged else {"val_loss": float("nan"), "val_acc": 0.0}),
-    }
-    if cfg.precise_bn and not diverged:
-        # The first batches of the last epoch's order: training data, drawn without new randomness.
-        batches = (
-            data.x_train[perm[i : i + cfg.batch_size]].to(device)
-            for i in range(0, min(len(perm), cfg.precise_bn * cfg.batch_size), cfg.batch_size)
-        )
-        recompute_bn_statistics(model, batches, cfg.precise_bn)
-        precise = _evaluate(model, data, device)
-        final.update(val_loss_precise=precise["val_loss"], val_acc_precise=precise["val_acc"])
-    elif cfg.precise_bn:
-        final.update(val_loss_precise=float("nan"), val_acc_precise=0.0)
-    return final
 
 
 def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train one configuration and return its record (config, history, final values, timing)."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    model, opt, probe = _make(cfg, data, device)
+    # "default" is the model as created, unless an ablation sets init.
+    init = cfg.init or {"l2": "msra", "default": None}.get(cfg.method, "orthonormal")
+    model_kwargs = dict(in_chans=data.x_train.shape[1], act_layer=cfg.act_layer, init=init)
+    model_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
+    model = timm.create_model(cfg.model, num_classes=data.num_classes, **model_kwargs).to(device)
+    opt = _optimizer(cfg, model)
+    # The modulation that measures (or modulates) the error moments.
+    probe = getattr(opt, "modulation", None) or ErrorModulation(model, measure_only=True)
     targets = find_targets(model)  # found once: the diagnostics keep one engine per target list
     base_lrs = [group["lr"] for group in opt.param_groups]
-    batches = _EpochBatches(len(data.y_train), cfg.batch_size, seed=10_000 + cfg.seed)
+    batches = _epoch_batches(len(data.y_train), cfg.batch_size, seed=10_000 + cfg.seed)
     history: list[dict[str, float]] = []
     losses: list[Tensor] = []
     diverged = False
     start = time.perf_counter()
     for step in range(cfg.steps):
         _set_lr(opt, cfg, step, base_lrs)
-        idx = next(batches)
+        perm, idx = next(batches)
         x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad is not None:
@@ -350,7 +284,23 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
                 diverged = True
                 break
     seconds = time.perf_counter() - start
-    final = _final(cfg, model, data, device, probe.last_stats(), losses, diverged, batches.perm)
+    # The final values: losses, error moments per layer, validation (also after precise BN).
+    stats = probe.last_stats()
+    tail = max(1, len(losses) // 10)
+    final = {
+        "train_loss": torch.stack(losses[-tail:]).mean().item(),
+        "diverged": diverged,
+        "layer_names": stats.names,
+        "layer_moments": stats.q_after.double().cpu().tolist(),
+        "layer_scales": stats.scale.double().cpu().tolist(),
+        **_evaluate(model, data, device, diverged),
+    }
+    if cfg.precise_bn:
+        if not diverged:
+            # The first batches of the last epoch's order: training data, drawn without new randomness.
+            bn_batches = (data.x_train[i].to(device) for i in perm.split(cfg.batch_size))
+            recompute_bn_statistics(model, bn_batches, cfg.precise_bn)
+        final.update({f"{k}_precise": v for k, v in _evaluate(model, data, device, diverged).items()})
     probe.remove()
     return {"config": asdict(cfg), "history": history, "final": final, "seconds": seconds}
 
@@ -365,31 +315,20 @@ def best_by_loss(records: list[dict[str, Any]]) -> dict[str, Any]:
     return min(records, key=key)
 
 
-# A worker's data sets, loaded once per process and kept for the runs that follow.
-_WORKER_DATA: dict[str, TensorData] = {}
+# Each process's data sets, loaded once and kept for the runs that follow.
+_cached_data = functools.cache(load_tensor_data)
 
 
 def _run_job(
-    cfg: RunConfig,
-    data_kwargs: dict[str, Any],
-    device: str,
-    deadline_at: float | None,
-    cache: dict[str, TensorData],
+    cfg: RunConfig, data_kwargs: dict[str, Any], device: str, deadline_at: float | None, threads: int | None
 ) -> dict[str, Any] | None:
-    """One run on the data ``data_kwargs`` describe (loaded into ``cache`` once); None past the deadline."""
+    """One run on the data ``data_kwargs`` describe; None past the deadline. ``threads``: a worker
+    process's share of the cores (None: this process, its threads left as they are)."""
     if deadline_at is not None and time.time() >= deadline_at:
         return None
-    key = repr(sorted(data_kwargs.items()))
-    if key not in cache:
-        cache[key] = load_tensor_data(**data_kwargs)
-    return run(cfg, cache[key], device)
-
-
-def _run_in_worker(
-    cfg: RunConfig, data_kwargs: dict[str, Any], device: str, deadline_at: float | None, threads: int
-) -> dict[str, Any] | None:
-    torch.set_num_threads(threads)
-    return _run_job(cfg, data_kwargs, device, deadline_at, _WORKER_DATA)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return run(cfg, _cached_data(**data_kwargs), device)
 
 
 def run_many(
@@ -397,7 +336,6 @@ def run_many(
     data_kwargs: dict[str, Any] | Sequence[dict[str, Any]],
     device: str = "cpu",
     jobs: int = 1,
-    progress: Callable[[], Any] | None = None,
     *,
     deadline: float | None = None,
     on_result: Callable[[int, dict[str, Any]], None] | None = None,
@@ -407,14 +345,13 @@ def run_many(
     Args:
         configs: the runs.
         data_kwargs: the arguments of :func:`load_tensor_data`, one dict for every run or one per run;
-            each process loads each data set once.
+            each process loads each data set once and keeps it.
         device: where every run trains; worker processes share it (on a CPU each gets an equal share
             of the cores as threads).
         jobs: worker processes (spawned); 1 runs everything in this process.
-        progress: called once per finished run (e.g. a tqdm bar's ``update``).
         deadline: seconds from now after which no run starts; a run not started gives ``None``.
         on_result: ``on_result(index, record)`` as each run finishes, in the order they finish (to
-            save what finished if the whole is cut short).
+            save what finished if the whole is cut short, or to advance a progress bar).
     """
     per_run = [data_kwargs] * len(configs) if isinstance(data_kwargs, dict) else list(data_kwargs)
     if len(per_run) != len(configs):
@@ -426,13 +363,10 @@ def run_many(
         records[index] = record
         if record is not None and on_result is not None:
             on_result(index, record)
-        if record is not None and progress is not None:
-            progress()
 
     if jobs <= 1:
-        cache: dict[str, TensorData] = {}
         for i, (cfg, kwargs) in enumerate(zip(configs, per_run, strict=True)):
-            finished(i, _run_job(cfg, kwargs, device, deadline_at, cache))
+            finished(i, _run_job(cfg, kwargs, device, deadline_at, None))
         return records
     import concurrent.futures
     import multiprocessing
@@ -441,7 +375,7 @@ def run_many(
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {
-            pool.submit(_run_in_worker, cfg, kwargs, device, deadline_at, threads): i
+            pool.submit(_run_job, cfg, kwargs, device, deadline_at, threads): i
             for i, (cfg, kwargs) in enumerate(zip(configs, per_run, strict=True))
         }
         for future in concurrent.futures.as_completed(futures):
