@@ -72,7 +72,6 @@ def test_fused_rule_equals_the_aten_rule(interpreted, norm, ref, rule, numel, se
     for name, a, b in zip(names, fused, want, strict=True):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6, equal_nan=True, msg=name)
     scale = fused[2]
-    assert torch.isfinite(scale)
     # Exactly 1 where the aten rule gives exactly 1 (inside the band, invalid moments), and then the
     # error is copied bit for bit; elsewhere the product is the error times the kernel's own scale.
     if want[2] == 1:
