@@ -126,6 +126,7 @@ def plan_defaults(seeds: list[int], steps: int, batch_size: int) -> list[tuple[s
 # layers stepping in random to aligned directions, so the bound that worked at 110 layers (0.01) is
 # 3 to 10 times too large at 1202. ``reproduce.py deep`` runs these (plain_cnn1202, a GPU).
 DEEP_GRID: dict[str, dict[str, Any]] = {
+    "defaults (bound min(0.01, 1/L) = 0.00083)": dict(method="default"),
     "defaults, bound 0.003": dict(method="default", wrapper=dict(max_grad_ratio=0.003)),
     "defaults, bound 0.001": dict(method="default", wrapper=dict(max_grad_ratio=0.001)),
     "defaults, bound 0.0003": dict(method="default", wrapper=dict(max_grad_ratio=0.0003)),

@@ -272,3 +272,29 @@ def test_step_bound_lets_a_zero_initialized_layer_start_moving():
     opt.step()
     moved = float(model[3].weight.detach().norm())
     assert 0 < moved <= 0.1 * 1e-3 * (1 + 1e-9)
+
+
+@given(layers=st.integers(1, 5000))
+def test_default_step_bound_shrinks_as_one_over_depth(layers):
+    from timm_ortho.defaults import MAX_GRAD_RATIO_CAP, max_grad_ratio_for
+
+    ratio = max_grad_ratio_for(layers)
+    assert ratio == min(MAX_GRAD_RATIO_CAP, 1.0 / layers)  # hand-derived: min(0.01, 1/L)
+    assert ratio * layers <= 1.0 + 1e-12  # aligned per-layer steps move the chain by at most ~1
+    assert (ratio == MAX_GRAD_RATIO_CAP) == (layers <= 100)
+
+
+def test_auto_step_bound_follows_the_number_of_target_layers():
+    shallow = small_net()
+    opt = OrthoModulated(torch.optim.SGD(shallow.parameters(), lr=0.1), shallow)  # the default: "auto"
+    assert opt.param_groups[0]["max_grad_ratio"] == 0.01
+    deep = nn.Sequential(*(nn.Linear(4, 4) for _ in range(250)))
+    opt = OrthoModulated(torch.optim.SGD(deep.parameters(), lr=0.1), deep, max_grad_ratio="auto")
+    assert len(opt.targets) == 250
+    assert all(g["max_grad_ratio"] == 1 / 250 for g in opt.param_groups)  # stored as a number
+    assert opt.state_dict()["param_groups"][0]["max_grad_ratio"] == 1 / 250
+    # "auto" is resolved when wrapping; a param group takes numbers only.
+    opt.param_groups[0]["max_grad_ratio"] = "auto"
+    deep(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(ValueError, match="param group 0: max_grad_ratio"):
+        opt.step()

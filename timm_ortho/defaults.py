@@ -18,8 +18,10 @@ __all__ = [
     "DEFAULT_MODULATION_REFERENCE",
     "DEFAULT_ORTHO_DECAY",
     "INIT_SCHEMES",
+    "MAX_GRAD_RATIO_CAP",
     "MIN_WEIGHT_NORM",
     "InitScheme",
+    "max_grad_ratio_for",
 ]
 
 # -- the orthonormality term -----------------------------------------------------------------------
@@ -31,10 +33,27 @@ DEFAULT_FORM: Literal["auto"] = "auto"
 """Coupled or decoupled by the base optimizer's kind of update (see :mod:`timm_ortho.forms`)."""
 
 # -- the step bound --------------------------------------------------------------------------------
-DEFAULT_MAX_GRAD_RATIO: float | None = 0.01
-"""``||grad_l|| <= ratio * ||W_l||`` per target layer. Chosen by ``scripts/reproduce.py defaults`` and
-``depth`` (plain_cnn110): every bound from 0.005 to 0.02 trains the shaped 110-layer chain to 97-99 %
-where 0.05 reaches 80 % and no bound 66-81 %."""
+DEFAULT_MAX_GRAD_RATIO: Literal["auto"] = "auto"
+"""``||grad_l|| <= ratio * ||W_l||`` per target layer, with ``ratio`` from the depth:
+:func:`max_grad_ratio_for` the number of target layers."""
+
+MAX_GRAD_RATIO_CAP = 0.01
+"""The step bound of shallow and medium nets. Chosen by ``scripts/reproduce.py defaults`` and ``depth``
+(plain_cnn110): every bound from 0.005 to 0.02 trains the shaped 110-layer chain to 97-99 % where
+0.05 reaches 80 % and no bound 66-81 %."""
+
+
+def max_grad_ratio_for(num_layers: int) -> float:
+    """The default step bound for ``L = num_layers`` target layers: ``min(0.01, 1 / L)``.
+
+    Each layer may change by ``ratio`` of its norm per step; when the ``L`` changes align, the
+    network's function moves by up to about ``ratio * L``, so ``ratio <= 1 / L`` keeps that at most 1
+    whatever the depth. Measured (``scripts/reproduce.py bounds`` and ``deep``, digits, 300 steps):
+    the largest bound that trains falls with depth, and at 1202 layers 0.01 stays at chance (0.11)
+    where 0.003 reaches 0.24 and 0.001 0.47. Up to 100 layers the cap applies (0.01, as before).
+    """
+    return min(MAX_GRAD_RATIO_CAP, 1.0 / max(1, num_layers))
+
 
 MIN_WEIGHT_NORM = 1e-3
 """Floor of ``||W_l||`` in the step bound, as in adaptive gradient clipping: a zero-initialized layer

@@ -26,7 +26,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 from torch.optim import Optimizer
@@ -119,7 +119,7 @@ def create_optimizer(
     *,
     ortho_decay: float = DEFAULT_ORTHO_DECAY,
     modulation: bool | dict[str, Any] = DEFAULT_MODULATION,
-    max_grad_ratio: float | None = DEFAULT_MAX_GRAD_RATIO,
+    max_grad_ratio: float | Literal["auto"] | None = DEFAULT_MAX_GRAD_RATIO,
     form: str = DEFAULT_FORM,
     target_kwargs: dict[str, Any] | None = None,
     **timm_kwargs: Any,

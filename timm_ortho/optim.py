@@ -38,6 +38,7 @@ from .defaults import (  # re-exported: callers import the defaults from here to
     DEFAULT_MODULATION,
     DEFAULT_ORTHO_DECAY,
     MIN_WEIGHT_NORM,
+    max_grad_ratio_for,
 )
 from .forms import resolve_form
 from .targets import FilterBank, find_targets
@@ -78,8 +79,10 @@ class OrthoModulated(Optimizer):
             ``||grad_l||_F <= max_grad_ratio * ||W_l||_F`` (per layer; a layer-wise adaptive gradient
             clip). It bounds the *relative* change of each filter bank, which is what matters for
             weights followed by BatchNorm (scale-invariant), and it keeps the cubic orthonormality
-            gradient from running away when a weight's scale has grown. ``None`` turns it off.
-            Stored as the param-group field ``"max_grad_ratio"``.
+            gradient from running away when a weight's scale has grown. ``"auto"`` (default):
+            ``min(0.01, 1 / L)`` for ``L`` target layers (:func:`timm_ortho.defaults.max_grad_ratio_for`:
+            deeper chains need smaller per-layer steps). ``None`` turns it off. Stored, as a number,
+            as the param-group field ``"max_grad_ratio"``.
 
     Target weights with ``requires_grad=False`` are ignored.
     """
@@ -98,7 +101,7 @@ class OrthoModulated(Optimizer):
         skip_classifier: bool = False,
         include_depthwise: bool = False,
         modulation: bool | dict[str, Any] | Any = DEFAULT_MODULATION,
-        max_grad_ratio: float | None = DEFAULT_MAX_GRAD_RATIO,
+        max_grad_ratio: float | Literal["auto"] | None = DEFAULT_MAX_GRAD_RATIO,
         targets: Sequence[FilterBank] | None = None,
     ) -> None:
         # super().__init__() is not called on purpose: params, groups and state stay the base's.
@@ -114,7 +117,8 @@ class OrthoModulated(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         _check_decay(ortho_decay)
-        _check_ratio(max_grad_ratio)
+        if max_grad_ratio != "auto":
+            _check_ratio(max_grad_ratio)
         self.form: Literal["coupled", "decoupled"] = resolve_form(optimizer, form)
         if weight_decay_policy not in ("split", "error"):
             raise ValueError(f"weight_decay_policy must be 'split' or 'error', got {weight_decay_policy!r}")
@@ -137,6 +141,8 @@ class OrthoModulated(Optimizer):
         self._target_index = {id(t.param): i for i, t in enumerate(self.targets)}
         self._separate_weight_decay(weight_decay_policy)
 
+        if max_grad_ratio == "auto":
+            max_grad_ratio = max_grad_ratio_for(len(self.targets))
         self.defaults.update(ortho_decay=ortho_decay, ortho_step=0, max_grad_ratio=max_grad_ratio)
         for group in self.param_groups:
             self._fill_group_fields(group)
@@ -440,7 +446,8 @@ def _check_ratio(value: float | None, where: str = "") -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ValueError(
-            f"{where}max_grad_ratio must be None (no step bound) or a finite number > 0, got {value!r}"
+            f"{where}max_grad_ratio must be None (no step bound), 'auto' (min(0.01, 1/L) for L target "
+            f"layers; only when wrapping) or a finite number > 0, got {value!r}"
         )
 
 

@@ -273,7 +273,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any,
         target_kwargs={"targets": targets},
         **extra,
     )
-    bound = f"|grad| <= {cfg.max_grad_ratio:g} |W| per layer" if cfg.max_grad_ratio else "off"
+    ratio = optimizer.defaults["max_grad_ratio"]  # "auto" resolved by the wrapper from the depth
+    bound = f"|grad| <= {ratio:.3g} |W| per layer" if ratio else "off"
     if options is None:
         status = "off" + (" (error moments measured only)" if cfg.error_stats else "")
     else:

@@ -72,6 +72,11 @@ def cli(
     return {"help": help or "(default: %(default)s)", "group": group, "bounds": bounds, **argparse_kwargs}
 
 
+def _number_or_auto(text: str) -> float | str:
+    """argparse type of a number that may also be left to the library (``auto``)."""
+    return "auto" if text == "auto" else float(text)
+
+
 class _ModulationAction(ParseKwargs):
     """``--modulation [KEY=VALUE ...]``: on, with the pairs (if any) as ErrorModulation options;
     ``--no-modulation``: off. With a ``key``, a ``--mod-*`` alias: sets that one option, which takes
@@ -175,10 +180,13 @@ class TrainConfig(DataConfig):
     ] = DEFAULT_ORTHO_DECAY
     ortho_form: Literal["auto", "coupled", "decoupled"] = "auto"
     max_grad_ratio: Annotated[
-        float | None,
+        float | Literal["auto"] | None,
         cli(
             "step bound: every regularized weight's gradient is scaled so that |grad| <= RATIO |W| "
-            "(per layer, inside the optimizer step); 0 turns it off",
+            "(per layer, inside the optimizer step); auto: min(0.01, 1/L) for L regularized layers; "
+            "0 turns it off",
+            type=_number_or_auto,
+            metavar="RATIO",
             ge=0,
         ),
     ] = DEFAULT_MAX_GRAD_RATIO
@@ -427,7 +435,7 @@ def _check_fields(cfg: TrainConfig) -> None:
         value, implied = getattr(cfg, name), _from_hint(hint)
         if value is not None and "choices" in implied and value not in implied["choices"]:
             raise ConfigError(f"{_flag(name)} must be one of {', '.join(implied['choices'])}, got {value!r}")
-        if value is None or spec["bounds"] is None:
+        if value is None or value == "auto" or spec["bounds"] is None:  # "auto": resolved when built
             continue
         low, high, inclusive = spec["bounds"]
         if implied.get("type") is int:
