@@ -339,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     depth.add_argument("--deadline", type=float, default=None, help="seconds after which no run starts")
     depth.add_argument(
+        "--regimes", nargs="+", default=None, metavar="LABEL", help="run only these regimes (their labels)"
+    )
+    depth.add_argument(
         "--plot-only", action="store_true", help="redraw depth.png and the table from depth.json"
     )
     depth.add_argument(
@@ -427,6 +430,11 @@ def run_depth(args: argparse.Namespace) -> None:
         jobs = depth_suite.plan_deep(seeds, steps, batch, args.datasets)
     else:
         jobs = depth_suite.plan(args.depths, args.datasets, seeds, steps, batch, args.ablate_depths)
+    if args.regimes:
+        unknown = set(args.regimes) - {label for _, label, _, _ in jobs}
+        if unknown:
+            raise SystemExit(f"--regimes: no planned run is labelled {sorted(unknown)}")
+        jobs = [job for job in jobs if job[1] in args.regimes]
     previous: list[dict[str, Any]] = []
     if args.append and (args.out / f"{name}.json").exists():
         previous = json.loads((args.out / f"{name}.json").read_text())["results"]
