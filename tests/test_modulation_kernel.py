@@ -189,3 +189,21 @@ def test_unknown_kernel_is_refused() -> None:
     model, _ = _chain()
     with pytest.raises(ValueError, match="kernel must be one of"):
         ErrorModulation(model, kernel="cuda")
+
+
+def test_create_graph_keeps_the_differentiable_aten_path(interpreted) -> None:
+    # Under backward(create_graph=True) the rescaled error must carry its graph; the kernel's output
+    # would not, so those hooks take the aten path: first derivatives equal kernel="aten"'s bit for
+    # bit, and second derivatives flow through the rescaling. (The second backward's own errors do
+    # not require grad: the kernel rescales them, equal to the aten path up to rounding.)
+    first, second = [], []
+    for kernel in ("aten", "triton"):
+        model, x = _chain()
+        with ErrorModulation(model, kernel=kernel, band=1.1):
+            loss = nn.functional.cross_entropy(model(x), torch.arange(4))
+            (grad,) = torch.autograd.grad(loss, model[0].weight, create_graph=True)
+            assert grad.requires_grad
+            first.append(grad.detach())
+            second.append(torch.autograd.grad(grad.square().sum(), model[0].weight)[0])
+    assert torch.equal(first[1], first[0])
+    torch.testing.assert_close(second[1], second[0], rtol=1e-5, atol=1e-8)

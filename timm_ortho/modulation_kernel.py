@@ -50,8 +50,11 @@ def triton_available() -> bool:
 
 
 def kernel_applies(g: Tensor, log_ref: Tensor) -> bool:
-    """The fused kernel can rescale ``g``: on CUDA (or under the interpreter), same device, dense."""
+    """The fused kernel can rescale ``g``: on CUDA (or under the interpreter), same device, dense,
+    and outside a differentiable backward (``create_graph=True`` keeps the aten path)."""
     if not (g.is_cuda or _INTERPRET) or g.device != log_ref.device or not triton_available():
+        return False
+    if g.requires_grad:  # backward(create_graph=True): the product must stay differentiable (aten)
         return False
     dense = g.is_contiguous() or (g.dim() == 4 and g.is_contiguous(memory_format=torch.channels_last))
     # float32 math only (Triton passes the band's edge as a float32 scalar, as aten rounds it for
