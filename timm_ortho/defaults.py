@@ -50,8 +50,8 @@ def max_grad_ratio_for(num_layers: int) -> float:
     network's function moves by up to about ``ratio * L``, so ``ratio <= 1 / L`` keeps that at most 1
     whatever the depth. Measured (``scripts/reproduce.py bounds`` and ``deep``, digits, 300 steps):
     the largest bound that trains falls with depth, and at 1202 layers 0.01 stays at chance (0.11),
-    0.003 reaches 0.24, 0.001 0.47, ``1/L`` = 0.00083 0.505 and 0.0003 0.24 (one seed). Up to 100
-    layers the cap applies (0.01, as before).
+    0.003 reaches 0.24, 0.001 0.47, ``1/L`` = 0.00083 0.505 and 0.0003 0.24 (seed 0; ``1/L`` over
+    three seeds 0.43 ± 0.08). Up to 100 layers the cap applies (0.01, as before).
     """
     return min(MAX_GRAD_RATIO_CAP, 1.0 / max(1, num_layers))
 
