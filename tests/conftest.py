@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -134,3 +137,28 @@ def signal_at(monkeypatch):
         monkeypatch.setattr(build, "build_model", send_signal_at(build.build_model, signum, forward))
 
     return arm
+
+
+# ----------------------------------------------------------------------------------------------
+# cost: the aten ops a piece of code dispatches (a kernel launch each, on a GPU)
+# ----------------------------------------------------------------------------------------------
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def dispatched() -> Callable[[Callable[[], object]], collections.Counter[str]]:
+    """``dispatched(fn)``: runs ``fn()`` and returns how many times each aten op was dispatched."""
+
+    def count(fn: Callable[[], object]) -> collections.Counter[str]:
+        with _CountOps() as counter:
+            fn()
+        return counter.ops
+
+    return count

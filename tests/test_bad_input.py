@@ -79,10 +79,21 @@ def test_unknown_model_suggests_close_names(tmp_path, capsys):
         ("--batch-size", "0"),
         ("--workers", "-1"),
         ("--img-size", "0"),
+        ("--max-grad-ratio", "-0.01"),
     ],
 )
 def test_numbers_out_of_range_are_refused(tmp_path, capsys, flag, value):
     fails_cleanly(capsys, tiny_argv(tmp_path, f"{flag}={value}"), flag, value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_step_bound_takes_a_number_or_auto(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's own exit: one usage line, one error line
+        main(tiny_argv(tmp_path, "--max-grad-ratio", "often"))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-grad-ratio: expected a number or 'auto', got 'often'" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 

@@ -21,7 +21,6 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import timm_ortho
@@ -713,24 +712,10 @@ def test_plain44_bottom_top_ratio_moves_toward_one() -> None:
 # -- cost: ops dispatched per hook ----------------------------------------------------------------
 
 
-class CountOps(TorchDispatchMode):
-    """Counts every aten op dispatched while active (a kernel launch each, on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def backward_ops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> collections.Counter[str]:
+def backward_ops(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dispatched) -> collections.Counter[str]:
     model.zero_grad(set_to_none=True)
     loss = loss_of(model, x, y)
-    with CountOps() as count:
-        loss.backward()
-    return count.ops
+    return dispatched(loss.backward)
 
 
 # Ops that read a tensor's value on the host: a host-device synchronization on a GPU.
@@ -749,14 +734,14 @@ SYNCING = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "all
         ({"band": 1.3, "mode": "clamp", "reference": "previous"}, 2, 11),  # + the add of log s
     ],
 )
-def test_ops_per_hook(options: dict, top: int, below: int) -> None:
+def test_ops_per_hook(options: dict, top: int, below: int, dispatched) -> None:
     # The hooks' ops are the difference between a backward with and without them (same graph
     # otherwise). Before this budget the modulating hook dispatched 14-15 ops and the measuring 3.
     layers = 8
     model, x, y = make_chain(layers, dtype=torch.float32)
-    plain = backward_ops(model, x, y)
+    plain = backward_ops(model, x, y, dispatched)
     with ErrorModulation(model, **options) as em:
-        hooked = backward_ops(model, x, y)
+        hooked = backward_ops(model, x, y, dispatched)
         stats = em.last_stats()
     extra = hooked - plain
     assert sum(extra.values()) <= top + below * (layers - 1), extra
@@ -769,17 +754,16 @@ def test_ops_per_hook(options: dict, top: int, below: int) -> None:
         assert extra["mul"] == layers - 1  # the top's error is left alone: no multiply
 
 
-def test_last_stats_is_batched() -> None:
+def test_last_stats_is_batched(dispatched) -> None:
     # The bookkeeping runs once after the backward, in a number of ops that does not grow with depth.
     counts = []
     for layers in (3, 9):
         model, x, y = make_chain(layers, dtype=torch.float32)
         with ErrorModulation(model, band=1.3) as em:
             grads(model, x, y)
-            with CountOps() as count:
-                em.last_stats()
-        counts.append(sum(count.ops.values()))
-        assert not SYNCING & set(count.ops)
+            ops = dispatched(em.last_stats)
+        counts.append(sum(ops.values()))
+        assert not SYNCING & set(ops)
     assert counts[0] == counts[1]
 
 

@@ -437,7 +437,7 @@ class ErrorModulation:
             log_ref = p.log_ref
             if log_ref is not None and log_ref.device != norm.device:
                 log_ref = log_ref.to(norm.device, non_blocking=True)
-            if log_ref is not None and self.kernel == "triton" and kernel_applies(g, log_ref):
+            if log_ref is not None and self.kernel == "triton" and kernel_applies(g):
                 # The rule and the rescaling in one launch (modulation_kernel.py).
                 g, log_n, log_s, scale, p.log_ref = fused_modulate(
                     g,

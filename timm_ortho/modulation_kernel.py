@@ -49,10 +49,10 @@ def triton_available() -> bool:
     return True
 
 
-def kernel_applies(g: Tensor, log_ref: Tensor) -> bool:
-    """The fused kernel can rescale ``g``: on CUDA (or under the interpreter), same device, dense,
-    and outside a differentiable backward (``create_graph=True`` keeps the aten path)."""
-    if not (g.is_cuda or _INTERPRET) or g.device != log_ref.device or not triton_available():
+def kernel_applies(g: Tensor) -> bool:
+    """The fused kernel can rescale ``g``: on CUDA (or under the interpreter), dense, and outside a
+    differentiable backward (``create_graph=True`` keeps the aten path)."""
+    if not (g.is_cuda or _INTERPRET) or not triton_available():
         return False
     if g.requires_grad:  # backward(create_graph=True): the product must stay differentiable (aten)
         return False
@@ -131,8 +131,9 @@ def fused_modulate(
     """``(s * g, log n, log s, s, next reference)`` in one launch; the 0-d results share one buffer.
 
     ``norm`` is ``||g||`` and ``log_ref`` the reference log-norm, both 0-d in the compute dtype on
-    ``g``'s device (see :func:`kernel_applies`). The same values as the aten path, up to the last
-    bits of ``log`` and ``exp`` (Triton's fast float32 versions); ``s = 1`` exactly in the band.
+    ``g``'s device, and ``g`` one that :func:`kernel_applies` to. The same values as the aten path,
+    up to the last bits of ``log`` and ``exp`` (Triton's fast float32 versions); ``s = 1`` exactly
+    in the band.
     """
     out = torch.empty_like(g)  # keeps g's memory format: element i of both buffers is the same element
     record = torch.empty(4, device=g.device, dtype=norm.dtype)

@@ -74,7 +74,12 @@ def cli(
 
 def _number_or_auto(text: str) -> float | str:
     """argparse type of a number that may also be left to the library (``auto``)."""
-    return "auto" if text == "auto" else float(text)
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 class _ModulationAction(ParseKwargs):
