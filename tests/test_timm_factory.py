@@ -153,7 +153,7 @@ def test_replacement_is_logged(vit, caplog):
     with caplog.at_level(logging.INFO, logger="timm_ortho"):
         create_optimizer_v2(vit, "ortho_sgd", lr=0.1, weight_decay=0.05)
     (record,) = [r for r in caplog.records if r.name == "timm_ortho"]
-    assert "weight decay timm gave 10 of them was removed" in record.getMessage()
+    assert "weight decay removed from 10 of them" in record.getMessage()
 
 
 # --- what timm's train.py does ------------------------------------------------------------------

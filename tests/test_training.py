@@ -364,15 +364,18 @@ def test_modulation_is_one_setting_and_the_mod_flags_are_its_aliases():
     def parsed(*argv):
         return config_from_args(build_parser().parse_args(list(argv)))
 
-    assert parsed().modulation is False and parsed().modulation_options() is None
-    assert parsed("--modulation").modulation is True and parsed("--modulation").modulation_options() == {}
+    assert parsed().modulation == "auto" == parsed().modulation_setting()  # on for plain chains only
+    assert parsed("--modulation").modulation is True and parsed("--modulation").modulation_setting() is True
+    assert parsed("--modulation", "paper").modulation == "paper"
+    with pytest.raises(SystemExit):
+        parsed("--modulation", "papre")
     cfg = parsed("--modulation", "band=2", "mode=match", "schedule=100")
     assert cfg.modulation == {"band": 2, "mode": "match", "schedule": 100}
     # The old flags set one option each, before or after --modulation, and need it to take effect.
     cfg = parsed("--mod-band", "1.5", "--modulation", "mode=match", "--no-mod-include-classifier")
     assert cfg.modulation == {"band": 1.5, "mode": "match", "include_classifier": False}
-    assert parsed("--mod-band", "2").modulation is False
-    assert parsed("--modulation", "--mod-schedule", "0").modulation_options() == {}  # 0: always
+    assert parsed("--mod-band", "2").modulation == "auto"
+    assert parsed("--modulation", "--mod-schedule", "0").modulation_setting() == {}  # 0: always
     assert parsed("--modulation", "--no-modulation").modulation is False
     cfg = parsed("--model-kwargs", "act_layer=relu", "depth=3", "--no-aug", "--pin-mem", "-j", "3")
     assert cfg.model_kwargs == {"act_layer": "relu", "depth": 3} and cfg.augment == "none"

@@ -20,6 +20,7 @@ __all__ = [
     "INIT_SCHEMES",
     "MAX_GRAD_RATIO_CAP",
     "MIN_WEIGHT_NORM",
+    "MODULATION_PRESETS",
     "InitScheme",
     "max_grad_ratio_for",
 ]
@@ -34,8 +35,11 @@ DEFAULT_FORM: Literal["auto"] = "auto"
 
 # -- the step bound --------------------------------------------------------------------------------
 DEFAULT_MAX_GRAD_RATIO: Literal["auto"] = "auto"
-"""``||grad_l|| <= ratio * ||W_l||`` per target layer, with ``ratio`` from the depth:
-:func:`max_grad_ratio_for` the number of target layers."""
+"""``||grad_l|| <= ratio * ||W_l||`` per target layer on a plain chain (:mod:`timm_ortho.chain`), with
+``ratio`` from the depth, :func:`max_grad_ratio_for` the number of target layers; no bound on other
+models. Measured (``scripts/reproduce.py models``, docs/results.md "Any timm model"): the bound is what
+makes a deep plain chain trainable, and it slows every residual, inverted-residual and attention model
+tried, which need no help with the error's magnitude."""
 
 MAX_GRAD_RATIO_CAP = 0.01
 """The step bound of shallow and medium nets. Chosen by ``scripts/reproduce.py defaults`` and ``depth``
@@ -61,9 +65,11 @@ MIN_WEIGHT_NORM = 1e-3
 would otherwise be allowed no step at all."""
 
 # -- the error modulation --------------------------------------------------------------------------
-DEFAULT_MODULATION = False
-"""With the step bound on, the modulation added half a point at most (within the seed spread on the
-synthetic set) for a step 1.5x slower on a GPU, so it is off by default."""
+DEFAULT_MODULATION: Literal["auto"] = "auto"
+"""The ``"top"`` rule on a plain chain (:mod:`timm_ortho.chain`), off on other models (one INFO line
+says so). On plain_cnn110 with the step bound it raised test accuracy on every seed of digits
+(docs/results.md, the depth suite's ablation); on a model with shortcuts there is no single chain of
+layers whose errors a quasi-isometry relates."""
 
 DEFAULT_MODULATION_BAND = 2.0
 """Quasi-isometry constant ``A``: a ratio of second moments outside ``[A^-2, A^2]`` is modulated."""
@@ -73,6 +79,17 @@ DEFAULT_MODULATION_REFERENCE: Literal["previous", "top"] = "top"
 """Mode and reference of the sweep on plain_cnn44 (synthetic set, two seeds): comparing every layer
 with the top of the chain and matching it once the band is left gave the lowest training loss; the
 consecutive rule with ``A = 2`` never fires on a slow drift."""
+
+MODULATION_PRESETS: dict[str, dict[str, object]] = {
+    "top": dict(
+        reference=DEFAULT_MODULATION_REFERENCE, mode=DEFAULT_MODULATION_MODE, band=DEFAULT_MODULATION_BAND
+    ),
+    "paper": dict(reference="previous", mode="match", band=DEFAULT_MODULATION_BAND),
+}
+"""Named rules for ``modulation=``. ``"top"`` (also ``True``; the library's rule): every layer's error
+is compared with the top of the chain's and matched to it once their ratio leaves the band.
+``"paper"``: the paper's consecutive rule, each layer compared with the (rescaled) layer above it and
+matched when the two mismatch; the band ``A = 2`` is ours (the paper prints no threshold)."""
 
 # -- initialization --------------------------------------------------------------------------------
 InitScheme = Literal["orthonormal", "msra"]

@@ -23,7 +23,6 @@ module; every other name goes to timm unchanged.
 
 import dataclasses
 import functools
-import logging
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -41,8 +40,6 @@ __all__ = [
     "create_ortho_optimizer",
     "register_timm_optimizers",
 ]
-
-_log = logging.getLogger("timm_ortho")
 
 ORTHO_PREFIX = "ortho_"
 
@@ -81,33 +78,19 @@ def _base_name(opt: str) -> str:
     return name
 
 
-def _wrap(base: Optimizer, model: nn.Module, name: str, options: dict[str, Any]) -> OrthoModulated:
-    """``OrthoModulated(base, model, **options)``, reporting the weight-decay replacement as a log line.
+def _wrap(base: Optimizer, model: nn.Module, options: dict[str, Any]) -> OrthoModulated:
+    """``OrthoModulated(base, model, **options)``; the wrapper's INFO line reports what it did.
 
     The split of timm's decayed groups is what this factory asks for, so the wrapper's warning (meant
-    for users who passed decayed groups by hand) becomes an INFO record here.
+    for users who passed decayed groups by hand) is silenced here; the INFO line counts the weights.
     """
     unknown = sorted(set(options) - set(ORTHO_OPTIONS))
     if unknown:
         raise TypeError(f"unknown OrthoModulated option(s) {unknown}; expected some of {list(ORTHO_OPTIONS)}")
     options.setdefault("ortho_decay", DEFAULT_ORTHO_DECAY)
-    decayed = [{id(p) for p in g["params"]} for g in base.param_groups if g.get("weight_decay", 0.0)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SPLIT_WARNING, category=UserWarning)
-        wrapped = OrthoModulated(base, model, **options)
-    undecayed = sum(id(t.param) in ids for t in wrapped.targets for ids in decayed)
-    _log.info(
-        "%s: OrthoModulated around %s on %d conv/linear weights (ortho_decay=%g, form %s, modulation %s); "
-        "the weight decay timm gave %d of them was removed, the other parameters keep timm's groups",
-        name,
-        type(base).__name__,
-        len(wrapped.targets),
-        options["ortho_decay"],
-        wrapped.form,
-        "on" if wrapped.modulation is not None else "off",
-        undecayed,
-    )
-    return wrapped
+        return OrthoModulated(base, model, **options)
 
 
 def create_optimizer(
@@ -118,7 +101,7 @@ def create_optimizer(
     momentum: float = 0.9,
     *,
     ortho_decay: float = DEFAULT_ORTHO_DECAY,
-    modulation: bool | dict[str, Any] = DEFAULT_MODULATION,
+    modulation: bool | str | dict[str, Any] = DEFAULT_MODULATION,
     max_grad_ratio: float | Literal["auto"] | None = DEFAULT_MAX_GRAD_RATIO,
     form: str = DEFAULT_FORM,
     target_kwargs: dict[str, Any] | None = None,
@@ -153,7 +136,7 @@ def create_optimizer(
         "form": form,
         **(target_kwargs or {}),
     }
-    return _wrap(base, model, ORTHO_PREFIX + name, options)
+    return _wrap(base, model, options)
 
 
 create_ortho_optimizer = create_optimizer  # the name of releases before 0.2
@@ -174,7 +157,7 @@ def _ortho_aware(create: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
         options = {k: kwargs.pop(k) for k in ORTHO_OPTIONS if k in kwargs}
         name = _base_name(opt)
         base = create(model_or_params, name, *args, **kwargs)
-        return _wrap(base, model_or_params, ORTHO_PREFIX + name, options)
+        return _wrap(base, model_or_params, options)
 
     create_optimizer._timm_ortho = True  # type: ignore[attr-defined]  (marks the patch: install once)
     return create_optimizer

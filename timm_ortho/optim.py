@@ -21,6 +21,7 @@ after ``unscale_``, with ``accelerator.prepare`` and with ``accelerator.accumula
 from __future__ import annotations
 
 import gc
+import logging
 import warnings
 import weakref
 from collections import OrderedDict
@@ -32,12 +33,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .batched import BatchedOrthonormality
+from .chain import ChainCheck, check_plain_chain
 from .defaults import (  # re-exported: callers import the defaults from here too
     DEFAULT_FORM,
     DEFAULT_MAX_GRAD_RATIO,
     DEFAULT_MODULATION,
     DEFAULT_ORTHO_DECAY,
     MIN_WEIGHT_NORM,
+    MODULATION_PRESETS,
     max_grad_ratio_for,
 )
 from .forms import resolve_form
@@ -52,6 +55,8 @@ __all__ = [
 ]
 
 Form = Literal["auto", "coupled", "decoupled"]
+
+_log = logging.getLogger("timm_ortho")
 
 
 class OrthoModulated(Optimizer):
@@ -72,17 +77,23 @@ class OrthoModulated(Optimizer):
             see :func:`~timm_ortho.targets.find_targets`.
         targets: the :class:`~timm_ortho.targets.FilterBank` list, when the caller has already found
             it (so that the model is walked once); then the selection options above must stay unset.
-        modulation: ``False`` (default), ``True``, a dict of
-            :class:`~timm_ortho.modulation.ErrorModulation` options, or an ``ErrorModulation``.
+        modulation: ``"auto"`` (default): the ``"top"`` rule on a plain chain, off on any other model
+            (:mod:`timm_ortho.chain` decides; one INFO line on the ``timm_ortho`` logger says which).
+            ``True`` or ``"top"``: the library's rule (every layer against the top of the chain);
+            ``"paper"``: the paper's consecutive-layer rule (:data:`timm_ortho.defaults.MODULATION_PRESETS`);
+            a dict of :class:`~timm_ortho.modulation.ErrorModulation` options; an ``ErrorModulation``;
+            ``False`` or ``None``: off.
         max_grad_ratio: the step bound. Inside ``step()``, after the orthonormality term is added,
             every target weight's gradient is scaled down where needed so that
             ``||grad_l||_F <= max_grad_ratio * ||W_l||_F`` (per layer; a layer-wise adaptive gradient
             clip). It bounds the *relative* change of each filter bank, which is what matters for
             weights followed by BatchNorm (scale-invariant), and it keeps the cubic orthonormality
-            gradient from running away when a weight's scale has grown. ``"auto"`` (default):
-            ``min(0.01, 1 / L)`` for ``L`` target layers (:func:`timm_ortho.defaults.max_grad_ratio_for`:
-            deeper chains need smaller per-layer steps). ``None`` turns it off. Stored, as a number,
-            as the param-group field ``"max_grad_ratio"``.
+            gradient from running away when a weight's scale has grown. ``"auto"`` (default): on a
+            plain chain ``min(0.01, 1 / L)`` for ``L`` target layers
+            (:func:`timm_ortho.defaults.max_grad_ratio_for`: deeper chains need smaller per-layer
+            steps), no bound on any other model (it slows models with shortcuts, which do not need
+            it). ``None`` turns it off. Stored, as a number or None, as the param-group field
+            ``"max_grad_ratio"``.
 
     Target weights with ``requires_grad=False`` are ignored.
     """
@@ -100,7 +111,7 @@ class OrthoModulated(Optimizer):
         skip_stem: bool = False,
         skip_classifier: bool = False,
         include_depthwise: bool = False,
-        modulation: bool | dict[str, Any] | Any = DEFAULT_MODULATION,
+        modulation: bool | str | dict[str, Any] | Any = DEFAULT_MODULATION,
         max_grad_ratio: float | Literal["auto"] | None = DEFAULT_MAX_GRAD_RATIO,
         targets: Sequence[FilterBank] | None = None,
     ) -> None:
@@ -119,6 +130,7 @@ class OrthoModulated(Optimizer):
         _check_decay(ortho_decay)
         if max_grad_ratio != "auto":
             _check_ratio(max_grad_ratio)
+        _check_modulation(modulation)
         self.form: Literal["coupled", "decoupled"] = resolve_form(optimizer, form)
         if weight_decay_policy not in ("split", "error"):
             raise ValueError(f"weight_decay_policy must be 'split' or 'error', got {weight_decay_policy!r}")
@@ -141,8 +153,16 @@ class OrthoModulated(Optimizer):
         self._target_index = {id(t.param): i for i, t in enumerate(self.targets)}
         self._separate_weight_decay(weight_decay_policy)
 
+        # "auto" settings depend on whether the model is a plain chain: one traced forward decides.
+        settings = {"max_grad_ratio": max_grad_ratio, "modulation": modulation}
+        auto = [name for name, value in settings.items() if isinstance(value, str) and value == "auto"]
+        self.chain: ChainCheck | None = check_plain_chain(model) if auto else None
+        plain = self.chain is not None and self.chain.plain
         if max_grad_ratio == "auto":
-            max_grad_ratio = max_grad_ratio_for(len(self.targets))
+            max_grad_ratio = max_grad_ratio_for(len(self.targets)) if plain else None
+        if modulation == "auto":  # a chain needs two layers below the classifier for the rule to act
+            chained = sum(t.role != "classifier" for t in self.targets) > 1
+            modulation = "top" if plain and chained else False
         self.defaults.update(ortho_decay=ortho_decay, ortho_step=0, max_grad_ratio=max_grad_ratio)
         for group in self.param_groups:
             self._fill_group_fields(group)
@@ -150,6 +170,28 @@ class OrthoModulated(Optimizer):
         self.modulation = self._make_modulation(model, modulation)
         self._sync_modulation_step()
         _WRAPPED[optimizer] = weakref.ref(self)
+        _log.info("%s", self._summary(type(model).__name__))
+
+    def _summary(self, model_name: str) -> str:
+        """The one line that says what the wrapper does to the model and, for "auto" settings, why."""
+        ratio = self.defaults["max_grad_ratio"]
+        decays = sorted({g["ortho_decay"] for g in self.param_groups})
+        decay = decays[0] if len(decays) == 1 else decays
+        removed = f"; weight decay removed from {self._undecayed} of them" if self._undecayed else ""
+        parts = [
+            f"OrthoModulated({type(self.base_optimizer).__name__}) on {model_name}: orthonormality term on "
+            f"{len(self.targets)} conv/linear weights (ortho_decay={decay}, "
+            f"{self.form} form{removed})"
+        ]
+        if self.chain is not None:
+            parts.append(f"{'a' if self.chain.plain else 'not a'} plain chain ({self.chain.reason})")
+        bound = f"step bound max_grad_ratio={ratio:.3g}" if ratio is not None else "no step bound"
+        mod = self.modulation
+        rule = (
+            f"error modulation on (reference={mod.reference!r})" if mod is not None else "no error modulation"
+        )
+        parts.append(f"{bound}, {rule}")
+        return "; ".join(parts)
 
     # -- sharing the base optimizer's containers ------------------------------------------------
     @property
@@ -192,6 +234,7 @@ class OrthoModulated(Optimizer):
         groups = self.base_optimizer.param_groups
         rebuilt: list[dict[str, Any]] = []
         changed: list[str] = []
+        self._undecayed = 0  # target weights whose weight decay was removed (for the summary line)
         for gi, group in enumerate(groups):
             targets = [p for p in group["params"] if id(p) in self._target_index]
             if not targets or not group.get("weight_decay", 0.0):
@@ -206,6 +249,7 @@ class OrthoModulated(Optimizer):
                 )
             others = [p for p in group["params"] if id(p) not in self._target_index]
             changed.append(f"group {gi} ({len(targets)} weights, weight_decay={group['weight_decay']})")
+            self._undecayed += len(targets)
             if others:
                 group["params"] = others
                 rebuilt.extend([group, {**group, "params": targets, "weight_decay": 0.0}])
@@ -227,7 +271,7 @@ class OrthoModulated(Optimizer):
         group.setdefault("ortho_step", step)
         group.setdefault("max_grad_ratio", self.defaults["max_grad_ratio"])
 
-    def _make_modulation(self, model: nn.Module, modulation: bool | dict[str, Any] | Any):
+    def _make_modulation(self, model: nn.Module, modulation: bool | str | dict[str, Any] | Any):
         if modulation is False or modulation is None:
             return None
         from .modulation import ErrorModulation
@@ -235,13 +279,9 @@ class OrthoModulated(Optimizer):
         if isinstance(modulation, ErrorModulation):
             return modulation
         if modulation is True:
-            return ErrorModulation(model, targets=self.targets)
-        if isinstance(modulation, dict):
-            return ErrorModulation(model, targets=self.targets, **modulation)
-        raise TypeError(
-            f"modulation must be a bool, a dict of ErrorModulation options or an ErrorModulation, "
-            f"got {type(modulation).__name__}"
-        )
+            modulation = "top"
+        options = MODULATION_PRESETS[modulation] if isinstance(modulation, str) else modulation
+        return ErrorModulation(model, targets=self.targets, **options)
 
     def _sync_modulation_step(self) -> None:
         if self.modulation is not None:
@@ -439,6 +479,20 @@ def _trainable_targets(
             + "; check the model and the include/exclude patterns."
         )
     return trainable
+
+
+def _check_modulation(value: Any) -> None:
+    from .modulation import ErrorModulation
+
+    if value is None or isinstance(value, (bool, dict, ErrorModulation)):
+        return
+    if isinstance(value, str) and (value == "auto" or value in MODULATION_PRESETS):
+        return
+    names = ", ".join(repr(n) for n in ("auto", *MODULATION_PRESETS))
+    raise ValueError(
+        f"modulation must be {names}, True/False/None, a dict of ErrorModulation options or an "
+        f"ErrorModulation, got {value!r}"
+    )
 
 
 def _check_ratio(value: float | None, where: str = "") -> None:

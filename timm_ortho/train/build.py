@@ -155,7 +155,9 @@ def run_folder(cfg: TrainConfig, accelerator: Any) -> tuple[Path, Path | None]:
     check_data(cfg)
     resume_path, run_dir = _resume_point(cfg, accelerator) if cfg.resume is not None else (None, None)
     if run_dir is None:
-        method = "baseline" if cfg.baseline else ("ortho-mod" if cfg.modulation is not False else "ortho")
+        method = (
+            "baseline" if cfg.baseline else ("ortho" if cfg.modulation in (False, "auto") else "ortho-mod")
+        )
         name = [cfg.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{method}"]
         broadcast_object_list(name)  # the main process's clock names the folder
         run_dir = Path(cfg.output) / name[0]
@@ -258,8 +260,6 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any,
         optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **extra)
         probe = ErrorModulation(model, targets=targets, measure_only=True) if cfg.error_stats else None
         return optimizer, probe, targets, f"L2 weight decay {cfg.weight_decay:g}, no modulation"
-    options = cfg.modulation_options()
-    modulation = options if options is not None else ({"measure_only": True} if cfg.error_stats else False)
     # timm's parameter groups (no_weight_decay(), 1-D parameters), the targets without L2.
     optimizer = timm_ortho.create_optimizer(
         model,
@@ -268,22 +268,27 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any,
         weight_decay=cfg.weight_decay,
         ortho_decay=cfg.ortho_decay,
         form=cfg.ortho_form,
-        modulation=modulation,
+        modulation=cfg.modulation_setting(),
         max_grad_ratio=cfg.max_grad_ratio or None,
         target_kwargs={"targets": targets},
         **extra,
     )
-    ratio = optimizer.defaults["max_grad_ratio"]  # "auto" resolved by the wrapper from the depth
+    ratio = optimizer.defaults["max_grad_ratio"]  # "auto" resolved by the wrapper from the model
     bound = f"|grad| <= {ratio:.3g} |W| per layer" if ratio else "off"
-    if options is None:
-        status = "off" + (" (error moments measured only)" if cfg.error_stats else "")
+    probe = optimizer.modulation
+    if probe is not None:
+        m = probe
+        status = f"on (reference={m.reference}, mode={m.mode}, band={m.band:g}, schedule={m.schedule})"
     else:
-        status = "on " + (", ".join(f"{k}={v}" for k, v in options.items()) or "(ErrorModulation defaults)")
+        status = "off" + (" (error moments measured only)" if cfg.error_stats else "")
+        probe = (
+            ErrorModulation(model, targets=optimizer.targets, measure_only=True) if cfg.error_stats else None
+        )
     method = (
         f"orthonormality regularizer lambda={cfg.ortho_decay:g} on {len(optimizer.targets)} weights "
         f"(no L2 on them), step bound {bound}, modulation {status}"
     )
-    return optimizer, optimizer.modulation, optimizer.targets, method
+    return optimizer, probe, optimizer.targets, method
 
 
 def build_schedule(cfg: TrainConfig, optimizer: Any, updates_per_epoch: int) -> tuple[Any, int, int]:

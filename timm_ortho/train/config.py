@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from timm.utils import ParseKwargs
 
-from ..defaults import DEFAULT_MAX_GRAD_RATIO, DEFAULT_ORTHO_DECAY
+from ..defaults import DEFAULT_MAX_GRAD_RATIO, DEFAULT_MODULATION, DEFAULT_ORTHO_DECAY, MODULATION_PRESETS
 from .data import DataConfig
 
 __all__ = [
@@ -83,8 +83,9 @@ def _number_or_auto(text: str) -> float | str:
 
 
 class _ModulationAction(ParseKwargs):
-    """``--modulation [KEY=VALUE ...]``: on, with the pairs (if any) as ErrorModulation options;
-    ``--no-modulation``: off. With a ``key``, a ``--mod-*`` alias: sets that one option, which takes
+    """``--modulation [auto | top | paper | KEY=VALUE ...]``: alone, on (the ``top`` rule); a preset
+    name, that preset; pairs, ErrorModulation options; ``--no-modulation``: off. Not given: ``auto``
+    (on for plain chains only). With a ``key``, a ``--mod-*`` alias: sets that one option, which takes
     effect once ``--modulation`` is on, given before or after it.
     """
 
@@ -96,15 +97,25 @@ class _ModulationAction(ParseKwargs):
         pending, current = getattr(namespace, "_mod_options", {}), getattr(namespace, self.dest)
         if self.key is not None:
             namespace._mod_options = {**pending, self.key: self.const if self.nargs == 0 else values}
-            if current is False:  # not (yet) on
+            if current is False or isinstance(current, str):  # not (yet) on with options of its own
                 return
             options = {**(current if isinstance(current, dict) else {}), **namespace._mod_options}
         elif option_string == "--no-modulation":
             options = False
+        elif len(values) == 1 and "=" not in values[0]:
+            if values[0] not in _MODULATION_NAMES:
+                raise argparse.ArgumentError(
+                    self,
+                    f"expected one of {', '.join(_MODULATION_NAMES)} or KEY=VALUE pairs, got {values[0]!r}",
+                )
+            options = values[0]
         else:
             super().__call__(parser, namespace, values, option_string)
             options = {**pending, **getattr(namespace, self.dest)} or True
         setattr(namespace, self.dest, options)
+
+
+_MODULATION_NAMES = ("auto", *MODULATION_PRESETS)
 
 
 def _mod_alias(key: str, help: str = "ErrorModulation's option", **argparse_kwargs: Any) -> dict[str, Any]:
@@ -199,18 +210,21 @@ class TrainConfig(DataConfig):
         list[str] | None, cli("fnmatch patterns of weights left to --weight-decay", metavar="PATTERN")
     ] = None
     modulation: Annotated[
-        bool | dict[str, Any],
+        bool | str | dict[str, Any],
         cli(
-            "backward error modulation: alone, with ErrorModulation's own options; with KEY=VALUE pairs "
-            "(band, mode, statistic, include_classifier, max_scale, reference, schedule), with those",
+            "backward error modulation: not given, auto (on for plain chains, off for other models); "
+            "alone or 'top', the library's rule; 'paper', the paper's consecutive rule; with KEY=VALUE "
+            "pairs (band, mode, statistic, include_classifier, max_scale, reference, schedule), "
+            "ErrorModulation with those",
             flags=["--modulation", "--no-modulation"],
             action=_ModulationAction,
             nargs="*",
             metavar="KEY=VALUE",
             aliases=_MODULATION_ALIASES,
         ),
-    ] = False
-    """As :func:`timm_ortho.create_optimizer` takes it: False, True or a dict of ErrorModulation options."""
+    ] = DEFAULT_MODULATION
+    """As :func:`timm_ortho.create_optimizer` takes it: "auto", False, True, a preset name or a dict of
+    ErrorModulation options."""
     precise_bn: Annotated[
         int | None,
         cli(
@@ -318,11 +332,11 @@ class TrainConfig(DataConfig):
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)}
         return DataConfig(**{**values, "img_size": img_size})
 
-    def modulation_options(self) -> dict[str, Any] | None:
-        """The ErrorModulation options when modulation is on (``{}``: its defaults), else ``None``."""
-        if self.modulation is False:
-            return None
-        options = dict(self.modulation) if isinstance(self.modulation, dict) else {}
+    def modulation_setting(self) -> bool | str | dict[str, Any]:
+        """``modulation`` as :func:`timm_ortho.create_optimizer` takes it (``schedule=0``: always)."""
+        if not isinstance(self.modulation, dict):
+            return self.modulation
+        options = dict(self.modulation)
         if not options.get("schedule"):  # 0 means always, as ErrorModulation's None
             options.pop("schedule", None)
         return options
@@ -507,7 +521,7 @@ def validate_config(cfg: TrainConfig) -> None:
     _check_fields(cfg)
     _check_names(cfg)
     check_model_arguments(cfg)
-    if cfg.baseline and cfg.modulation is not False:
+    if cfg.baseline and cfg.modulation not in (False, "auto"):
         raise ConfigError("--baseline means no modulation; drop --modulation or --baseline")
     if cfg.baseline and cfg.init == "orthonormal":
         raise ConfigError("--baseline means MSRA init; drop --init orthonormal or --baseline")

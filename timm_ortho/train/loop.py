@@ -579,7 +579,7 @@ def _plots(run: Run) -> list[str]:
     and the bottom/top ratio over the run."""
     from .plots import plot_error_moments, plot_ratio_history, plot_training_curves
 
-    cfg, modulated = run.cfg, run.cfg.modulation is not False
+    cfg, modulated = run.cfg, run.probe is not None and not run.probe.measure_only
     metrics = run.run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     curves = plot_training_curves([json.loads(line) for line in lines], run.run_dir / "training_curves.png")
