@@ -6,9 +6,13 @@ residual twins, with an ablation of every ingredient of the default recipe.
     python scripts/reproduce.py depth --plot-only --out docs/figures             # redraw from JSON
 
 Every regime trains the same number of steps with the same batches per seed (cosine schedule, SGD
-momentum 0.9, lr 0.1); "test acc" is measured with the BN statistics the run ends with and, for the
-"precise" column, after recomputing them over 20 training batches. Runs are ordered by priority
-(the headline comparison at 110 layers first) so that a ``--deadline`` cuts the least important.
+momentum 0.9) and gets the same learning-rate grid (``--lrs``, default 0.02 and 0.1): each lr on the
+first seed, then the other seeds at the lr with the lowest final training loss (no held-out data is
+read to choose). Residual twins of 56 layers and more also get He et al.'s warm-up (lr 0.01 until the
+training error is below 80 %), as He et al. trained ResNet-110. "test acc" is measured with the BN
+statistics the run ends with and, for the "precise" column, after recomputing them over 20 training
+batches. Cells are ordered by priority (the headline comparison at 110 layers first) so that a
+``--deadline`` cuts the least important.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from timm_ortho.optim import DEFAULT_MODULATION
-from timm_ortho.train.experiments import RunConfig, run_many
+from timm_ortho.train.experiments import RunConfig, run_lr_grid
+
+DEFAULT_LRS = (0.02, 0.1)
+"""The learning-rate grid every regime gets (He et al.'s 0.1, and the fifth of it)."""
+WARMUP_DEPTH = 56
+"""Residual twins from this depth on train with He et al.'s warm-up."""
 
 # label -> (family, RunConfig overrides). "default" is exactly the user's call on the model's defaults.
 REGIMES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -35,10 +43,7 @@ REGIMES: dict[str, tuple[str, dict[str, Any]]] = {
         "plain",
         dict(method="default", init="msra", wrapper=dict(ortho_decay=0.0)),
     ),
-    f"defaults, modulation {'off' if DEFAULT_MODULATION else 'on'}": (
-        "plain",
-        dict(method="default", wrapper=dict(modulation=not DEFAULT_MODULATION)),
-    ),
+    "defaults, modulation off": ("plain", dict(method="default", wrapper=dict(modulation=False))),
     "defaults, no step bound": ("plain", dict(method="default", wrapper=dict(max_grad_ratio=None))),
     "plain, MSRA + L2 (shaped activation)": ("plain", dict(method="l2")),
 }
@@ -50,40 +55,44 @@ DATASETS = {
 }
 
 
+Cell = tuple[str, str, int, RunConfig]
+"""(dataset, regime label, depth, config): one entry of a suite, run at every lr and seed."""
+
+
 def plan(
-    depths: list[int], datasets: list[str], seeds: list[int], steps: int, batch_size: int, ablate: list[int]
-) -> list[tuple[str, str, int, RunConfig]]:
-    """(dataset, regime, depth, config) by priority, so that a deadline cuts the least important:
-    the core regimes at 110 layers; 1202 layers (defaults, twin, plain baseline) on the first data
-    set; the core regimes at the other depths; the ablations; the rest of 1202."""
+    depths: list[int], datasets: list[str], steps: int, batch_size: int, ablate: list[int]
+) -> list[Cell]:
+    """The cells by priority, so that a deadline cuts the least important: the core regimes at 110
+    layers; 1202 layers (defaults, twin, plain baseline) on the first data set; the core regimes at
+    the other depths; the ablations; the rest of 1202."""
     deepest = [d for d in depths if d >= 1000]
     others = sorted((d for d in depths if d < 1000), key=lambda d: (d != 110, -d))
-    cells: list[tuple[str, int, list[str]]] = []  # (dataset, depth, regimes)
-    cells += [(name, 110, CORE) for name in datasets if 110 in others]
-    cells += [(datasets[0], d, CORE[:3]) for d in deepest]
-    cells += [(name, d, CORE) for d in others if d != 110 for name in datasets]
-    cells += [(name, d, ABLATIONS) for d in others if d in ablate for name in datasets]
-    cells += [(datasets[0], d, CORE[3:]) for d in deepest]
-    cells += [(name, d, CORE) for d in deepest for name in datasets[1:]]
-    jobs = []
-    for name, depth, labels in cells:
-        for seed in seeds:
-            for label in labels:
-                family, overrides = REGIMES[label]
-                model = f"plain_cnn{depth}" if family == "plain" else f"cifar_resnet{depth}"
-                jobs.append((name, label, depth, suite_config(model, seed, steps, batch_size, overrides)))
-    return jobs
+    groups: list[tuple[str, int, list[str]]] = []  # (dataset, depth, regimes)
+    groups += [(name, 110, CORE) for name in datasets if 110 in others]
+    groups += [(datasets[0], d, CORE[:3]) for d in deepest]
+    groups += [(name, d, CORE) for d in others if d != 110 for name in datasets]
+    groups += [(name, d, ABLATIONS) for d in others if d in ablate for name in datasets]
+    groups += [(datasets[0], d, CORE[3:]) for d in deepest]
+    groups += [(name, d, CORE) for d in deepest for name in datasets[1:]]
+    cells = []
+    for name, depth, labels in groups:
+        for label in labels:
+            family, overrides = REGIMES[label]
+            model = f"plain_cnn{depth}" if family == "plain" else f"cifar_resnet{depth}"
+            cells.append((name, label, depth, suite_config(model, steps, batch_size, overrides)))
+    return cells
 
 
-def suite_config(model: str, seed: int, steps: int, batch_size: int, overrides: dict[str, Any]) -> RunConfig:
-    """One run of the suite's budget: SGD momentum 0.9, lr 0.1, cosine, precise BN over 20 batches."""
-    overrides = {"lr": 0.1, **overrides}
+def suite_config(model: str, steps: int, batch_size: int, overrides: dict[str, Any]) -> RunConfig:
+    """One run of the suite's budget: SGD momentum 0.9, cosine, precise BN over 20 batches; residual
+    twins from :data:`WARMUP_DEPTH` layers on with He et al.'s warm-up. The lr and seed are the grid's."""
+    depth = int(model.removeprefix("cifar_resnet")) if model.startswith("cifar_resnet") else 0
+    overrides = {"warmup": depth >= WARMUP_DEPTH, **overrides}
     return RunConfig(
         model=model,
         steps=steps,
         batch_size=batch_size,
         schedule="cosine",
-        seed=seed,
         record_every=max(1, steps // 10),
         precise_bn=20,
         **overrides,
@@ -112,11 +121,10 @@ DEFAULTS_GRID: dict[str, dict[str, Any]] = {
 }
 
 
-def plan_defaults(seeds: list[int], steps: int, batch_size: int) -> list[tuple[str, str, int, RunConfig]]:
+def plan_defaults(steps: int, batch_size: int) -> list[Cell]:
     """The :data:`DEFAULTS_GRID` runs (plain_cnn110, digits) with the suite's budget."""
     return [
-        ("digits", label, 110, suite_config("plain_cnn110", seed, steps, batch_size, overrides))
-        for seed in seeds
+        ("digits", label, 110, suite_config("plain_cnn110", steps, batch_size, overrides))
         for label, overrides in DEFAULTS_GRID.items()
     ]
 
@@ -143,58 +151,63 @@ BOUNDS_GRID: dict[str, dict[str, Any]] = {
 }
 
 
-def plan_bounds(
-    seeds: list[int], steps: int, batch_size: int, depths: list[int]
-) -> list[tuple[str, str, int, RunConfig]]:
+def plan_bounds(steps: int, batch_size: int, depths: list[int]) -> list[Cell]:
     """The :data:`BOUNDS_GRID` runs on digits at each of ``depths``."""
     return [
-        ("digits", label, depth, suite_config(f"plain_cnn{depth}", seed, steps, batch_size, overrides))
+        ("digits", label, depth, suite_config(f"plain_cnn{depth}", steps, batch_size, overrides))
         for depth in depths
-        for seed in seeds
         for label, overrides in BOUNDS_GRID.items()
     ]
 
 
-def plan_deep(
-    seeds: list[int], steps: int, batch_size: int, datasets: list[str]
-) -> list[tuple[str, str, int, RunConfig]]:
-    """The :data:`DEEP_GRID` runs at 1202 layers, every seed of the first data set first."""
+def plan_deep(steps: int, batch_size: int, datasets: list[str]) -> list[Cell]:
+    """The :data:`DEEP_GRID` runs at 1202 layers."""
     return [
-        (name, label, 1202, suite_config("plain_cnn1202", seed, steps, batch_size, overrides))
+        (name, label, 1202, suite_config("plain_cnn1202", steps, batch_size, overrides))
         for name in datasets
-        for seed in seeds
         for label, overrides in DEEP_GRID.items()
     ]
 
 
 def run_suite(
-    jobs: list[tuple[str, str, int, RunConfig]],
+    cells: list[Cell],
+    lrs: list[float],
+    seeds: list[int],
     device: str,
     processes: int,
     deadline: float | None,
     on_result: Callable[[dict[str, Any]], None],
-) -> list[dict[str, Any]]:
-    """Run ``jobs`` in ``processes`` worker processes sharing one device, in priority order.
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run ``cells`` over the lr grid and ``seeds`` (:func:`~timm_ortho.train.experiments.run_lr_grid`)
+    in ``processes`` worker processes sharing one device, in priority order.
 
-    No run starts once ``deadline`` seconds have passed; the runs left out are reported by the caller.
+    Returns ``(results, grid)``: the entries at each cell's chosen lr, one per seed, and the first
+    seed's entries at every lr. ``on_result`` gets every finished run as an entry (to keep what
+    finished if the suite is cut short). No run starts once ``deadline`` seconds have passed.
     """
-    results = []
 
-    def finished(index: int, record: dict[str, Any]) -> None:
-        name, label, depth, _ = jobs[index]
-        entry = {"dataset": name, "regime": label, "depth": depth, "record": record}
-        results.append(entry)
-        on_result(entry)
+    def entry(index: int, record: dict[str, Any]) -> dict[str, Any]:
+        name, label, depth, _ = cells[index]
+        return {
+            "dataset": name,
+            "regime": label,
+            "depth": depth,
+            "lr": record["config"]["lr"],
+            "record": record,
+        }
 
-    run_many(
-        [cfg for *_, cfg in jobs],
-        [DATASETS[name] for name, *_ in jobs],
+    outcome = run_lr_grid(
+        [(cfg, DATASETS[name]) for name, _, _, cfg in cells],
+        lrs,
+        seeds,
         device,
         processes,
         deadline=deadline,
-        on_result=finished,
+        on_result=lambda i, record: on_result(entry(i, record)),
     )
-    return results
+    results = [entry(i, r) for i, cell in enumerate(outcome) for r in cell.seeds if r is not None]
+    grid = [entry(i, r) for i, cell in enumerate(outcome) for r in cell.grid if r is not None]
+    return results, grid
 
 
 def _final(entry: dict[str, Any], key: str) -> float:
@@ -216,6 +229,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 dataset=name,
                 regime=label,
                 depth=depth,
+                lr=entries[0]["record"]["config"]["lr"],
                 seeds=[e["record"]["config"]["seed"] for e in entries],
                 acc=acc,
                 acc_precise=precise,
@@ -237,15 +251,17 @@ def _mean_sd(values: list[float]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| data | depth | regime | test acc (final BN) | test acc (precise BN) | per seed (precise) | NaN |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| data | depth | regime | lr | test acc (final BN) | test acc (precise BN) | per seed (precise) "
+        "| NaN |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     labels = dict.fromkeys([*REGIMES, *DEFAULTS_GRID, *DEEP_GRID, *BOUNDS_GRID])
     order = {label: i for i, label in enumerate(labels)}
     for r in sorted(rows, key=lambda r: (r["dataset"], r["depth"], order[r["regime"]])):
         seeds = " / ".join(f"{v:.3f}" for v in r["acc_precise"])
         lines.append(
-            f"| {r['dataset']} | {r['depth']} | {r['regime']} | {_mean_sd(r['acc'])} | "
+            f"| {r['dataset']} | {r['depth']} | {r['regime']} | {r.get('lr', 0.1):g} | "
+            f"{_mean_sd(r['acc'])} | "
             f"{_mean_sd(r['acc_precise'])} | {seeds} | {r['diverged']} |"
         )
     return "\n".join(lines)
@@ -291,10 +307,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def write(
-    results: list[dict[str, Any]], budget: dict[str, Any], out: Path, name: str = "depth"
+    results: list[dict[str, Any]],
+    budget: dict[str, Any],
+    out: Path,
+    name: str = "depth",
+    grid: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
+    """The suite's JSON (rows, the chosen-lr results and the grid's first-seed runs) and figure."""
     rows = summarize(results)
-    payload = {"budget": budget, "rows": rows, "results": results}
+    payload = {"budget": budget, "rows": rows, "results": results, "grid": grid or []}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
     if rows and name == "depth":
         plot(rows, out / "depth.png")

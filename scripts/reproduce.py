@@ -9,6 +9,9 @@
     python scripts/reproduce.py deep           # plain_cnn1202: the step bound's size at 1202 layers (a GPU)
     python scripts/reproduce.py bounds --depths 20 44   # the step bound's size against depth (a CPU)
     python scripts/reproduce.py protocol       # print the commands of the full CIFAR-10 protocol
+    python scripts/reproduce.py models         # any timm model: defaults vs the bare optimizer (CPU, ~1 h)
+    python scripts/reproduce.py regularizer    # L2 vs orthonormality vs neither at convergence (CPU, ~3 h)
+    python scripts/reproduce.py hardness       # the pilot that chose the regularizer suite's harder set
 
 Options shared by all suites: ``--data-dir`` (a ``cifar-10-batches-py`` folder; default: the
 embedded synthetic set), ``--device`` (``auto`` picks CUDA when present), ``--steps``,
@@ -23,6 +26,7 @@ seed see the same batches in the same order.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -313,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
             "defaults",
             "deep",
             "bounds",
+            "models",
+            "regularizer",
+            "hardness",
         ],
     )
     parser.add_argument("--data-dir", default=None, help="cifar-10-batches-py folder (default: synthetic)")
@@ -323,7 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--n-train", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1])
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="the lr grid (default: 0.03 0.1; depth suites 0.02 0.1)",
+    )
     parser.add_argument("--sweep-lr", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=Path("docs/figures"))
     parser.add_argument(
@@ -332,7 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     depth = parser.add_argument_group("depth suite")
     depth.add_argument("--depths", type=int, nargs="+", default=[20, 44, 110, 1202])
     depth.add_argument(
-        "--datasets", nargs="+", default=["digits", "synthetic"], choices=["digits", "synthetic"]
+        "--datasets",
+        nargs="+",
+        default=None,
+        choices=["digits", "synthetic", "hard"],
+        help="depth suites: digits synthetic; models: digits; regularizer: digits hard",
+    )
+    depth.add_argument(
+        "--models", nargs="+", default=None, metavar="LABEL", help="regularizer suite: only these model rows"
+    )
+    depth.add_argument(
+        "--budgets", nargs="+", default=None, choices=["300 steps", "converged"], help="models suite"
     )
     depth.add_argument(
         "--ablate-depths", type=int, nargs="+", default=[44, 110], help="depths with ablations"
@@ -361,6 +384,7 @@ def fill_budget(args: argparse.Namespace) -> None:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.jobs = args.jobs or (1 if args.device != "cpu" else (os.cpu_count() or 1))
+    args.lrs = args.lrs or [0.03, 0.1]
 
 
 def run_one(suite: str, args: argparse.Namespace, data: TensorData) -> None:
@@ -385,7 +409,11 @@ def run_one(suite: str, args: argparse.Namespace, data: TensorData) -> None:
 def main() -> None:
     args = build_parser().parse_args()
     if args.suite in ("depth", "defaults", "deep", "bounds"):
+        args.datasets = args.datasets or ["digits", "synthetic"]
         run_depth(args)
+        return
+    if args.suite in ("models", "regularizer", "hardness"):
+        run_convergence(args)
         return
     if args.suite == "protocol":
         print(PROTOCOL)
@@ -408,80 +436,155 @@ def main() -> None:
 
 
 def run_depth(args: argparse.Namespace) -> None:
-    """``reproduce.py depth``: see scripts/depth_suite.py."""
+    """``reproduce.py depth | defaults | deep | bounds``: see scripts/depth_suite.py."""
     import depth_suite
 
     args.out.mkdir(parents=True, exist_ok=True)
     name = args.suite
     if args.plot_only:
         record = json.loads((args.out / f"{name}.json").read_text())
-        print(depth_suite.table(depth_suite.write(record["results"], record["budget"], args.out, name)))
+        rows = depth_suite.write(record["results"], record["budget"], args.out, name, record.get("grid"))
+        print(depth_suite.table(rows))
         return
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     steps, batch = args.steps or 300, args.batch_size or 64
-    seeds = args.seeds or [0, 1, 2]
+    seeds = args.seeds or ([0, 1] if name == "defaults" else [0, 1, 2])
+    lrs = args.lrs or list(depth_suite.DEFAULT_LRS)
     if name == "defaults":
-        seeds = args.seeds or [0, 1]
-        jobs = depth_suite.plan_defaults(seeds, steps, batch)
+        cells = depth_suite.plan_defaults(steps, batch)
     elif name == "bounds":
-        jobs = depth_suite.plan_bounds(seeds, steps, batch, args.depths)
+        cells = depth_suite.plan_bounds(steps, batch, args.depths)
     elif name == "deep":
-        jobs = depth_suite.plan_deep(seeds, steps, batch, args.datasets)
+        cells = depth_suite.plan_deep(steps, batch, args.datasets)
     else:
-        jobs = depth_suite.plan(args.depths, args.datasets, seeds, steps, batch, args.ablate_depths)
+        cells = depth_suite.plan(args.depths, args.datasets, steps, batch, args.ablate_depths)
     if args.regimes:
-        unknown = set(args.regimes) - {label for _, label, _, _ in jobs}
+        unknown = set(args.regimes) - {label for _, label, _, _ in cells}
         if unknown:
             raise SystemExit(f"--regimes: no planned run is labelled {sorted(unknown)}")
-        jobs = [job for job in jobs if job[1] in args.regimes]
-    previous: list[dict[str, Any]] = []
+        cells = [cell for cell in cells if cell[1] in args.regimes]
+    previous: dict[str, list[dict[str, Any]]] = {"results": [], "grid": []}
     if args.append and (args.out / f"{name}.json").exists():
-        previous = json.loads((args.out / f"{name}.json").read_text())["results"]
-        have = {(e["dataset"], e["regime"], e["depth"], e["record"]["config"]["seed"]) for e in previous}
-        jobs = [j for j in jobs if (j[0], j[1], j[2], j[3].seed) not in have]
-        print(f"appending to {len(previous)} finished runs in {args.out / f'{name}.json'}")
+        saved = json.loads((args.out / f"{name}.json").read_text())
+        previous = {"results": saved["results"], "grid": saved.get("grid", [])}
+        have = {(e["dataset"], e["regime"], e["depth"]) for e in previous["results"]}
+        cells = [c for c in cells if (c[0], c[1], c[2]) not in have]
+        print(f"appending to {len(previous['results'])} finished runs in {args.out / f'{name}.json'}")
     processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    planned = len(cells) * (len(lrs) + len(seeds) - 1)
     budget = dict(
         steps=steps,
         batch_size=batch,
         seeds=seeds,
+        lrs=lrs,
         depths=args.depths,
         datasets=args.datasets,
         ablate_depths=args.ablate_depths,
         device=args.device,
         processes=processes,
-        lr=0.1,
         schedule="cosine",
         momentum=0.9,
+        warmup=f"residual twins from {depth_suite.WARMUP_DEPTH} layers: lr 0.01 until training error < 80 %",
         precise_bn_batches=20,
-        planned_runs=len(jobs),
+        planned_runs=planned,
         data={name: depth_suite.DATASETS[name] for name in args.datasets},
     )
-    print(f"{name} suite: {len(jobs)} runs planned on {args.device} in {processes} processes")
-    bar = tqdm(total=len(jobs), desc=name, unit="run")
-    done: list[dict[str, Any]] = list(previous)
+    print(
+        f"{name} suite: {len(cells)} cells, {planned} runs planned on {args.device} in {processes} processes"
+    )
+    bar = tqdm(total=planned, desc=name, unit="run")
+    finished: list[dict[str, Any]] = []
     start = time.perf_counter()
 
     def on_result(entry: dict[str, Any]) -> None:
         entry["device"] = device_name
-        done.append(entry)
-        bar.update(1)
         if entry["depth"] == 1202:  # a 1202-layer record lists every layer: keep the JSON small
             entry["record"]["final"].pop("layer_names", None)
-        if len(done) % 10 == 0 or len(jobs) <= 30:  # keep what finished if the run is cut short
-            depth_suite.write(done, {**budget, "finished_runs": len(done)}, args.out, name)
+        finished.append(entry)
+        bar.update(1)
+        # Keep what finished if the suite is cut short: every run so far, in <suite>.partial.json.
+        if len(finished) % 10 == 0 or planned <= 30:
+            partial = {**budget, "finished_runs": len(finished)}
+            depth_suite.write(finished, partial, args.out, f"{name}.partial")
 
-    depth_suite.run_suite(jobs, args.device, processes, args.deadline, on_result)
+    results, grid = depth_suite.run_suite(cells, lrs, seeds, args.device, processes, args.deadline, on_result)
     bar.close()
-    budget.update(finished_runs=len(done) - len(previous), seconds=round(time.perf_counter() - start))
-    rows = depth_suite.write(done, budget, args.out, name)
+    budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
+    rows = depth_suite.write(previous["results"] + results, budget, args.out, name, previous["grid"] + grid)
+    (args.out / f"{name}.partial.json").unlink(missing_ok=True)
     print(depth_suite.table(rows))
-    if len(done) - len(previous) < len(jobs):
-        print(
-            f"deadline: {len(jobs) - len(done) + len(previous)} of {len(jobs)} planned runs were not started"
-        )
+    if len(finished) < planned:
+        print(f"deadline: {planned - len(finished)} of {planned} planned runs were not started")
+
+
+def run_convergence(args: argparse.Namespace) -> None:
+    """``reproduce.py models | regularizer | hardness``: see scripts/convergence_suites.py."""
+    import convergence_suites as suites
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = args.suite
+    path = args.out / f"{name}.json"
+    if args.plot_only:
+        record = json.loads(path.read_text())
+        print(suites.table(suites.write(record["results"], record["grid"], record["budget"], args.out, name)))
+        return
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    seeds = args.seeds or [0, 1, 2]
+    if name == "models":
+        cells = suites.plan_models(args.datasets or ["digits"], args.budgets or ["300 steps", "converged"])
+    elif name == "regularizer":
+        cells = suites.plan_regularizer(args.datasets or ["digits", "hard"], args.models)
+    else:
+        cells = suites.plan_hardness()
+    if args.regimes:
+        cells = [c for c in cells if c.regime in args.regimes]
+    if args.steps:  # a smoke run of the suite's plan at another budget
+        cells = [dataclasses.replace(c, cfg=dataclasses.replace(c.cfg, steps=args.steps)) for c in cells]
+    if args.lrs:
+        cells = [dataclasses.replace(c, lrs=tuple(args.lrs)) for c in cells]
+    previous: dict[str, list[dict[str, Any]]] = {"results": [], "grid": []}
+    if args.append and path.exists():
+        saved = json.loads(path.read_text())
+        previous = {"results": saved["results"], "grid": saved["grid"]}
+        have = {(e["dataset"], e["model"], e["regime"], e["budget"]) for e in previous["results"]}
+        cells = [c for c in cells if (c.dataset, c.model, c.regime, c.budget) not in have]
+        print(f"appending to {len(previous['results'])} finished runs in {path}")
+    processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
+    planned = sum(len(c.lrs) + len(seeds) - 1 for c in cells)
+    budget = dict(
+        seeds=seeds,
+        device=args.device,
+        device_name=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        processes=processes,
+        planned_runs=planned,
+        batch_size=32,
+        schedule="cosine",
+        steps={"300 steps": suites.SHORT_STEPS, "converged": suites.CONVERGED_STEPS},
+        warmup=f"residual twins from {suites.WARMUP_DEPTH} layers: lr 0.01 until training error < 80 %",
+        data={**suites.DATASETS, "16 px for": "resnet18, resnet50, mobilenetv3_small_100, test_vit"},
+    )
+    print(f"{name} suite: {len(cells)} cells, {planned} runs on {args.device} in {processes} processes")
+    bar = tqdm(total=planned, desc=name, unit="run")
+    finished: list[dict[str, Any]] = []
+    start = time.perf_counter()
+
+    def on_result(entry: dict[str, Any]) -> None:
+        finished.append(entry)
+        bar.update(1)
+        if len(finished) % 5 == 0:  # what finished survives a suite cut short
+            suites.write(
+                finished, [], {**budget, "finished_runs": len(finished)}, args.out, f"{name}.partial"
+            )
+
+    results, grid = suites.run_cells(cells, seeds, args.device, processes, args.deadline, on_result)
+    bar.close()
+    budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
+    rows = suites.write(previous["results"] + results, previous["grid"] + grid, budget, args.out, name)
+    (args.out / f"{name}.partial.json").unlink(missing_ok=True)
+    print(suites.table(rows))
 
 
 def replot(out: Path) -> None:

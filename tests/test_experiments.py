@@ -122,3 +122,50 @@ def test_run_many_takes_data_per_run_a_deadline_and_reports_each_result(data):
     assert run_many([cfg], small, deadline=0.0) == [None]  # past the deadline: not started
     with pytest.raises(ValueError, match="2 data_kwargs for 1 configs"):
         run_many([cfg], [small, other])
+
+
+def test_lr_grid_runs_every_lr_on_the_first_seed_then_the_best_on_the_others(data):
+    from timm_ortho.train.experiments import run_lr_grid
+
+    cfg = RunConfig(model="plain_cnn20", method="l2", steps=3, batch_size=8, record_every=3)
+    kwargs = {"img_size": 8, "n_train": 64, "n_val": 32}
+    finished = []
+    (cell,) = run_lr_grid([(cfg, kwargs)], [0.01, 1e-9], [5, 6], on_result=lambda i, r: finished.append(r))
+    assert [r["config"]["lr"] for r in cell.grid] == [0.01, 1e-9]
+    assert all(r["config"]["seed"] == 5 for r in cell.grid)
+    best = min(cell.grid, key=lambda r: r["final"]["train_loss"])
+    assert cell.lr == best["config"]["lr"]
+    assert cell.seeds[0] is best and cell.seeds[1]["config"]["seed"] == 6
+    assert cell.seeds[1]["config"]["lr"] == cell.lr and len(finished) == 3
+
+
+def test_warmup_holds_the_lr_until_the_training_error_falls(data):
+    from timm_ortho.train.experiments import WARMUP_LR
+
+    cfg = RunConfig(model="cifar_resnet20", method="l2", steps=30, batch_size=16, record_every=1, warmup=True)
+    record = run(cfg, data)
+    steps = record["final"]["warmup_steps"]
+    lrs = [h["lr"] for h in record["history"]]
+    assert 1 <= steps <= 30
+    assert all(lr == WARMUP_LR for lr in lrs[: steps - 1])  # the lr in effect during the warm-up
+    assert steps == 30 or lrs[steps] != WARMUP_LR  # then the schedule
+    assert run(RunConfig(**{**cfg.__dict__, "warmup": False}), data)["final"]["warmup_steps"] is None
+
+
+def test_none_regime_bare_bound_and_train_metrics(data):
+    cfg = RunConfig(model="plain_cnn20", method="none", steps=2, batch_size=8, record_every=2)
+    record = run(cfg, data)
+    final = record["final"]
+    assert 0 <= final["train_acc"] <= 1 and math.isfinite(final["train_loss"])
+    bounded = run(RunConfig(**{**cfg.__dict__, "max_grad_ratio": "auto"}), data)
+    assert bounded["final"]["train_loss"] != final["train_loss"]  # the bound acted on the bare optimizer
+
+
+def test_label_noise_moves_the_chosen_training_labels_only():
+    clean = load_tensor_data(img_size=8, n_train=200, n_val=40)
+    noisy = load_tensor_data(img_size=8, n_train=200, n_val=40, label_noise=0.25)
+    changed = (clean.y_train != noisy.y_train).sum().item()
+    assert changed == 50 and torch.equal(clean.y_val, noisy.y_val)
+    assert torch.equal(clean.x_train, noisy.x_train) and "25%" in noisy.source
+    with pytest.raises(ValueError, match="label_noise"):
+        load_tensor_data(img_size=8, n_train=20, n_val=4, label_noise=1.0)

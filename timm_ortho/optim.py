@@ -39,11 +39,11 @@ from .defaults import (  # re-exported: callers import the defaults from here to
     DEFAULT_MAX_GRAD_RATIO,
     DEFAULT_MODULATION,
     DEFAULT_ORTHO_DECAY,
-    MIN_WEIGHT_NORM,
     MODULATION_PRESETS,
     max_grad_ratio_for,
 )
 from .forms import resolve_form
+from .step_bound import bound_gradients_
 from .targets import FilterBank, find_targets
 
 __all__ = [
@@ -324,9 +324,8 @@ class OrthoModulated(Optimizer):
     def bound_gradients(self) -> None:
         """Scale target gradients so that ``||grad_l|| <= max_grad_ratio * ||W_l||``; called by step().
 
-        ``factor_l = min(1, ratio * max(||W_l||, MIN_WEIGHT_NORM) / ||grad_l||)``, computed for all
-        layers with two foreach norms and one vector expression: no host sync. A zero gradient keeps
-        factor 1; a non-finite one stays non-finite (a GradScaler never lets such a step through).
+        Each group's ``max_grad_ratio`` for its target weights, all layers in one call of
+        :func:`~timm_ortho.step_bound.bound_gradients_` (foreach norms, no host sync).
         """
         params: list[Tensor] = []
         ratios: list[float] = []
@@ -338,22 +337,7 @@ class OrthoModulated(Optimizer):
                 if id(p) in self._target_index and p.grad is not None:
                     params.append(p)
                     ratios.append(ratio)
-        if not params:
-            return
-        grads = [p.grad for p in params]
-        device = grads[0].device
-        # Norms accumulated in float32: a half-precision gradient's norm can overflow its own dtype.
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        g_norm = torch.stack(torch._foreach_norm(grads, dtype=dtype))
-        # A weight norm floor (as in adaptive gradient clipping) lets a zero-initialized layer move.
-        w_norm = torch.stack(torch._foreach_norm(params, dtype=dtype)).clamp_min(MIN_WEIGHT_NORM)
-        if len(set(ratios)) == 1:  # the common case: a Python scalar, no host-to-device copy
-            allowed = w_norm * ratios[0]
-        else:
-            allowed = torch.tensor(ratios, dtype=dtype).to(device, non_blocking=True) * w_norm
-        # A zero gradient divides into inf or a huge number, clamped to 1: left exactly as it is.
-        factor = (allowed / g_norm.clamp_min(torch.finfo(dtype).tiny)).clamp(max=1.0)
-        torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factor.unbind(), grads, strict=True)])
+        bound_gradients_(params, ratios)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]

@@ -1,18 +1,21 @@
 """Small, exactly comparable training runs that measure the method's mechanism and trainability.
 
 One :func:`run` trains a model for a fixed number of steps on an in-memory image tensor set (the
-embedded synthetic set, scikit-learn's handwritten digits, or CIFAR-10 from disk) under one of four
+embedded synthetic set, scikit-learn's handwritten digits, or CIFAR-10 from disk) under one of five
 regimes:
 
-- ``"l2"``: MSRA init, SGD with L2 weight decay, no modulation (the baseline);
+- ``"l2"``: MSRA init, the bare optimizer with L2 weight decay, no modulation (the baseline);
+- ``"none"``: MSRA init, the bare optimizer without any regularizer;
 - ``"default"``: exactly what a user types, ``OrthoModulated(SGD(model.parameters(), lr, momentum),
   model)`` on the model's defaults, every other option the library's;
 - ``"ortho"``: orthonormal init, ``OrthoModulated(SGD)`` with the orthonormality term, no modulation;
 - ``"ortho_mod"``: ``"ortho"`` plus backward error modulation.
 
-``act_layer``, ``max_grad_ratio`` (the wrapper's step bound), ``clip_grad`` (a user-side global
-gradient-norm clip) and ``precise_bn`` (BN statistics recomputed before evaluation) switch the other
-ingredients on and off for ablations.
+``act_layer``, ``max_grad_ratio`` (the step bound: the wrapper's, or for ``"l2"`` and ``"none"`` the
+same bound applied by :func:`timm_ortho.step_bound.bound_gradients_` to the same weights; ``"auto"``
+is the wrapper's choice for the model), ``clip_grad`` (a user-side global gradient-norm clip),
+``warmup`` (He et al.'s: lr 0.01 until the training error is below 80 %) and ``precise_bn`` (BN
+statistics recomputed before evaluation) switch the other ingredients on and off for ablations.
 
 Every ``record_every`` steps it records the training loss, the mean absolute cosine between filters
 (averaged over layers, the paper's Fig. 2) and the bottom/top ratio of the error's second moment
@@ -34,7 +37,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,11 +52,21 @@ from ..diagnostics import filter_correlation
 from ..factory import create_optimizer
 from ..modulation import ErrorModulation
 from ..precise_bn import recompute_bn_statistics
+from ..step_bound import auto_max_grad_ratio, bound_gradients_
 from ..targets import find_targets
 
-__all__ = ["RunConfig", "TensorData", "best_by_loss", "load_tensor_data", "run", "run_many"]
+__all__ = [
+    "GridResult",
+    "RunConfig",
+    "TensorData",
+    "best_by_loss",
+    "load_tensor_data",
+    "run",
+    "run_lr_grid",
+    "run_many",
+]
 
-Method = Literal["l2", "default", "ortho", "ortho_mod"]
+Method = Literal["l2", "none", "default", "ortho", "ortho_mod"]
 DatasetName = Literal["synthetic", "digits", "cifar10"]
 
 
@@ -65,15 +78,23 @@ class RunConfig:
     method: Method = "ortho"
     lr: float = 0.1
     momentum: float = 0.9
+    opt: str = "momentum"
+    """The base optimizer, a timm name (``"momentum"``: torch's SGD without Nesterov)."""
     weight_decay: float = 1e-4
     """L2 coefficient of the ``"l2"`` regime (the other regimes use ``ortho_decay`` instead)."""
     ortho_decay: float = DEFAULT_ORTHO_DECAY
     modulation: dict[str, Any] = field(default_factory=dict)
     """ErrorModulation options for ``"ortho_mod"`` (empty: the library defaults)."""
-    max_grad_ratio: float | None = None
-    """The wrapper's step bound for ``"ortho"``/``"ortho_mod"`` (None: off)."""
+    max_grad_ratio: float | Literal["auto"] | None = None
+    """The step bound for every regime but ``"default"`` (None: off; ``"auto"``: the wrapper's choice
+    for the model, ``min(0.01, 1/L)`` on plain chains and off elsewhere)."""
     act_layer: str | None = None
     """The model's ``act_layer`` (None: the model's default)."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further ``timm.create_model`` arguments (e.g. a ViT's ``img_size`` and ``patch_size``)."""
+    warmup: bool = False
+    """He et al.'s warm-up for deep residual nets: lr 0.01 until the training error (mean of the last
+    10 batches) is below 80 %, for at least 1 % of the steps; then the schedule."""
     clip_grad: float | None = None
     """A user-side ``clip_grad_norm_`` on all parameters before every step (None: none)."""
     steps: int = 300
@@ -134,13 +155,17 @@ def load_tensor_data(
     num_classes: int = 10,
     seed: int = 0,
     dataset: DatasetName | None = None,
+    label_noise: float = 0.0,
 ) -> TensorData:
     """The embedded synthetic set, scikit-learn's digits or CIFAR-10's python batches, as tensors.
 
     ``dataset`` defaults to ``"cifar10"`` when ``data_dir`` is given and ``"synthetic"`` otherwise.
     Images are resized to ``img_size`` when it differs and normalized per channel with the training
-    split's mean and standard deviation.
+    split's mean and standard deviation. ``label_noise``: the fraction of *training* labels replaced
+    by a different class drawn uniformly (fixed by ``seed``); the held-out labels stay clean.
     """
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f"label_noise must be a fraction in [0, 1), got {label_noise!r}")
     from .data import Cifar10, SyntheticImages
 
     dataset = dataset or ("cifar10" if data_dir is not None else "synthetic")
@@ -170,7 +195,20 @@ def load_tensor_data(
     std = tensors[0].std(dim=(0, 2, 3), keepdim=True)
     x_train, x_val = ((t - mean) / std for t in tensors)
     num_classes = num_classes if dataset == "synthetic" else 10  # digits and CIFAR-10 have ten
+    if label_noise:
+        labels[0] = _noisy(labels[0], label_noise, num_classes, seed)
+        source += f", {label_noise:.0%} of the training labels replaced"
     return TensorData(x_train, labels[0], x_val, labels[1], num_classes, source)
+
+
+def _noisy(labels: Tensor, fraction: float, num_classes: int, seed: int) -> Tensor:
+    """``labels`` with ``round(fraction * n)`` of them (a seeded choice) moved to another class."""
+    generator = torch.Generator().manual_seed(0x7A1 + seed)
+    chosen = torch.randperm(len(labels), generator=generator)[: round(fraction * len(labels))]
+    shift = torch.randint(1, num_classes, (len(chosen),), generator=generator)
+    noisy = labels.clone()
+    noisy[chosen] = (labels[chosen] + shift) % num_classes
+    return noisy
 
 
 def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -180,32 +218,43 @@ def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     ``model.parameters()`` as its one group: ``"default"`` is therefore exactly the user's
     ``OrthoModulated(torch.optim.SGD(model.parameters(), lr, momentum=0.9), model)``.
     """
-    if cfg.method == "l2":  # the baseline is a bare optimizer
-        return torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    if cfg.method in ("l2", "none"):  # the baselines are a bare optimizer
+        weight_decay = cfg.weight_decay if cfg.method == "l2" else 0.0
+        if cfg.opt == "momentum":  # every parameter decayed, as He et al.
+            return torch.optim.SGD(
+                model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=weight_decay
+            )
+        from timm.optim import create_optimizer_v2
+
+        return create_optimizer_v2(
+            model, cfg.opt, lr=cfg.lr, weight_decay=weight_decay, momentum=cfg.momentum
         )
     if cfg.method == "default":  # the library's defaults; ablations change one option in cfg.wrapper
         options = cfg.wrapper
     else:
         modulation = (dict(cfg.modulation) or True) if cfg.method == "ortho_mod" else False
         options = dict(ortho_decay=cfg.ortho_decay, max_grad_ratio=cfg.max_grad_ratio, modulation=modulation)
-    return create_optimizer(model, "momentum", lr=cfg.lr, weight_decay=0.0, momentum=cfg.momentum, **options)
+    return create_optimizer(model, cfg.opt, lr=cfg.lr, weight_decay=0.0, momentum=cfg.momentum, **options)
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, data: TensorData, device: torch.device, diverged: bool) -> dict[str, float]:
-    """Held-out loss and accuracy; NaN and 0 for a diverged run, which is not evaluated."""
+def _evaluate(
+    model: nn.Module, data: TensorData, device: torch.device, diverged: bool, split: str = "val"
+) -> dict[str, float]:
+    """Loss and accuracy on the held-out (``"val"``) or training (``"train"``) images, in eval mode;
+    NaN and 0 for a diverged run, which is not evaluated."""
     if diverged:
-        return {"val_loss": float("nan"), "val_acc": 0.0}
+        return {f"{split}_loss": float("nan"), f"{split}_acc": 0.0}
+    images, labels = (data.x_val, data.y_val) if split == "val" else (data.x_train, data.y_train)
     model.eval()
     correct, loss = 0.0, 0.0
-    for i in range(0, len(data.y_val), 256):
-        x, y = data.x_val[i : i + 256].to(device), data.y_val[i : i + 256].to(device)
+    for i in range(0, len(labels), 256):
+        x, y = images[i : i + 256].to(device), labels[i : i + 256].to(device)
         logits = model(x)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     model.train()
-    return {"val_loss": loss / len(data.y_val), "val_acc": correct / len(data.y_val)}
+    return {f"{split}_loss": loss / len(labels), f"{split}_acc": correct / len(labels)}
 
 
 def _epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -225,33 +274,82 @@ def _epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[tuple[Tensor,
         yield perm, perm[cursor - batch_size : cursor]
 
 
-def _set_lr(opt: torch.optim.Optimizer, cfg: RunConfig, step: int, base_lrs: list[float]) -> None:
-    """The schedule of ``cfg`` at ``step``: a tenth at each drop, or cosine decay to 0.
+def _lr_at(cfg: RunConfig, step: int, base_lr: float) -> float:
+    """The schedule of ``cfg`` at ``step``: a tenth after each drop, or cosine decay to 0.
 
     Not timm's ``MultiStepLRScheduler``: it computes ``lr * 0.1 ** k``, which differs from the
     recorded runs' ``lr * 0.1 * 0.1`` in the last bit for some learning rates (0.01, 0.3, ...).
     """
-    if cfg.schedule == "step" and step in {int(f * cfg.steps) for f in cfg.lr_drops}:
-        for group in opt.param_groups:
-            group["lr"] *= 0.1
-    elif cfg.schedule == "cosine":
-        for group, lr in zip(opt.param_groups, base_lrs, strict=True):
-            group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / cfg.steps))
+    if cfg.schedule == "cosine":
+        return 0.5 * base_lr * (1.0 + math.cos(math.pi * step / cfg.steps))
+    lr = base_lr
+    for fraction in cfg.lr_drops:
+        if step >= int(fraction * cfg.steps):
+            lr *= 0.1
+    return lr
+
+
+WARMUP_LR = 0.01
+WARMUP_ERROR = 0.8
+
+
+class _Warmup:
+    """He et al.'s warm-up (ResNet-110 on CIFAR-10): lr 0.01 until the training error is below 80 %.
+
+    The error is the mean over the last 10 training batches; the warm-up lasts at least 1 % of the
+    steps (the issue that set the protocol: "the first 1 % of steps or until the training error is
+    below 80 %", whichever is later) and ends for good once left.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.min_steps = max(1, math.ceil(0.01 * steps))
+        self.errors: list[Tensor] = []
+        self.on = True
+        self.steps = 0
+
+    def update(self, step: int, logits: Tensor, y: Tensor) -> None:
+        if not self.on:
+            return
+        self.errors = [*self.errors[-9:], (logits.detach().argmax(1) != y).float().mean()]
+        if step + 1 >= self.min_steps and torch.stack(self.errors).mean().item() < WARMUP_ERROR:
+            self.on, self.steps = False, step + 1
+
+
+def _model(cfg: RunConfig, data: TensorData) -> nn.Module:
+    """The regime's model: MSRA init for the baselines, orthonormal for the method's regimes, the
+    model as created for ``"default"`` (unless ``cfg.init`` says otherwise).
+
+    This package's nets take ``init`` (and ``act_layer``) as creation arguments. Any other timm model
+    keeps its own initialization for ``"msra"`` (timm's ResNets: He et al.'s) and gets orthonormal
+    filters from :func:`timm_ortho.init_weights_` (biases kept) for ``"orthonormal"``, as the trainer.
+    """
+    from timm.models import model_entrypoint
+
+    from ..init import init_weights_
+
+    init = cfg.init or {"l2": "msra", "none": "msra", "default": None}.get(cfg.method, "orthonormal")
+    kwargs = dict(in_chans=data.x_train.shape[1], act_layer=cfg.act_layer, **cfg.model_kwargs)
+    own = model_entrypoint(cfg.model).__module__.startswith(__package__.rpartition(".")[0] + ".models")
+    if own:
+        kwargs["init"] = init
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    model = timm.create_model(cfg.model, num_classes=data.num_classes, **kwargs)
+    if not own and init == "orthonormal":
+        init_weights_(model, "orthonormal", zero_bias=False)
+    return model
 
 
 def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train one configuration and return its record (config, history, final values, timing)."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    # "default" is the model as created, unless an ablation sets init.
-    init = cfg.init or {"l2": "msra", "default": None}.get(cfg.method, "orthonormal")
-    model_kwargs = dict(in_chans=data.x_train.shape[1], act_layer=cfg.act_layer, init=init)
-    model_kwargs = {k: v for k, v in model_kwargs.items() if v is not None}
-    model = timm.create_model(cfg.model, num_classes=data.num_classes, **model_kwargs).to(device)
+    model = _model(cfg, data).to(device)
     opt = _optimizer(cfg, model)
     # The modulation that measures (or modulates) the error moments.
     probe = getattr(opt, "modulation", None) or ErrorModulation(model, measure_only=True)
     targets = find_targets(model)  # found once: the diagnostics keep one engine per target list
+    bound = _baseline_bound(cfg, model, targets)
+    warmup = _Warmup(cfg.steps) if cfg.warmup else None
     base_lrs = [group["lr"] for group in opt.param_groups]
     batches = _epoch_batches(len(data.y_train), cfg.batch_size, seed=10_000 + cfg.seed)
     history: list[dict[str, float]] = []
@@ -259,15 +357,22 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
     diverged = False
     start = time.perf_counter()
     for step in range(cfg.steps):
-        _set_lr(opt, cfg, step, base_lrs)
+        warming = warmup is not None and warmup.on
+        for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = WARMUP_LR if warming else _lr_at(cfg, step, lr)
         perm, idx = next(batches)
         x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
-        loss = F.cross_entropy(model(x), y)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad is not None:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        if bound is not None:
+            bound_gradients_(*bound)
         opt.step()
+        if warmup is not None:
+            warmup.update(step, logits, y)
         losses.append(loss.detach())
         if (step + 1) % cfg.record_every == 0 or step == cfg.steps - 1:
             window = torch.stack(losses[-cfg.record_every :]).mean().item()
@@ -294,15 +399,29 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
         "layer_moments": stats.q_after.double().cpu().tolist(),
         "layer_scales": stats.scale.double().cpu().tolist(),
         **_evaluate(model, data, device, diverged),
+        **_evaluate(model, data, device, diverged, split="train"),
+        "warmup_steps": None if warmup is None else (warmup.steps if not warmup.on else cfg.steps),
     }
     if cfg.precise_bn:
         if not diverged:
             # The first batches of the last epoch's order: training data, drawn without new randomness.
             bn_batches = (data.x_train[i].to(device) for i in perm.split(cfg.batch_size))
             recompute_bn_statistics(model, bn_batches, cfg.precise_bn)
-        final.update({f"{k}_precise": v for k, v in _evaluate(model, data, device, diverged).items()})
+        for split in ("val", "train"):
+            final.update(
+                {f"{k}_precise": v for k, v in _evaluate(model, data, device, diverged, split).items()}
+            )
     probe.remove()
     return {"config": asdict(cfg), "history": history, "final": final, "seconds": seconds}
+
+
+def _baseline_bound(cfg: RunConfig, model: nn.Module, targets: list) -> tuple[list, float] | None:
+    """For the bare-optimizer regimes: the step bound the wrapper would apply, as ``(weights, ratio)``."""
+    if cfg.method not in ("l2", "none") or cfg.max_grad_ratio is None:
+        return None
+    weights = [t.param for t in targets]
+    ratio = auto_max_grad_ratio(model, len(weights)) if cfg.max_grad_ratio == "auto" else cfg.max_grad_ratio
+    return None if ratio is None else (weights, ratio)
 
 
 def best_by_loss(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -381,3 +500,77 @@ def run_many(
         for future in concurrent.futures.as_completed(futures):
             finished(futures[future], future.result())
     return records
+
+
+@dataclass
+class GridResult:
+    """One cell of a suite run over a learning-rate grid (see :func:`run_lr_grid`)."""
+
+    lr: float
+    """The grid's lr with the lowest final training loss on the first seed."""
+    seeds: list[dict[str, Any] | None]
+    """The records at that lr, one per seed (the first seed's from the grid); None: not run (deadline)."""
+    grid: list[dict[str, Any] | None]
+    """The first seed's records at every lr of the grid, in grid order."""
+
+
+def run_lr_grid(
+    cells: Sequence[tuple[RunConfig, dict[str, Any]]],
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    device: str = "cpu",
+    jobs: int = 1,
+    *,
+    deadline: float | None = None,
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[GridResult]:
+    """Every cell ``(config, data_kwargs)`` at each lr of ``lrs`` on the first seed, then the other seeds
+    at the lr whose final training loss was lowest (diverged runs count as +inf).
+
+    The selection reads no held-out data. Both phases run every cell's runs together in ``jobs``
+    processes; ``on_result(cell index, record)`` is called as each run finishes. ``deadline``: seconds
+    from now after which no run starts (its record is None; a cell whose grid did not finish runs no
+    further seeds).
+    """
+    if not lrs or not seeds:
+        raise ValueError("run_lr_grid needs at least one lr and one seed")
+    stop_at = None if deadline is None else time.time() + deadline
+
+    def left() -> float | None:
+        return None if stop_at is None else max(0.0, stop_at - time.time())
+
+    def phase(plan: list[tuple[int, RunConfig]]) -> list[dict[str, Any] | None]:
+        def finished(index: int, record: dict[str, Any]) -> None:
+            if on_result is not None:
+                on_result(plan[index][0], record)
+
+        return run_many(
+            [cfg for _, cfg in plan],
+            [cells[i][1] for i, _ in plan],
+            device,
+            jobs,
+            deadline=left(),
+            on_result=finished,
+        )
+
+    first = [(i, replace(cfg, lr=lr, seed=seeds[0])) for i, (cfg, _) in enumerate(cells) for lr in lrs]
+    grid = phase(first)
+    per_cell = [grid[i * len(lrs) : (i + 1) * len(lrs)] for i in range(len(cells))]
+    best = [
+        None if any(r is None for r in records) else records.index(best_by_loss(records))  # type: ignore[arg-type]
+        for records in per_cell
+    ]
+    rest = [
+        (i, replace(cfg, lr=lrs[b], seed=seed))
+        for i, ((cfg, _), b) in enumerate(zip(cells, best, strict=True))
+        if b is not None
+        for seed in seeds[1:]
+    ]
+    more = iter(phase(rest))
+    results = []
+    for records, b in zip(per_cell, best, strict=True):
+        if b is None:
+            results.append(GridResult(float("nan"), [None] * len(seeds), records))
+            continue
+        results.append(GridResult(lrs[b], [records[b], *(next(more) for _ in seeds[1:])], records))
+    return results
