@@ -9,6 +9,7 @@
     python scripts/reproduce.py deep           # plain_cnn1202: the step bound's size at 1202 layers (a GPU)
     python scripts/reproduce.py bounds --depths 20 44   # the step bound's size against depth (a CPU)
     python scripts/reproduce.py protocol       # print the commands of the full CIFAR-10 protocol
+    python scripts/reproduce.py paper --data-dir <cifar-10-batches-py>   # run it: Fig. 5's table
     python scripts/reproduce.py models         # any timm model: defaults vs the bare optimizer (CPU, ~1 h)
     python scripts/reproduce.py regularizer    # L2 vs orthonormality vs neither at convergence (CPU, ~3 h)
     python scripts/reproduce.py hardness       # the pilot that chose the regularizer suite's harder set
@@ -287,17 +288,19 @@ def plot_sweep(out: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-PROTOCOL = """# The paper's CIFAR-10 protocol (batch 128, lr 0.1, momentum 0.9, 64k iterations, lr /10 at
-# 32k and 48k, no augmentation), one run per line; needs the cifar-10-batches-py folder. The paper's
-# runs use its exact chain (ReLU) and no step bound; the last line is this library's defaults.
-for model in plain_cnn44 plain_cnn110 cifar_resnet44 cifar_resnet110; do
-  run="accelerate launch scripts/train_cifar.py --data-dir $CIFAR --model $model"
-  paper="--model-kwargs act_layer=relu --max-grad-ratio 0"
-  $run --baseline $paper --output runs/$model-l2
-  $run --no-modulation $paper --output runs/$model-ortho
-  $run --modulation $paper --output runs/$model-ortho-mod
-  $run --output runs/$model-defaults
-done"""
+def protocol_commands() -> str:
+    """The trainer commands of ``reproduce.py paper``, one per run, to launch by hand (e.g. on GPUs)."""
+    import paper_protocol
+
+    lines = [
+        "# The paper's CIFAR-10 protocol (scripts/paper_protocol.py); `reproduce.py paper --data-dir $CIFAR`",
+        "# runs the same eight trainings in one process and writes the Fig. 5 table.",
+    ]
+    for model in paper_protocol.NETS:
+        for regime in paper_protocol.REGIMES:
+            argv = paper_protocol.arguments(model, regime, Path("runs/paper"), "$CIFAR", 64000, 128, 2)
+            lines.append("accelerate launch scripts/train_cifar.py " + " ".join(argv))
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
             "models",
             "regularizer",
             "hardness",
+            "paper",
         ],
     )
     parser.add_argument("--data-dir", default=None, help="cifar-10-batches-py folder (default: synthetic)")
@@ -357,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument(
         "--budgets", nargs="+", default=None, choices=["300 steps", "converged"], help="models suite"
     )
+    paper = parser.add_argument_group("paper protocol")
+    paper.add_argument("--synthetic", action="store_true", help="a CIFAR-shaped synthetic set (throughput)")
+    paper.add_argument("--workers", type=int, default=2, help="data loader processes per run")
     depth.add_argument(
         "--ablate-depths", type=int, nargs="+", default=[44, 110], help="depths with ablations"
     )
@@ -415,8 +422,11 @@ def main() -> None:
     if args.suite in ("models", "regularizer", "hardness"):
         run_convergence(args)
         return
+    if args.suite == "paper":
+        run_paper(args)
+        return
     if args.suite == "protocol":
-        print(PROTOCOL)
+        print(protocol_commands())
         return
     if args.suite == "plot":  # redraw figures and tables from the JSON records in --out
         replot(args.out)
@@ -585,6 +595,27 @@ def run_convergence(args: argparse.Namespace) -> None:
     rows = suites.write(previous["results"] + results, previous["grid"] + grid, budget, args.out, name)
     (args.out / f"{name}.partial.json").unlink(missing_ok=True)
     print(suites.table(rows))
+
+
+def run_paper(args: argparse.Namespace) -> None:
+    """``reproduce.py paper``: see scripts/paper_protocol.py."""
+    import paper_protocol
+
+    if args.data_dir is None and not args.synthetic:
+        raise SystemExit("reproduce.py paper needs --data-dir (a cifar-10-batches-py folder) or --synthetic")
+    out = args.out if args.out != Path("docs/figures") else Path("runs/paper")
+    record = paper_protocol.run_protocol(
+        out,
+        args.data_dir,
+        args.models or list(paper_protocol.NETS),
+        args.regimes or list(paper_protocol.REGIMES),
+        args.steps or paper_protocol.ITERATIONS,
+        args.batch_size or 128,
+        args.workers,
+        args.append,
+    )
+    print(paper_protocol.table(record))
+    print(f"record: {out / 'paper.json'}")
 
 
 def replot(out: Path) -> None:
