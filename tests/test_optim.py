@@ -143,22 +143,19 @@ def test_penalty_matches_the_formula_and_follows_the_group_field():
     assert all(torch.equal(g, t.param.grad) for g, t in zip(grads, opt.targets, strict=True))
 
 
-def test_weight_decay_on_targets_is_split_off_with_a_warning():
+def test_weight_decay_on_targets_is_refused_with_the_way_to_build_the_groups():
     model = tiny_net()
     base = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=5e-4)
-    groups_list = base.param_groups
-    with pytest.warns(UserWarning, match="replaces weight decay"):
-        opt = OrthoModulated(base, model)
-    assert opt.param_groups is groups_list  # split in place
+    groups = [dict(g) for g in base.param_groups]
+    with pytest.raises(ValueError, match="replaces weight decay") as info:
+        OrthoModulated(base, model)
+    assert "param_groups_for_ortho" in str(info.value) and "create_optimizer" in str(info.value)
+    assert [dict(g) for g in base.param_groups] == groups  # the refusal changed nothing
+    opt = OrthoModulated(torch.optim.SGD(param_groups_for_ortho(model, weight_decay=5e-4), lr=0.1), model)
     target_ids = {id(t.param) for t in opt.targets}
     for group in opt.param_groups:
         for p in group["params"]:
-            assert (group["weight_decay"] == 0) == (id(p) in target_ids)
-    other = tiny_net()
-    with pytest.raises(ValueError, match="replaces weight decay"):
-        OrthoModulated(
-            torch.optim.SGD(other.parameters(), lr=0.1, weight_decay=1e-4), other, weight_decay_policy="error"
-        )
+            assert group["weight_decay"] == 0 or id(p) not in target_ids
 
 
 def test_param_groups_helper_needs_no_split():
@@ -404,3 +401,134 @@ def test_optimizer_protocol_hooks_closure_zero_grad_and_repr():
     opt.step(closure)
     scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+# --- faults found trying the project as a new user (each failed before its fix) -----------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1),
+        lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.0),
+    ],
+    ids=["coupled", "decoupled"],
+)
+def test_the_step_bound_holds_in_both_forms(make):
+    """With zero data gradients the only step is the orthonormality term's: the bound must hold it to
+    ``lr * ratio * ||W||`` per layer in the decoupled form as in the coupled one."""
+    model = tiny_net()
+    with torch.no_grad():
+        for t in find_targets(model):
+            t.param.mul_(5.0)  # far from orthonormal: a large cubic term
+    opt = OrthoModulated(
+        make(model.parameters()), model, ortho_decay=1e-2, max_grad_ratio=0.01, modulation=False
+    )
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = {t.name: t.param.detach().clone() for t in opt.targets}
+    opt.step()
+    for t in opt.targets:
+        moved = (t.param.detach() - before[t.name]).norm() / before[t.name].norm()
+        assert moved <= 0.1 * 0.01 * (1 + 1e-5), (t.name, float(moved))
+
+
+def test_lbfgs_steps_through_the_wrapper_and_minimizes_loss_plus_penalty():
+    model = tiny_net(dtype=torch.float64)
+    opt = OrthoModulated(
+        torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5),
+        model,
+        ortho_decay=0.1,
+        max_grad_ratio=None,
+        modulation=False,
+    )
+    x, y = batch(0, dtype=torch.float64)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        calls.append(float(loss))
+        return loss
+
+    objective = [float(nn.functional.cross_entropy(model(x), y) + opt.penalty())]
+    for _ in range(3):
+        returned = opt.step(closure)
+        objective.append(float(nn.functional.cross_entropy(model(x), y) + opt.penalty()))
+    assert len(calls) > 3  # LBFGS evaluated the closure several times per step
+    assert objective[-1] < objective[0]  # the objective it minimized is loss + R
+    assert torch.isfinite(returned) and opt.ortho_step == 3
+
+
+def _closure_steps(name: str) -> str | None:
+    """Two closure steps of timm's optimizer ``name`` through the wrapper; a failure as text."""
+    from timm.optim import create_optimizer_v2
+
+    model = tiny_net()
+    try:
+        base = create_optimizer_v2(model, name, lr=1e-2)
+    except (ImportError, TypeError, ValueError, RuntimeError, AssertionError):
+        return None  # an optional back end (apex, bitsandbytes on a GPU, ...) or a distributed-only one
+    opt = OrthoModulated(base, model, modulation=False)
+    x, y = batch(0)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward(create_graph=getattr(base, "is_second_order", False))
+        calls.append(1)
+        return loss
+
+    before = [t.param.detach().clone() for t in opt.targets]
+    try:
+        for _ in range(2):  # some (Adopt) make no update on their first step
+            opt.step(closure)
+    except Exception as e:
+        return f"{name}: {type(e).__name__}: {e}"
+    if len(calls) < 2 or all(torch.equal(b, t.param) for b, t in zip(before, opt.targets, strict=True)):
+        return f"{name}: {len(calls)} closure calls, weights moved: no"
+    return None
+
+
+def test_every_closure_optimizer_of_timms_registry_steps_through_the_wrapper():
+    from timm.optim import get_optimizer_info, list_optimizers
+
+    classes = {
+        get_optimizer_info(n).opt_class: n for n in reversed(list_optimizers()) if not n.startswith("ortho_")
+    }
+    failures = [f for f in map(_closure_steps, classes.values()) if f is not None]
+    assert not failures, failures
+
+
+def test_a_state_saved_by_a_differently_grouped_optimizer_is_refused_with_the_reason():
+    model = tiny_net()
+    bare = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    bare.step()
+    opt = OrthoModulated(
+        torch.optim.SGD(param_groups_for_ortho(model, weight_decay=1e-4), lr=0.1, momentum=0.9), model
+    )
+    with pytest.raises(ValueError, match="param group") as info:
+        opt.load_state_dict(bare.state_dict())
+    assert "1 param group" in str(info.value) and "param_groups_for_ortho" in str(info.value)
+
+
+def test_parameters_instead_of_the_model_and_a_string_lr_are_named():
+    model = tiny_net()
+    with pytest.raises(TypeError, match=r"model must be the nn\.Module"):
+        OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters())
+    opt = OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    opt.param_groups[0]["lr"] = "0.1"  # e.g. a config value that was never converted
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="param group 0: lr must be a number"):
+        opt.step()
+
+
+def test_repr_says_off_and_what_the_wrapper_does():
+    model = tiny_net()
+    text = repr(OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, modulation=False))
+    assert "modulation: off" in text and "modulation: None" not in text

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import paper_protocol  # noqa: E402
+import paper_protocol
 
 
 def test_the_recipe_is_the_papers():

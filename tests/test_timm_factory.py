@@ -1,24 +1,26 @@
-"""timm's optimizer factory and train.py conventions: ``ortho_<name>``, timm's param groups, resume, AMP.
+"""timm's optimizer factory and train.py conventions: timm's param groups, resume, AMP, the runner.
 
-Every check builds the same optimizer twice, once plainly through timm and once with the ``ortho_``
-prefix, and compares them: the prefixed one must differ only by the wrapper and by the absence of
-weight decay on the regularized weights.
+Every check builds the same optimizer twice, once plainly through timm and once through
+``timm_ortho.create_optimizer``, and compares them: the wrapped one must differ only by the wrapper and
+by the absence of weight decay on the regularized weights.
 """
 
 import argparse
 import copy
 import logging
+import subprocess
+import sys
 import warnings
 
 import pytest
 import timm
 import torch
-from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers, optimizer_kwargs
+from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.optim.lookahead import Lookahead
 from torch import nn
 
-from timm_ortho import OrthoModulated, create_ortho_optimizer
-from timm_ortho.factory import ORTHO_OPTIONS, register_timm_optimizers
+from timm_ortho import OrthoModulated, create_optimizer, create_ortho_optimizer
+from timm_ortho.factory import ORTHO_OPTIONS, routed
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +28,6 @@ def vit() -> nn.Module:
     """A model with ``no_weight_decay()`` (pos_embed, cls_token) and 2-D parameters outside the targets."""
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=3)
-
-
-def _plain_names() -> list[str]:
-    return [n for n in list_optimizers() if not n.startswith("ortho_")]
 
 
 def _layout(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict]:
@@ -58,27 +56,30 @@ def _assert_timm_groups_except_target_decay(model, plain, ortho):
             assert got[name] == fields, name
 
 
-# --- the registry -------------------------------------------------------------------------------
+# --- timm's registry is left alone --------------------------------------------------------------
 
 
-def test_every_timm_optimizer_gets_an_ortho_name():
-    plain = _plain_names()
-    assert list_optimizers("ortho_*") == sorted(f"ortho_{n}" for n in plain)
-    info = get_optimizer_info("ortho_adamw")
-    assert info.opt_class is get_optimizer_info("adamw").opt_class and "OrthoModulated" in info.description
-    assert register_timm_optimizers() == []  # idempotent: a second import adds and wraps nothing
+def test_importing_the_package_changes_nothing_in_timms_optimizer_registry():
+    code = (
+        "import timm.optim as o; from timm.optim._optim_factory import default_registry as r; "
+        "before = (o.list_optimizers(), r.create_optimizer); import timm_ortho; "
+        "print(before == (o.list_optimizers(), r.create_optimizer), len(before[0]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "True"
 
 
 @pytest.mark.parametrize(
     ("name", "base_cls", "nesterov"),
     [
         ("ortho_sgd", torch.optim.SGD, True),
-        ("ortho_momentum", torch.optim.SGD, False),
+        ("momentum", torch.optim.SGD, False),
         ("ortho_adamw", None, None),
     ],
 )
-def test_prefixed_name_wraps_the_optimizer_timm_builds(vit, name, base_cls, nesterov):
-    opt = create_optimizer_v2(vit, name, lr=0.01, weight_decay=0.05, ortho_decay=1e-3)
+def test_the_factory_wraps_the_optimizer_timm_builds(vit, name, base_cls, nesterov):
+    opt = create_optimizer(vit, name, lr=0.01, weight_decay=0.05, ortho_decay=1e-3)
     plain = create_optimizer_v2(vit, name.removeprefix("ortho_"), lr=0.01, weight_decay=0.05)
     assert isinstance(opt, OrthoModulated) and type(opt.base_optimizer) is type(plain)
     if base_cls is not None:
@@ -87,7 +88,7 @@ def test_prefixed_name_wraps_the_optimizer_timm_builds(vit, name, base_cls, nest
 
 
 def test_lookahead_inside_the_wrapper(vit):
-    opt = create_optimizer_v2(vit, "ortho_lookahead_adamw", lr=1e-3, weight_decay=0.05)
+    opt = create_optimizer(vit, "ortho_lookahead_adamw", lr=1e-3, weight_decay=0.05)
     assert isinstance(opt.base_optimizer, Lookahead) and opt.form == "decoupled"
     vit(torch.randn(2, 3, 16, 16)).sum().backward()
     opt.step()
@@ -97,17 +98,36 @@ def test_lookahead_inside_the_wrapper(vit):
 @pytest.mark.parametrize("bad", ["lookahead_ortho_adamw", "ortho_ortho_sgd"])
 def test_misplaced_prefix_is_a_clear_error(vit, bad):
     with pytest.raises(ValueError, match="must come first"):
-        create_optimizer_v2(vit, bad, lr=0.1)
+        create_optimizer(vit, bad, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("bad", "hint"), [("ortho_foo", "timm's registry has no 'foo'"), ("adamww", "adamw")]
+)
+def test_unknown_names_and_misspelt_options_fail_before_anything_is_built(vit, bad, hint):
+    with pytest.raises(ValueError, match="unknown optimizer") as info:
+        create_optimizer(vit, bad, lr=0.1)
+    assert hint in str(info.value)
+    with pytest.raises(TypeError, match="did you mean 'ortho_decay'"):
+        create_optimizer(vit, "sgd", lr=0.1, ortho_decayy=1e-4)
+    with pytest.raises(TypeError, match="lr must be a number"):
+        create_optimizer(vit, "sgd", lr="0.1")
+    with pytest.raises(TypeError, match="did you mean 'ortho_decay'"):  # the runner's path too
+        routed(create_optimizer_v2)(vit, "ortho_sgd", lr=0.1, ortho_decayy=1e-4)
 
 
 def test_parameters_instead_of_the_model_is_a_clear_error(vit):
+    with pytest.raises(TypeError, match="pass the model itself"):
+        create_optimizer(list(vit.parameters()), "sgd", lr=0.1)
     with pytest.raises(ValueError, match="pass the model"):
-        create_optimizer_v2(list(vit.parameters()), "ortho_sgd", lr=0.1)
+        routed(create_optimizer_v2)(list(vit.parameters()), "ortho_sgd", lr=0.1)
 
 
-def test_plain_names_are_untouched(vit):
-    opt = create_optimizer_v2(vit, "sgd", lr=0.1, weight_decay=0.05)
+def test_plain_names_go_to_timm_through_the_runner_factory(vit):
+    opt = routed(create_optimizer_v2)(vit, "sgd", lr=0.1, weight_decay=0.05)
     assert type(opt) is torch.optim.SGD
+    with pytest.raises(TypeError, match="use 'ortho_sgd'"):  # --opt sgd --opt-kwargs ortho_decay=...
+        routed(create_optimizer_v2)(vit, "sgd", lr=0.1, ortho_decay=1e-4)
 
 
 # --- timm's parameter-group semantics -----------------------------------------------------------
@@ -126,8 +146,8 @@ def test_plain_names_are_untouched(vit):
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
 def test_groups_are_timms_except_no_decay_on_targets(vit, kwargs, opt_name):
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the factory reports the replacement as a log line, not a warning
-        ortho = create_optimizer_v2(vit, f"ortho_{opt_name}", lr=0.01, weight_decay=0.05, **kwargs)
+        warnings.simplefilter("error")  # the groups are built right: nothing to warn about
+        ortho = create_optimizer(vit, opt_name, lr=0.01, weight_decay=0.05, **kwargs)
     plain = create_optimizer_v2(vit, opt_name, lr=0.01, weight_decay=0.05, **kwargs)
     _assert_timm_groups_except_target_decay(vit, plain, ortho)
     layout = _layout(vit, ortho)
@@ -142,25 +162,29 @@ def test_groups_are_timms_except_no_decay_on_targets(vit, kwargs, opt_name):
 
 def test_create_ortho_optimizer_is_the_same_factory(vit):
     a = create_ortho_optimizer(vit, "adamw", lr=0.01, weight_decay=0.05, layer_decay=0.7, ortho_decay=2e-4)
-    b = create_optimizer_v2(vit, "ortho_adamw", lr=0.01, weight_decay=0.05, layer_decay=0.7, ortho_decay=2e-4)
+    b = routed(create_optimizer_v2)(
+        vit, "ortho_adamw", lr=0.01, weight_decay=0.05, layer_decay=0.7, ortho_decay=2e-4
+    )
     assert _layout(vit, a) == _layout(vit, b) and a.form == b.form == "decoupled"
     assert [t.name for t in a.targets] == [t.name for t in b.targets]
     excluded = create_ortho_optimizer(vit, "sgd", lr=0.1, target_kwargs={"exclude": ["head.*"]})
     assert "head.weight" not in {t.name for t in excluded.targets}
 
 
-def test_replacement_is_logged(vit, caplog):
+def test_what_the_wrapper_did_is_one_log_line(vit, caplog):
     with caplog.at_level(logging.INFO, logger="timm_ortho"):
-        create_optimizer_v2(vit, "ortho_sgd", lr=0.1, weight_decay=0.05)
+        create_optimizer(vit, "ortho_sgd", lr=0.1, weight_decay=0.05)
     (record,) = [r for r in caplog.records if r.name == "timm_ortho"]
-    assert "weight decay removed from 10 of them" in record.getMessage()
+    message = record.getMessage()
+    assert "orthonormality term on 10 conv/linear weights" in message and "not a plain chain" in message
 
 
 # --- what timm's train.py does ------------------------------------------------------------------
 
 
 def _train_py_optimizer(model: nn.Module, opt: str, opt_kwargs: dict) -> torch.optim.Optimizer:
-    """As timm's train.py: ``create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)``."""
+    """As timm's train.py under the runner: ``create_optimizer_v2(model, **optimizer_kwargs(cfg=args),
+    **args.opt_kwargs)`` with the runner's binding of ``create_optimizer_v2``."""
     args = argparse.Namespace(
         opt=opt,
         lr=0.05,
@@ -171,7 +195,7 @@ def _train_py_optimizer(model: nn.Module, opt: str, opt_kwargs: dict) -> torch.o
         layer_decay=None,
         opt_kwargs=opt_kwargs,
     )
-    return create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    return routed(create_optimizer_v2)(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
 
 
 def test_train_py_opt_kwargs_reach_the_wrapper():

@@ -1,44 +1,39 @@
 """timm's optimizer factory with the orthonormality term in place of weight decay.
 
-Two ways in, one implementation:
+``create_optimizer(model, "adamw", lr=..., weight_decay=..., ortho_decay=...)`` builds the base
+optimizer with ``timm.optim.create_optimizer_v2`` and timm's own parameter groups (the model's
+``no_weight_decay()``, ``layer_decay``, ``param_group_fn``, ``filter_bias_and_bn``), except that the
+regularized Conv/Linear weights are taken out of every decayed group into a sibling group without
+weight decay *before* the optimizer is built (every other group field, e.g. layer decay's
+``lr_scale``, is kept), then wraps it in :class:`~timm_ortho.OrthoModulated`.
 
-* ``create_optimizer(model, "adamw", lr=..., weight_decay=..., ortho_decay=...)``, the one place in
-  this project that builds the wrapped optimizer;
-* ``timm.optim.create_optimizer_v2(model, "ortho_adamw", ..., ortho_decay=...)``, and therefore
-  timm's ``train.py --opt ortho_adamw --opt-kwargs ortho_decay=1e-4 modulation=True``: importing
-  :mod:`timm_ortho` registers an ``ortho_<name>`` entry for every optimizer in timm's registry
-  (``timm.optim.list_optimizers("ortho_*")``); ``ortho_lookahead_<name>`` works too.
-
-Either way timm builds the base optimizer exactly as it would without the prefix (its parameter
-groups: ``no_weight_decay()``, ``layer_decay``, ``param_group_fn``, ``filter_bias_and_bn``), and
-:class:`~timm_ortho.OrthoModulated` wraps it. The wrapper moves the regularized Conv/Linear weights of
-any group that applies weight decay into a sibling group without it (all other group fields, e.g.
-layer decay's ``lr_scale``, are kept), so the groups are timm's except that those weights get no L2.
-
-timm parses an optimizer name by its last ``_``-separated word (``lookahead_adamw`` -> ``adamw``),
-so a registered ``ortho_adamw`` entry alone would be built as plain AdamW. The registration therefore
-also routes names that start with ``ortho_`` in the default registry's ``create_optimizer`` to this
-module; every other name goes to timm unchanged.
+timm's registry is left as it is: its ``create_optimizer_v2`` picks the optimizer by the last
+``_``-separated word of the name (``ortho_sgd`` would silently build plain SGD) and hands the optimizer
+class parameter groups, never the model, which the wrapper needs (the filter layout of grouped convs,
+the classifier and stem, the hooks of the modulation, the plain-chain check). timm's ``train.py``
+reaches the factory through :mod:`timm_ortho.plugins.run_timm` (``--opt ortho_<name>``); see
+docs/timm.md.
 """
 
-import dataclasses
-import functools
-import warnings
-from collections.abc import Callable
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from torch import nn
-from torch.optim import Optimizer
 
 from .defaults import DEFAULT_FORM, DEFAULT_MAX_GRAD_RATIO, DEFAULT_MODULATION, DEFAULT_ORTHO_DECAY
 from .optim import OrthoModulated
+from .targets import FilterBank, find_targets
 
 __all__ = [
     "ORTHO_OPTIONS",
     "ORTHO_PREFIX",
     "create_optimizer",
     "create_ortho_optimizer",
-    "register_timm_optimizers",
+    "groups_without_decay_on",
 ]
 
 ORTHO_PREFIX = "ortho_"
@@ -49,7 +44,6 @@ ORTHO_OPTIONS = (
     "max_grad_ratio",
     "form",
     "modulation",
-    "weight_decay_policy",
     "include",
     "exclude",
     "skip_stem",
@@ -57,40 +51,108 @@ ORTHO_OPTIONS = (
     "include_depthwise",
     "targets",
 )
+_TARGET_OPTIONS = ("include", "exclude", "skip_stem", "skip_classifier", "include_depthwise")
 
-_SPLIT_WARNING = "OrthoModulated: the orthonormality term replaces weight decay"
+# create_optimizer_v2's own keywords that decide the parameter groups.
+_GROUPING = (
+    "filter_bias_and_bn",
+    "fallback_list",
+    "fallback_no_weight_decay",
+    "layer_decay",
+    "layer_decay_min_scale",
+    "layer_decay_no_opt_scale",
+    "param_group_fn",
+)
 
 
-def _is_ortho(opt: str) -> bool:
-    return ORTHO_PREFIX.rstrip("_") in opt.lower().split("_")
+def base_name(opt: str) -> str:
+    """``ortho_lookahead_adamw`` -> ``lookahead_adamw``, checked against timm's registry.
 
+    Raises a ``ValueError`` naming the problem for a misplaced prefix or an unknown optimizer (with
+    the closest names), before anything is built.
+    """
+    from timm.optim import list_optimizers
 
-def _base_name(opt: str) -> str:
-    """``ortho_lookahead_adamw`` -> ``lookahead_adamw``; names without the prefix pass unchanged."""
-    name = opt.lower()
-    if name.startswith(ORTHO_PREFIX):
-        name = name[len(ORTHO_PREFIX) :]
-    if ORTHO_PREFIX.rstrip("_") in name.split("_"):
+    if not isinstance(opt, str):
+        raise TypeError(f"the optimizer name must be a string such as 'sgd' or 'adamw', got {opt!r}")
+    name = opt.lower().removeprefix(ORTHO_PREFIX)
+    words = name.split("_")
+    if ORTHO_PREFIX.rstrip("_") in words:
         raise ValueError(
             f"optimizer name {opt!r}: 'ortho' must come first (e.g. 'ortho_lookahead_adamw'); "
             "OrthoModulated wraps the whole base optimizer, Lookahead included"
         )
+    known = list_optimizers()
+    inner = words[1:] if words[0] == "lookahead" else words  # timm's one prefix of its own
+    if len(inner) != 1 or inner[0] not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; timm.optim.list_optimizers() lists them"
+        raise ValueError(f"unknown optimizer {opt!r}: timm's registry has no {name!r}{hint}")
     return name
 
 
-def _wrap(base: Optimizer, model: nn.Module, options: dict[str, Any]) -> OrthoModulated:
-    """``OrthoModulated(base, model, **options)``; the wrapper's INFO line reports what it did.
+def groups_without_decay_on(
+    groups: Sequence[dict[str, Any]], targets: Sequence[FilterBank], default_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """``groups`` with every target weight moved out of a decayed group into a sibling without decay.
 
-    The split of timm's decayed groups is what this factory asks for, so the wrapper's warning (meant
-    for users who passed decayed groups by hand) is silenced here; the INFO line counts the weights.
+    A group without a ``weight_decay`` key decays by ``default_decay`` (the optimizer's default).
+    Every other field of a split group (``lr_scale``, ``use_fallback``, ...) is kept on both halves;
+    groups are returned in order, a split group as ``[the rest, its targets]``.
     """
-    unknown = sorted(set(options) - set(ORTHO_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown OrthoModulated option(s) {unknown}; expected some of {list(ORTHO_OPTIONS)}")
-    options.setdefault("ortho_decay", DEFAULT_ORTHO_DECAY)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SPLIT_WARNING, category=UserWarning)
-        return OrthoModulated(base, model, **options)
+    ids = {id(t.param) for t in targets}
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        params = list(group["params"])
+        decay = group.get("weight_decay", default_decay)
+        mine = [p for p in params if id(p) in ids]
+        if not mine or not decay:
+            out.append({**group, "params": params, "weight_decay": decay})
+            continue
+        rest = [p for p in params if id(p) not in ids]
+        if rest:
+            out.append({**group, "params": rest, "weight_decay": decay})
+        out.append({**group, "params": mine, "weight_decay": 0.0})
+    return out
+
+
+def _timm_groups(model: nn.Module, weight_decay: float, grouping: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parameter groups ``create_optimizer_v2(model, ...)`` would build (its order of precedence)."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    if grouping.get("param_group_fn") is not None:
+        return list(grouping["param_group_fn"](model))
+    common = dict(
+        weight_decay=weight_decay,
+        weight_decay_exclude_1d=grouping.get("filter_bias_and_bn", True),
+        no_weight_decay_list=getattr(model, "no_weight_decay", lambda: set())(),
+        fallback_list=grouping.get("fallback_list", ()),
+        fallback_no_weight_decay=grouping.get("fallback_no_weight_decay", False),
+    )
+    if grouping.get("layer_decay") is not None:
+        return param_groups_layer_decay(
+            model,
+            layer_decay=grouping["layer_decay"],
+            min_scale=grouping.get("layer_decay_min_scale", 0.0),
+            no_opt_scale=grouping.get("layer_decay_no_opt_scale"),
+            **common,
+        )
+    return param_groups_weight_decay(model, **common)
+
+
+def _check_keywords(timm_kwargs: dict[str, Any]) -> None:
+    """A keyword that looks like a misspelt wrapper option is an error before timm sees it."""
+    from timm.optim import create_optimizer_v2
+
+    for key in timm_kwargs:
+        close = difflib.get_close_matches(key, ORTHO_OPTIONS, n=1, cutoff=0.8)
+        if key.startswith("ortho") or (
+            close and key not in inspect.signature(create_optimizer_v2).parameters
+        ):
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(
+                f"unknown option {key!r}{hint}: OrthoModulated's options are {', '.join(ORTHO_OPTIONS)}"
+            )
 
 
 def create_optimizer(
@@ -117,37 +179,66 @@ def create_optimizer(
             parameters timm decays that are not targets (e.g. a ViT's position embedding).
         ortho_decay, modulation, max_grad_ratio, form: see :class:`~timm_ortho.OrthoModulated`.
         target_kwargs: ``include``, ``exclude``, ``skip_stem``, ... (see :func:`~timm_ortho.find_targets`),
-            or ``targets`` (an already-found list), and ``weight_decay_policy``.
+            or ``targets`` (an already-found list).
         **timm_kwargs: everything else ``create_optimizer_v2`` takes (``layer_decay``,
             ``param_group_fn``, ``filter_bias_and_bn``, ``foreach``, ``betas``, ``eps``, ...).
+
+    Names, options and the lr are checked before anything is built.
     """
     from timm.optim import create_optimizer_v2
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"create_optimizer needs the model (an nn.Module), got {type(model).__name__}")
-    name = _base_name(opt)
-    base = create_optimizer_v2(
-        model, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum, **timm_kwargs
+        raise TypeError(
+            f"create_optimizer needs the model (an nn.Module), got {type(model).__name__}: the wrapper "
+            "regularizes the model's Conv/Linear weights and hooks its layers, so pass the model itself"
+        )
+    name = base_name(opt)
+    if lr is not None and (isinstance(lr, (bool, str)) or not isinstance(lr, (int, float))):
+        raise TypeError(f"lr must be a number, got {lr!r} ({type(lr).__name__})")
+    _check_keywords(timm_kwargs)
+    options = dict(target_kwargs or {})
+    unknown = sorted(set(options) - {"targets", *_TARGET_OPTIONS})
+    if unknown:
+        raise TypeError(
+            f"unknown target option(s) {unknown}; expected some of targets, {', '.join(_TARGET_OPTIONS)}"
+        )
+    if options.get("targets") is not None:
+        targets = list(options["targets"])
+    else:
+        targets = find_targets(model, **{k: v for k, v in options.items() if k != "targets"})
+    grouping = {k: timm_kwargs.pop(k) for k in _GROUPING if k in timm_kwargs}
+    groups = groups_without_decay_on(_timm_groups(model, weight_decay, grouping), targets, weight_decay)
+    base = create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=0.0, momentum=momentum, **timm_kwargs)
+    return OrthoModulated(
+        base,
+        model,
+        ortho_decay=ortho_decay,
+        modulation=modulation,
+        max_grad_ratio=max_grad_ratio,
+        form=form,
+        targets=[t for t in targets if t.param.requires_grad],
     )
-    options = {
-        "ortho_decay": ortho_decay,
-        "modulation": modulation,
-        "max_grad_ratio": max_grad_ratio,
-        "form": form,
-        **(target_kwargs or {}),
-    }
-    return _wrap(base, model, options)
 
 
 create_ortho_optimizer = create_optimizer  # the name of releases before 0.2
 
 
-def _ortho_aware(create: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
-    """The registry's ``create_optimizer``, with ``ortho_*`` names built by this module."""
+def routed(create: Callable[..., Any]) -> Callable[..., Any]:
+    """``create_optimizer_v2`` with ``ortho_*`` names built by :func:`create_optimizer`.
 
-    @functools.wraps(create)
-    def create_optimizer(model_or_params: Any, opt: str, *args: Any, **kwargs: Any) -> Optimizer:
-        if not _is_ortho(opt):
+    What :mod:`timm_ortho.plugins.run_timm` binds in the namespace of the timm script it runs (timm's
+    own module is not changed). The wrapper's options arrive as keywords, as ``train.py
+    --opt-kwargs`` passes them; every other name goes to ``create`` unchanged.
+    """
+
+    def create_optimizer_v2(model_or_params: Any, opt: str = "sgd", *args: Any, **kwargs: Any) -> Any:
+        if not opt.lower().startswith(ORTHO_PREFIX):
+            misplaced = sorted(set(kwargs) & set(ORTHO_OPTIONS))
+            if misplaced:
+                raise TypeError(
+                    f"{', '.join(misplaced)}: OrthoModulated option(s) for the optimizer {opt!r}, which has "
+                    f"no {ORTHO_PREFIX!r} prefix; use {ORTHO_PREFIX + opt!r} to train with the method"
+                )
             return create(model_or_params, opt, *args, **kwargs)
         if not isinstance(model_or_params, nn.Module):
             raise ValueError(
@@ -155,40 +246,7 @@ def _ortho_aware(create: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
                 "the model to create_optimizer_v2, not a list of parameters or param groups"
             )
         options = {k: kwargs.pop(k) for k in ORTHO_OPTIONS if k in kwargs}
-        name = _base_name(opt)
-        base = create(model_or_params, name, *args, **kwargs)
-        return _wrap(base, model_or_params, options)
+        targets = {k: options.pop(k) for k in (*_TARGET_OPTIONS, "targets") if k in options}
+        return create_optimizer(model_or_params, opt, *args, target_kwargs=targets, **options, **kwargs)
 
-    create_optimizer._timm_ortho = True  # type: ignore[attr-defined]  (marks the patch: install once)
-    return create_optimizer
-
-
-def register_timm_optimizers() -> list[str]:
-    """Register ``ortho_<name>`` for every optimizer of timm's default registry; returns the new names.
-
-    Idempotent. The entries keep the base optimizer's ``OptimInfo`` (class, flags, defaults) with
-    the name and description changed; build them through ``create_optimizer_v2(model, ...)``.
-    """
-    from timm.optim import _optim_factory
-
-    registry = _optim_factory.default_registry
-    existing = registry.list_optimizers()
-    added = []
-    for name in existing:
-        ortho_name = ORTHO_PREFIX + name
-        if _is_ortho(name) or ortho_name in existing:
-            continue
-        info = registry.get_optimizer_info(name)
-        registry.register(
-            dataclasses.replace(
-                info,
-                name=ortho_name,
-                description=f"{info.description}; wrapped in timm_ortho.OrthoModulated "
-                "(orthonormality regularizer in place of weight decay on conv/linear weights)",
-            )
-        )
-        added.append(ortho_name)
-    if not getattr(registry.create_optimizer, "_timm_ortho", False):
-        # An instance attribute: only the default registry (what create_optimizer_v2 uses) changes.
-        registry.create_optimizer = _ortho_aware(registry.create_optimizer)
-    return added
+    return create_optimizer_v2

@@ -10,19 +10,21 @@ way AdamW decouples weight decay):
 
     W <- W - lr * 2 * ortho_decay * (Wg Wg^T - I) Wg
 
-Optionally it owns an :class:`~timm_ortho.modulation.ErrorModulation` whose hooks rescale the
-backward error, and drives its schedule with the number of real updates.
+It shares the base optimizer's ``param_groups``, ``state`` and ``defaults`` (as timm's ``Lookahead``
+does), keeps its own settings as param-group fields, composes the step bound
+(:mod:`timm_ortho.step_bound`) and owns the :class:`~timm_ortho.modulation.ErrorModulation` whose
+hooks rescale the backward error. Every change to a gradient happens inside ``step()``, so the
+wrapper composes with ``GradScaler.step`` (it sees unscaled gradients and never runs on a skipped
+step), with clipping after ``unscale_``, with ``accelerator.prepare`` and ``accelerator.accumulate``.
 
-Because every change to a gradient happens inside ``step()``, the wrapper composes with
-``GradScaler.step`` (it sees unscaled gradients and never runs on a skipped step), with clipping
-after ``unscale_``, with ``accelerator.prepare`` and with ``accelerator.accumulate``.
+The weights it regularizes must get no L2 decay from the base optimizer (the term replaces it): build
+the base optimizer's groups with :func:`param_groups_for_ortho` or use
+:func:`timm_ortho.create_optimizer`; a decayed target is refused with that advice.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -57,22 +59,22 @@ __all__ = [
 Form = Literal["auto", "coupled", "decoupled"]
 
 _log = logging.getLogger("timm_ortho")
+_WRAPPER = "_timm_ortho_wrapper"  # the base optimizer's attribute: a weak reference to its wrapper
 
 
 class OrthoModulated(Optimizer):
     """Orthonormality regularizer (replacing L2 weight decay) and error modulation for a model.
 
     Args:
-        optimizer: the base optimizer; it must own every trainable target weight.
+        optimizer: the base optimizer; it must own every trainable target weight and give none of
+            them weight decay (:func:`param_groups_for_ortho` builds such groups).
         model: the model whose Conv/Linear weights are regularized (see :func:`find_targets`).
         ortho_decay: ``lambda`` of ``R = lambda/2 * sum ||Wg Wg^T - I||_F^2``. Stored as the
             param-group field ``"ortho_decay"`` so schedulers and per-group settings can change it.
         form: ``"coupled"`` adds ``dR/dW`` to the gradient; ``"decoupled"`` applies it to the weight
             scaled by the lr. ``"auto"`` follows the optimizer's kind (:mod:`timm_ortho.forms`):
-            coupled for SGD-like updates (SGD, LARS, ...), decoupled for adaptive ones (the Adam
+            coupled for SGD-like updates (SGD, LARS, L-BFGS, ...), decoupled for adaptive ones (the Adam
             family, RMSprop, Adagrad, Adafactor, Lion, ...).
-        weight_decay_policy: target weights must not also receive L2 decay. ``"split"`` moves them
-            into sibling param groups with ``weight_decay=0`` and warns; ``"error"`` raises instead.
         include, exclude, skip_stem, skip_classifier, include_depthwise: which weights are targets,
             see :func:`~timm_ortho.targets.find_targets`.
         targets: the :class:`~timm_ortho.targets.FilterBank` list, when the caller has already found
@@ -83,19 +85,21 @@ class OrthoModulated(Optimizer):
             ``"paper"``: the paper's consecutive-layer rule (:data:`timm_ortho.defaults.MODULATION_PRESETS`);
             a dict of :class:`~timm_ortho.modulation.ErrorModulation` options; an ``ErrorModulation``;
             ``False`` or ``None``: off.
-        max_grad_ratio: the step bound. Inside ``step()``, after the orthonormality term is added,
-            every target weight's gradient is scaled down where needed so that
-            ``||grad_l||_F <= max_grad_ratio * ||W_l||_F`` (per layer; a layer-wise adaptive gradient
-            clip). It bounds the *relative* change of each filter bank, which is what matters for
-            weights followed by BatchNorm (scale-invariant), and it keeps the cubic orthonormality
-            gradient from running away when a weight's scale has grown. ``"auto"`` (default): on a
+        max_grad_ratio: the step bound (:mod:`timm_ortho.step_bound`): inside ``step()``, every target
+            weight's step from the gradient is limited to ``max_grad_ratio * ||W_l||_F`` of its
+            gradient norm, the orthonormality term included (coupled: the sum is bounded; decoupled:
+            the term's update ``lr * dR/dW`` is bounded to ``lr * max_grad_ratio * ||W_l||`` on its
+            own, as the gradient is). It bounds the relative change of each filter bank and keeps
+            the cubic term in check when a weight's scale has grown. ``"auto"`` (default): on a
             plain chain ``min(0.01, 1 / L)`` for ``L`` target layers
-            (:func:`timm_ortho.defaults.max_grad_ratio_for`: deeper chains need smaller per-layer
-            steps), no bound on any other model (it slows models with shortcuts, which do not need
-            it). ``None`` turns it off. Stored, as a number or None, as the param-group field
-            ``"max_grad_ratio"``.
+            (:func:`timm_ortho.defaults.max_grad_ratio_for`), no bound on any other model (it slows
+            models with shortcuts, which do not need it). ``None`` turns it off. Stored, as a number
+            or None, as the param-group field ``"max_grad_ratio"``.
 
-    Target weights with ``requires_grad=False`` are ignored.
+    Target weights with ``requires_grad=False`` are ignored. ``step(closure)`` works with every
+    closure optimizer (L-BFGS re-evaluates it): the term and the bound act on the gradients of each
+    evaluation, and in the coupled form the closure's value is returned as ``loss + R``, the
+    objective whose gradient the base optimizer sees.
     """
 
     def __init__(
@@ -105,7 +109,6 @@ class OrthoModulated(Optimizer):
         *,
         ortho_decay: float = DEFAULT_ORTHO_DECAY,
         form: Form = DEFAULT_FORM,
-        weight_decay_policy: Literal["split", "error"] = "split",
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         skip_stem: bool = False,
@@ -116,24 +119,17 @@ class OrthoModulated(Optimizer):
         targets: Sequence[FilterBank] | None = None,
     ) -> None:
         # super().__init__() is not called on purpose: params, groups and state stay the base's.
-        if isinstance(optimizer, OrthoModulated):
-            raise ValueError(
-                "the optimizer is already wrapped by OrthoModulated; wrap the base optimizer once"
+        _check_base(optimizer)
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be the nn.Module whose weights the optimizer trains, got {type(model).__name__}"
+                + (" (its parameters?): pass the model itself" if not isinstance(model, Optimizer) else "")
             )
-        if type(optimizer).__module__.startswith("accelerate"):
-            raise ValueError(
-                "the optimizer was already passed through accelerator.prepare(); wrap the bare optimizer "
-                "first, then prepare the wrapper: accelerator.prepare(model, OrthoModulated(opt, model), ...)"
-            )
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         _check_decay(ortho_decay)
         if max_grad_ratio != "auto":
             _check_ratio(max_grad_ratio)
         _check_modulation(modulation)
         self.form: Literal["coupled", "decoupled"] = resolve_form(optimizer, form)
-        if weight_decay_policy not in ("split", "error"):
-            raise ValueError(f"weight_decay_policy must be 'split' or 'error', got {weight_decay_policy!r}")
 
         self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
@@ -142,16 +138,14 @@ class OrthoModulated(Optimizer):
         self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
         self._patch_step_function()
-        _check_unwrapped(optimizer)  # before anything of the base optimizer changes
         self.base_optimizer = optimizer
 
         selection = dict(
             include=include, exclude=exclude, skip_stem=skip_stem, skip_classifier=skip_classifier
         )
         self.targets: list[FilterBank] = _trainable_targets(model, targets, selection, include_depthwise)
-        self._check_owned()
         self._target_index = {id(t.param): i for i, t in enumerate(self.targets)}
-        self._separate_weight_decay(weight_decay_policy)
+        self._check_owned_without_decay()
 
         # "auto" settings depend on whether the model is a plain chain: one traced forward decides.
         settings = {"max_grad_ratio": max_grad_ratio, "modulation": modulation}
@@ -163,35 +157,15 @@ class OrthoModulated(Optimizer):
         if modulation == "auto":  # a chain needs two layers below the classifier for the rule to act
             chained = sum(t.role != "classifier" for t in self.targets) > 1
             modulation = "top" if plain and chained else False
+
         self.defaults.update(ortho_decay=ortho_decay, ortho_step=0, max_grad_ratio=max_grad_ratio)
         for group in self.param_groups:
             self._fill_group_fields(group)
         self._batched = BatchedOrthonormality(self.targets)
         self.modulation = self._make_modulation(model, modulation)
         self._sync_modulation_step()
-        _WRAPPED[optimizer] = weakref.ref(self)
-        _log.info("%s", self._summary(type(model).__name__))
-
-    def _summary(self, model_name: str) -> str:
-        """The one line that says what the wrapper does to the model and, for "auto" settings, why."""
-        ratio = self.defaults["max_grad_ratio"]
-        decays = sorted({g["ortho_decay"] for g in self.param_groups})
-        decay = decays[0] if len(decays) == 1 else decays
-        removed = f"; weight decay removed from {self._undecayed} of them" if self._undecayed else ""
-        parts = [
-            f"OrthoModulated({type(self.base_optimizer).__name__}) on {model_name}: orthonormality term on "
-            f"{len(self.targets)} conv/linear weights (ortho_decay={decay}, "
-            f"{self.form} form{removed})"
-        ]
-        if self.chain is not None:
-            parts.append(f"{'a' if self.chain.plain else 'not a'} plain chain ({self.chain.reason})")
-        bound = f"step bound max_grad_ratio={ratio:.3g}" if ratio is not None else "no step bound"
-        mod = self.modulation
-        rule = (
-            f"error modulation on (reference={mod.reference!r})" if mod is not None else "no error modulation"
-        )
-        parts.append(f"{bound}, {rule}")
-        return "; ".join(parts)
+        setattr(optimizer, _WRAPPER, weakref.ref(self))
+        _log.info("%s", self.summary(type(model).__name__))
 
     # -- sharing the base optimizer's containers ------------------------------------------------
     @property
@@ -219,50 +193,28 @@ class OrthoModulated(Optimizer):
         self.base_optimizer.defaults = value
 
     # -- construction helpers -------------------------------------------------------------------
-    def _check_owned(self) -> None:
-        owned = {id(p) for g in self.base_optimizer.param_groups for p in g["params"]}
+    def _check_owned_without_decay(self) -> None:
+        """Every target is owned by the base optimizer, in a group without weight decay."""
+        owned = {id(p): (i, g) for i, g in enumerate(self.base_optimizer.param_groups) for p in g["params"]}
         missing = [t.name for t in self.targets if id(t.param) not in owned]
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(
-                f"the optimizer does not own {len(missing)} target weight(s) of the model: {shown}. Build "
-                "the optimizer from this model's parameters, or leave these weights out with exclude=[...]."
+                f"the optimizer does not own {len(missing)} target weight(s) of the model: "
+                f"{_some(missing)}. Build the optimizer from this model's parameters, or leave these "
+                "weights out with exclude=[...]."
             )
-
-    def _separate_weight_decay(self, policy: str) -> None:
-        """Make sure no target weight also gets L2 decay from the base optimizer."""
-        groups = self.base_optimizer.param_groups
-        rebuilt: list[dict[str, Any]] = []
-        changed: list[str] = []
-        self._undecayed = 0  # target weights whose weight decay was removed (for the summary line)
-        for gi, group in enumerate(groups):
-            targets = [p for p in group["params"] if id(p) in self._target_index]
-            if not targets or not group.get("weight_decay", 0.0):
-                rebuilt.append(group)
-                continue
-            if policy == "error":
-                raise ValueError(
-                    f"param group {gi} applies weight_decay={group['weight_decay']} to {len(targets)} target "
-                    "weight(s); the orthonormality term replaces weight decay on them. Set weight_decay=0 "
-                    "for those weights (timm_ortho.param_groups_for_ortho builds such groups), or use "
-                    "weight_decay_policy='split'."
-                )
-            others = [p for p in group["params"] if id(p) not in self._target_index]
-            changed.append(f"group {gi} ({len(targets)} weights, weight_decay={group['weight_decay']})")
-            self._undecayed += len(targets)
-            if others:
-                group["params"] = others
-                rebuilt.extend([group, {**group, "params": targets, "weight_decay": 0.0}])
-            else:
-                group["weight_decay"] = 0.0
-                rebuilt.append(group)
-        if changed:
-            groups[:] = rebuilt  # in place: anything holding the list sees the new groups
-            warnings.warn(
-                "OrthoModulated: the orthonormality term replaces weight decay on its target weights, so "
-                "their weight_decay was set to 0 in: " + "; ".join(changed) + ". Other parameters keep "
-                "their weight decay. Create LR schedulers after wrapping.",
-                stacklevel=3,
+        decayed = [
+            (owned[id(t.param)], t.name) for t in self.targets if owned[id(t.param)][1].get("weight_decay")
+        ]
+        if decayed:
+            (index, group), _ = decayed[0]
+            raise ValueError(
+                f"param group {index} applies weight_decay={group['weight_decay']} to {len(decayed)} "
+                f"target weight(s) ({_some([name for _, name in decayed])}); the orthonormality term "
+                "replaces weight decay on them. Build the base optimizer from "
+                "timm_ortho.param_groups_for_ortho(model, weight_decay=...) (no decay on the targets, the "
+                "usual decay on the rest), use "
+                "timm_ortho.create_optimizer(model, 'sgd', weight_decay=...), or pass weight_decay=0."
             )
 
     def _fill_group_fields(self, group: dict[str, Any], step: int = 0) -> None:
@@ -293,22 +245,38 @@ class OrthoModulated(Optimizer):
         """Number of real updates done (steps skipped by a GradScaler do not count)."""
         return self.param_groups[0]["ortho_step"] if self.param_groups else 0
 
-    @torch.no_grad()
-    def apply_orthonormality(self) -> None:
-        """Add the orthonormality term to the grads (coupled) or weights (decoupled); called by step()."""
-        selected: list[int] = []
-        coefficients: list[float] = []
+    def _selected(self, key: Callable[[dict[str, Any]], Any]) -> tuple[list[int], list[Any]]:
+        """Indices of the targets with a gradient, and ``key(group)`` of each one's group."""
+        selected, values = [], []
         for group in self.param_groups:
-            decay = group["ortho_decay"]
-            if decay == 0:
+            value = key(group)
+            if value is None:
                 continue
-            # Decoupled: W <- W - lr * dR/dW; coupled: grad <- grad + dR/dW.
-            coefficient = -2.0 * decay * float(group["lr"]) if self.form == "decoupled" else 2.0 * decay
             for p in group["params"]:
                 i = self._target_index.get(id(p))
                 if i is not None and p.grad is not None:
                     selected.append(i)
-                    coefficients.append(coefficient)
+                    values.append(value)
+        return selected, values
+
+    @torch.no_grad()
+    def apply_orthonormality(self) -> None:
+        """Add the orthonormality term to the grads (coupled) or weights (decoupled); called by step().
+
+        Decoupled, the update ``-lr * dR/dW`` is bounded like a gradient before it is applied:
+        ``||lr * dR/dW|| <= lr * max_grad_ratio * ||W||`` (where the group has a bound).
+        """
+        decoupled = self.form == "decoupled"
+
+        def coefficient(group: dict[str, Any]) -> float | None:
+            if group["ortho_decay"] == 0:
+                return None
+            # Decoupled: W <- W - lr * dR/dW; coupled: grad <- grad + dR/dW.
+            return (
+                -2.0 * group["ortho_decay"] * float(group["lr"]) if decoupled else 2.0 * group["ortho_decay"]
+            )
+
+        selected, coefficients = self._selected(coefficient)
         if not selected:
             return
         params = [self.targets[i].param for i in selected]
@@ -316,44 +284,75 @@ class OrthoModulated(Optimizer):
             raise RuntimeError("OrthoModulated does not support sparse gradients on target weights")
         products = self._batched.residual_products(selected, coefficients, reuse_buffers=True)
         updates = [products[i] for i in selected]
+        if decoupled:
+            self._bound_decoupled(selected, updates)
         # float32 updates into half-precision grads or weights: foreach casts on the way in.
-        destinations = params if self.form == "decoupled" else [p.grad for p in params]
-        torch._foreach_add_(destinations, updates)
+        torch._foreach_add_(params if decoupled else [p.grad for p in params], updates)
+
+    def _bound_decoupled(self, selected: list[int], updates: list[Tensor]) -> None:
+        """The step bound on the decoupled term's updates (``lr * ratio`` per group)."""
+        bounded, limits = self._selected(
+            lambda g: (
+                None
+                if g["max_grad_ratio"] is None or g["ortho_decay"] == 0
+                else g["max_grad_ratio"] * float(g["lr"])
+            )
+        )
+        if not bounded:
+            return
+        position = {i: k for k, i in enumerate(selected)}
+        bound_gradients_(
+            [self.targets[i].param for i in bounded], limits, grads=[updates[position[i]] for i in bounded]
+        )
 
     @torch.no_grad()
     def bound_gradients(self) -> None:
-        """Scale target gradients so that ``||grad_l|| <= max_grad_ratio * ||W_l||``; called by step().
-
-        Each group's ``max_grad_ratio`` for its target weights, all layers in one call of
-        :func:`~timm_ortho.step_bound.bound_gradients_` (foreach norms, no host sync).
-        """
-        params: list[Tensor] = []
-        ratios: list[float] = []
-        for group in self.param_groups:
-            ratio = group.get("max_grad_ratio")
-            if ratio is None:
-                continue
-            for p in group["params"]:
-                if id(p) in self._target_index and p.grad is not None:
-                    params.append(p)
-                    ratios.append(ratio)
-        bound_gradients_(params, ratios)
+        """Scale target gradients so that ``||grad_l|| <= max_grad_ratio * ||W_l||``; called by step()."""
+        selected, ratios = self._selected(lambda g: g["max_grad_ratio"])
+        bound_gradients_([self.targets[i].param for i in selected], ratios)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
-        """Apply the orthonormality term, bound the target gradients, then the base optimizer's update."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
+        """The orthonormality term, the step bound, then the base optimizer's update.
+
+        Decoupled, the term moves the weights first (with a closure, the closure then sees the moved
+        weights). Coupled, it is added to the gradients, which are then bounded; with a closure, to
+        the gradients of every evaluation.
+        """
         _check_groups(self.param_groups)
-        self.apply_orthonormality()
-        self.bound_gradients()
-        self.base_optimizer.step()
+        coupled = self.form == "coupled"
+        if not coupled:
+            self.apply_orthonormality()
+        if closure is None:
+            if coupled:
+                self.apply_orthonormality()
+            self.bound_gradients()
+            loss = self.base_optimizer.step()
+        else:
+            loss = self.base_optimizer.step(self._wrap_closure(closure))
         for group in self.param_groups:
             group["ortho_step"] = group.get("ortho_step", 0) + 1
         self._sync_modulation_step()
         return loss
+
+    def _wrap_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """The closure the base optimizer evaluates: the user's, then the method on its gradients.
+
+        Coupled, every evaluation gets the term and returns ``loss + R``: L-BFGS' line search compares
+        evaluations, whose values and gradients must be of the same objective.
+        """
+
+        def evaluate():
+            with torch.enable_grad():
+                loss = closure()
+            if self.form == "coupled":
+                self.apply_orthonormality()
+                if loss is not None:
+                    loss = loss + self.penalty().to(loss.device if isinstance(loss, Tensor) else "cpu")
+            self.bound_gradients()
+            return loss
+
+        return evaluate
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -375,9 +374,14 @@ class OrthoModulated(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved with or without the wrapper."""
+        """Load a state dict saved by this wrapper, or by the same base optimizer without it.
+
+        The param groups must match (torch's rule): a state saved by an optimizer grouped another way
+        (e.g. a bare SGD with weight decay on every parameter, one group) is refused with the reason.
+        """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
+        _check_same_groups(state_dict, self.param_groups)
         self.base_optimizer.load_state_dict(state_dict)
         for group in self.param_groups:
             self._fill_group_fields(group)
@@ -413,6 +417,23 @@ class OrthoModulated(Optimizer):
                     decay[i] = group["ortho_decay"]
         return 0.5 * (squared * decay.to(squared.device)).sum()
 
+    def summary(self, model_name: str = "the model") -> str:
+        """One line: what the wrapper does to the model and, for "auto" settings, why."""
+        ratio = self.defaults["max_grad_ratio"]
+        decays = sorted({g["ortho_decay"] for g in self.param_groups})
+        decay = decays[0] if len(decays) == 1 else decays
+        parts = [
+            f"OrthoModulated({type(self.base_optimizer).__name__}) on {model_name}: orthonormality term on "
+            f"{len(self.targets)} conv/linear weights (ortho_decay={decay}, {self.form} form)"
+        ]
+        if self.chain is not None:
+            parts.append(f"{'a' if self.chain.plain else 'not a'} plain chain ({self.chain.reason})")
+        bound = f"step bound max_grad_ratio={ratio:.3g}" if ratio is not None else "no step bound"
+        mod = self.modulation
+        rule = "no error modulation" if mod is None else f"error modulation on (reference={mod.reference!r})"
+        parts.append(f"{bound}, {rule}")
+        return "; ".join(parts)
+
     def remove_hooks(self) -> None:
         """Remove the modulation hooks from the model (the regularizer keeps working)."""
         if self.modulation is not None:
@@ -431,10 +452,36 @@ class OrthoModulated(Optimizer):
     def __repr__(self) -> str:
         base = "\n".join("    " + line for line in repr(self.base_optimizer).splitlines())
         decays = sorted({g["ortho_decay"] for g in self.param_groups})
+        ratio = self.defaults["max_grad_ratio"]
+        modulation = "off" if self.modulation is None else repr(self.modulation)
         return (
             f"{type(self).__name__} (\n{base}\n    targets: {len(self.targets)} weights, form: {self.form}, "
             f"ortho_decay: {decays[0] if len(decays) == 1 else decays}, "
-            f"modulation: {self.modulation!r}\n)"
+            f"step bound: {'off' if ratio is None else ratio}, modulation: {modulation}\n)"
+        )
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _check_base(optimizer: Any) -> None:
+    """The base optimizer is a bare torch optimizer, not already wrapped or prepared."""
+    if isinstance(optimizer, OrthoModulated):
+        raise ValueError("the optimizer is already wrapped by OrthoModulated; wrap the base optimizer once")
+    if type(optimizer).__module__.startswith("accelerate"):
+        raise ValueError(
+            "the optimizer was already passed through accelerator.prepare(); wrap the bare optimizer "
+            "first, then prepare the wrapper: accelerator.prepare(model, OrthoModulated(opt, model), ...)"
+        )
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    ref = getattr(optimizer, _WRAPPER, None)
+    if ref is not None and ref() is not None:
+        # A second wrapper would apply the term and hook the model a second time.
+        raise ValueError(
+            f"this {type(optimizer).__name__} is already wrapped by an OrthoModulated; wrap a base optimizer "
+            "once (build a new base optimizer for a second wrapper)"
         )
 
 
@@ -484,8 +531,8 @@ def _check_ratio(value: float | None, where: str = "") -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ValueError(
-            f"{where}max_grad_ratio must be None (no step bound), 'auto' (min(0.01, 1/L) for L target "
-            f"layers; only when wrapping) or a finite number > 0, got {value!r}"
+            f"{where}max_grad_ratio must be None (no step bound), 'auto' (min(0.01, 1/L) on a plain chain of "
+            f"L target layers, none elsewhere; only when wrapping) or a finite number > 0, got {value!r}"
         )
 
 
@@ -498,35 +545,34 @@ def _check_decay(value: float, where: str = "") -> None:
 
 
 def _check_groups(groups: list[dict[str, Any]]) -> None:
-    """The method's fields of every param group, checked on the host before each step.
+    """The method's fields and the lr of every param group, checked on the host before each step.
 
     A scheduler or user code may change them after wrapping; a NaN, infinite, negative or non-numeric
-    value would otherwise poison the weights at the next step. Python-float comparisons only: no
-    tensor is read, so no host-device synchronization.
+    value would otherwise poison the weights at the next step. Python-value checks only: no tensor is
+    read, so no host-device synchronization.
     """
     for i, group in enumerate(groups):
         where = f"param group {i}: "
         _check_decay(group.get("ortho_decay", 0.0), where)
         _check_ratio(group.get("max_grad_ratio"), where)
+        lr = group.get("lr")
+        if lr is not None and (isinstance(lr, (bool, str)) or not isinstance(lr, (int, float, Tensor))):
+            raise ValueError(f"{where}lr must be a number (or a tensor), got {lr!r} ({type(lr).__name__})")
 
 
-# Base optimizer -> its live wrapper: a second OrthoModulated around the same optimizer would add the
-# term twice and split its groups again. Weak on both sides: a discarded wrapper frees its base.
-_WRAPPED: weakref.WeakKeyDictionary[Optimizer, weakref.ref[OrthoModulated]] = weakref.WeakKeyDictionary()
-
-
-def _check_unwrapped(base: Optimizer) -> None:
-    def live() -> OrthoModulated | None:
-        ref = _WRAPPED.get(base)
-        return None if ref is None else ref()
-
-    if live() is not None:
-        gc.collect()  # a discarded wrapper still held in a reference cycle is not a live one
-    if live() is not None:
-        raise ValueError(
-            f"this {type(base).__name__} is already wrapped by an OrthoModulated; wrap a base optimizer "
-            "once (build a new base optimizer for a second wrapper)"
-        )
+def _check_same_groups(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+    saved = state_dict.get("param_groups", [])
+    if [len(g["params"]) for g in saved] == [len(g["params"]) for g in groups]:
+        return
+    sizes = [len(g["params"]) for g in groups]
+    raise ValueError(
+        f"this optimizer state has {len(saved)} param group(s) of {[len(g['params']) for g in saved]} "
+        f"parameters; the wrapped optimizer has {len(groups)} of {sizes}. It was saved by an optimizer "
+        "grouped another way (a bare optimizer with weight decay on every parameter "
+        "has one group; timm_ortho.param_groups_for_ortho keeps the targets apart from the decayed "
+        "weights). Load it into an optimizer built as the saving one was, or start this optimizer's "
+        "state afresh."
+    )
 
 
 def param_groups_for_ortho(
