@@ -256,6 +256,9 @@ def test_resume_with_another_model_or_recipe_is_refused(trained_run, tmp_path, c
     assert "method" in line and "model_ema" in line
     line = fails_cleanly(capsys, tiny_argv(tmp_path, "--resume", "auto", "--num-classes", "7"))
     assert "num_classes 10 in the checkpoint, 7 now" in line
+    # A schedule adds a registered object; other schedule settings are rebuilt from the flags instead.
+    line = fails_cleanly(capsys, tiny_argv(tmp_path, "--resume", "auto", "--sched", "none"))
+    assert "lr_scheduler True in the checkpoint, False now" in line
 
 
 # ----------------------------------------------------------------------------------------------

@@ -262,6 +262,35 @@ def test_resume_gives_bit_identical_weights(tmp_path, tiny):
     assert states_equal(again.model.state_dict(), full.model.state_dict())
 
 
+def test_resume_to_a_longer_run_follows_the_longer_schedule(tmp_path, caplog, tiny):
+    """docs/timm.md's "continue to epoch 4": 2 cosine epochs, then --epochs 4 --resume <run>/last.pth.
+
+    The resumed run must train on the cosine schedule of 4 epochs (as timm's train.py rebuilds its
+    scheduler from the new flags), not on the first run's, which has reached its end (lr 0).
+    """
+    import math
+
+    from safetensors.torch import load_file
+
+    common = dict(synthetic_size=16, precise_bn=0, lr=0.05, sched="cosine", checkpoint_hist=10)
+    train(tiny(tmp_path, epochs=2, **common))
+    with caplog.at_level("INFO"):
+        resumed = train(tiny(tmp_path, epochs=4, resume=str(tmp_path / "run" / "last.pth"), **common))
+    assert resumed.summary["updates"] == 16
+    assert "4 epochs" in caplog.text and "schedule rebuilt" in caplog.text
+    # The lr logged after update u is the one of update u + 1: cosine from 0.05 to 0 over 16 updates.
+    lrs = {r["step"]: r["lr"] for r in records(tmp_path / "run") if r["type"] == "train"}
+    expected = [0.5 * 0.05 * (1 + math.cos(math.pi * u / 16)) for u in range(9, 17)]
+    assert [lrs[u] for u in range(9, 17)] == pytest.approx(expected, abs=1e-12)
+    assert all(lrs[u] > 0 for u in range(9, 16))
+    # The updates after the resume move the weights (at lr 0 they would stay as they were at 8).
+    folder = tmp_path / "run" / "checkpoints"
+    conv = [
+        load_file(folder / f"ckpt-{u:09d}" / "model.safetensors")["stem.conv.weight"] for u in [8, 12, 16]
+    ]
+    assert not torch.equal(conv[0], conv[1]) and not torch.equal(conv[1], conv[2])
+
+
 # ----------------------------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------------------------

@@ -20,12 +20,12 @@ is exactly that difference: a temporary folder, a marker written last, an atomic
 rotation after it. The saving itself is ``accelerator.save_state``.
 
 What resume trusts: the marker records the size and CRC-32 of every file of the checkpoint and
-the *recipe* (model, classes, optimizer, method, modulation, EMA: the settings that change the
-saved state's shapes). :func:`check_checkpoint` compares sizes and CRCs before anything is loaded;
-:func:`resolve_resume` passes over a damaged checkpoint of a run for the newest intact one and
-refuses a damaged one named explicitly; :func:`check_recipe` refuses a checkpoint of another recipe
-with the list of what differs. A save that fails is retried once, then written to a fallback
-folder, and the error says where the state went.
+the *recipe* (model, classes, optimizer, method, modulation, EMA, whether there is an LR schedule:
+the settings that change the saved state's shapes). :func:`check_checkpoint` compares sizes and
+CRCs before anything is loaded; :func:`resolve_resume` passes over a damaged checkpoint of a run
+for the newest intact one and refuses a damaged one named explicitly; :func:`check_recipe` refuses
+a checkpoint of another recipe with the list of what differs. A save that fails is retried once,
+then written to a fallback folder, and the error says where the state went.
 """
 
 from __future__ import annotations
@@ -212,7 +212,9 @@ def recipe_of(cfg: Any, num_classes: int | None) -> dict[str, Any]:
     """The settings of ``cfg`` (a ``TrainConfig``) that decide the shapes of the saved state.
 
     Model and classes shape the weights; the optimizer, the method (its parameter groups) and the
-    modulation shape the optimizer state; the EMA adds a registered object.
+    modulation shape the optimizer state; the EMA and an LR schedule (any ``--sched`` but ``none``)
+    each add a registered object. The schedule's settings are not part of it: a resume rebuilds the
+    schedule from its own flags.
     """
     recipe = {
         "model": cfg.model,
@@ -222,6 +224,7 @@ def recipe_of(cfg: Any, num_classes: int | None) -> dict[str, Any]:
         "method": "baseline" if cfg.baseline else "orthonormality regularizer",
         "modulation": cfg.modulation is not False,
         "model_ema": bool(cfg.model_ema),
+        "lr_scheduler": cfg.sched != "none",
     }
     return json.loads(json.dumps(recipe, default=str))  # as a marker stores it
 

@@ -26,6 +26,7 @@ the checkpoint names; the modulation's step is set from ``ortho_step`` by the op
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -42,7 +43,7 @@ from accelerate.logging import get_logger
 from torch import nn
 
 from . import build
-from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, recipe_of, write_atomic
+from .checkpoint import MARKER, CheckpointError, CheckpointManager, load_checkpoint, recipe_of, write_atomic
 from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args, validate_config
 from .data import DataError, SeededTransform, skipped_images
 from .evaluation import evaluate, precise_bn_for_eval, recalibrate_bn
@@ -232,10 +233,13 @@ def _start(run: Run, resume_path: Path | None) -> None:
     }
     acc.init_trackers(run.run_dir.name, config=hparams)
     if resume_path is not None:
+        schedule = copy.deepcopy(run.scheduler.state_dict()) if run.scheduler is not None else None
         load_checkpoint(acc, resume_path)
         p = run.progress
         _log.info("resumed from %s: epoch %d, batch %d, update %d", resume_path, p.epoch, p.batch, p.updates)
         log_record(acc, {"type": "resume", "from": str(resume_path), **p.state_dict()}, step=p.updates)
+        if schedule is not None:
+            _keep_this_runs_schedule(run, schedule, resume_path)
     elif run.scheduler is not None:
         run.scheduler.step_update(0)
     log_record(acc, info, step=run.progress.updates)
@@ -252,6 +256,33 @@ def _start(run: Run, resume_path: Path | None) -> None:
         acc.num_processes, acc.device, acc.mixed_precision, info["global_batch"], cfg.batch_size,
         acc.num_processes, cfg.grad_accum_steps, info["lr"], info["updates_per_epoch"], info["epochs"],
         info["stop_at"], run.run_dir,
+    )  # fmt: skip
+
+
+def _keep_this_runs_schedule(run: Run, schedule: dict[str, Any], resume_path: Path) -> None:
+    """After a resume: the schedule this run's flags built, at the checkpoint's update.
+
+    The checkpoint restores the scheduler of the run that saved it, settings included: resumed with
+    ``--epochs 4`` after a cosine run of 2, it would have reached its end and train on at lr 0.
+    timm's ``train.py`` builds its scheduler from the new flags and restores only the position; so
+    does the trainer (timm's schedulers are functions of the update count and their settings).
+    """
+    if run.scheduler.state_dict() == schedule:  # the same flags: the same schedule, nothing to say
+        return
+    run.scheduler.load_state_dict(schedule)
+    run.scheduler.step_update(run.progress.updates)
+    try:
+        saved = json.loads((resume_path / MARKER).read_text()).get("total_updates")
+    except (OSError, ValueError):
+        saved = None
+    info = run.info
+    _log.info(
+        "schedule rebuilt from this run's flags (--sched %s over %d updates, %d epochs) instead of the "
+        "checkpoint's (%s), as timm's train.py does on resume: only the position is restored; update %d "
+        "runs at lr %.4g",
+        run.cfg.sched, info["total_updates"], info["epochs"],
+        f"{saved} updates" if saved is not None else "other settings", run.progress.updates + 1,
+        run.optimizer.param_groups[0]["lr"],
     )  # fmt: skip
 
 
@@ -509,7 +540,7 @@ def _checkpoint(run: Run) -> Path:
     """A crash-safe checkpoint of the current state, never of a diverged one."""
     _check_finite(run)
     progress = run.progress
-    info = {"epoch": progress.epoch, "batch": progress.batch}
+    info = {"epoch": progress.epoch, "batch": progress.batch, "total_updates": run.info["total_updates"]}
     run.last_checkpoint = run.checkpoints.save(progress.updates, info)
     run.last_checkpoint_update = progress.updates
     return run.last_checkpoint
