@@ -566,6 +566,23 @@ def test_a_short_run_learns_the_synthetic_set(tmp_path, tiny):
     assert result.summary["final_eval"]["top1"] > 30.0
 
 
+def test_evaluation_gives_every_module_back_its_own_mode():
+    """After an evaluation the training model is as it was: a part held in eval (a frozen BN) stays so."""
+    from accelerate import Accelerator
+
+    from timm_ortho.train.evaluation import evaluate
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 4, 3)
+    )
+    model.train()
+    model[1].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    loader = [(torch.randn(2, 3, 2, 2), torch.tensor([0, 2]))]
+    evaluate(model, loader, Accelerator(cpu=True))
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
 def test_drop_path_on_a_plain_net_is_a_clear_config_error():
     from timm_ortho.train.build import create_model
     from timm_ortho.train.config import ConfigError

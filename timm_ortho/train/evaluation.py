@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precise_bn import bn_layers, recompute_bn_statistics
+from ..precise_bn import bn_layers, modes_restored, recompute_bn_statistics
 
 __all__ = ["evaluate", "precise_bn_for_eval", "recalibrate_bn"]
 
@@ -20,24 +20,26 @@ __all__ = ["evaluate", "precise_bn_for_eval", "recalibrate_bn"]
 def evaluate(
     model: nn.Module, loader: Any, accelerator: Any, channels_last: bool = False
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (percent) over the whole split, gathered across processes."""
+    """Loss, top-1 and top-5 accuracy (percent) over the whole split, gathered across processes.
+
+    Every module's train/eval mode is as it was after the call.
+    """
     from timm.utils import accuracy
 
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5, samples
-    for images, targets in loader:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            logits = model(images)
-        # The whole split exactly once: gather_for_metrics drops the samples padded onto the last batch.
-        logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
-        n = len(targets)
-        hits = (torch.stack(accuracy(logits, targets, topk=(1, 5))).double() * n / 100).round()
-        loss = F.cross_entropy(logits, targets, reduction="sum").double()
-        totals += torch.cat([loss[None], hits, hits.new_tensor([n])])
-    model.train(was_training)
+    with modes_restored(model):
+        model.eval()
+        for images, targets in loader:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with accelerator.autocast():
+                logits = model(images)
+            # The whole split exactly once: gather_for_metrics drops the samples padded onto the last batch.
+            logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
+            n = len(targets)
+            hits = (torch.stack(accuracy(logits, targets, topk=(1, 5))).double() * n / 100).round()
+            loss = F.cross_entropy(logits, targets, reduction="sum").double()
+            totals += torch.cat([loss[None], hits, hits.new_tensor([n])])
     loss_sum, top1, top5, n = totals.tolist()
     n = max(n, 1.0)
     return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
