@@ -124,6 +124,23 @@ def test_data_dir_that_is_a_file(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_data_set_of_one_class_is_refused(tmp_path, capsys, write_image_folder):
+    """Every prediction of a one-class model is right: its 100 % would say nothing, so it is refused."""
+    write_image_folder(tmp_path / "one", classes=("cat",), per_class=8)
+    line = fails_cleanly(
+        capsys, tiny_argv(tmp_path / "out", "--data-dir", str(tmp_path / "one")), "one class"
+    )
+    assert str(tmp_path / "one" / "train") in line and "cat" in line and "at least two" in line
+    assert not (tmp_path / "out").exists()
+    # A second class folder without images is no class either (found once the images are listed).
+    write_image_folder(tmp_path / "empty", classes=("cat",), per_class=8)
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split / "dog").mkdir()
+    argv = tiny_argv(tmp_path / "out", "--data-dir", str(tmp_path / "empty"))
+    assert "at least two" in fails_cleanly(capsys, argv, "only one class (cat)")
+    assert not (tmp_path / "out" / "run").exists()
+
+
 def test_output_that_cannot_be_written(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")

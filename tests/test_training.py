@@ -101,6 +101,21 @@ def test_synthetic_end_to_end(tmp_path, tiny):
         assert any(run.rglob("events.out.tfevents.*"))
 
 
+def test_a_short_run_logs_every_epoch_and_draws_every_plot(tmp_path, tiny):
+    """Fewer updates than --log-interval (default 50): a train record still closes every epoch, and
+    every figure docs/training.md lists is drawn."""
+    result = train(tiny(tmp_path, epochs=2, synthetic_size=16, log_interval=50, precise_bn=0))
+    recs = records(tmp_path / "run")
+    assert [(r["step"], r["epoch"]) for r in recs if r["type"] == "train"] == [(4, 1), (8, 2)]
+    assert [r["step"] for r in recs if r["type"] == "layers"] == [4, 8]
+    names = ("training_curves.png", "error_moments.png", "bottom_top_ratio.png")
+    assert sorted(Path(p).name for p in result.summary["plots"]) == sorted(names)
+    assert all((tmp_path / "run" / name).is_file() for name in names)
+    # An interval that ends before the epoch does: logged at its end and again at the epoch's, once each.
+    train(tiny(tmp_path, experiment="three", epochs=2, synthetic_size=16, log_interval=3, precise_bn=0))
+    assert [r["step"] for r in records(tmp_path / "three") if r["type"] == "train"] == [3, 4, 6, 8]
+
+
 def test_image_folder_run_with_timm_augmentation(tmp_path, write_image_folder, tiny):
     write_image_folder(tmp_path / "data", per_class=4)
     cfg = tiny(
@@ -118,6 +133,19 @@ def test_image_folder_run_with_timm_augmentation(tmp_path, write_image_folder, t
     assert result.summary["updates"] == 2 and "ImageFolder" in result.summary["data"]
     assert result.model.get_classifier().out_features == 3
     assert result.summary["ema_eval"] is not None
+
+
+def test_top5_is_reported_only_where_it_means_something(tmp_path, caplog, write_image_folder, tiny):
+    """With 5 classes or fewer every label is among the top 5: top-5 is said to be left out, once."""
+    write_image_folder(tmp_path / "data", per_class=4)  # 3 classes
+    with caplog.at_level("INFO"):
+        result = train(tiny(tmp_path, data_dir=str(tmp_path / "data"), epochs=2, precise_bn=0))
+    assert set(result.summary["final_eval"]) == {"loss", "top1"}
+    evals = [r for r in records(tmp_path / "run") if r["type"] == "eval"]
+    assert len(evals) == 2 and not any("val_top5" in r for r in evals)
+    assert caplog.text.count("top-5 is not reported: with 3 classes") == 1
+    assert "top-5" not in caplog.text.replace("top-5 is not reported", "")
+    assert (tmp_path / "run" / "training_curves.png").is_file()
 
 
 def test_cifar_protocol_on_a_pickle_directory(tmp_path, write_cifar):

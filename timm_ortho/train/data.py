@@ -407,9 +407,20 @@ def check_data(cfg: DataConfig) -> Literal["imagefolder", "cifar10", "synthetic"
                 f"ImageFolder split {folder} does not exist (data dir {root}). "
                 f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
             )
-        if not any(p.is_dir() for p in folder.iterdir()):
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not classes:
             raise DataError(f"{folder} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+        if len(classes) == 1:
+            raise DataError(_one_class(folder, classes))
     return kind
+
+
+def _one_class(where: Path | str, classes: list[str]) -> str:
+    # Every prediction of a one-class model is right: a run on it reports 100 % and means nothing.
+    return (
+        f"{where} holds only one class ({', '.join(classes)}): a classifier needs at least two (one class "
+        "folder per class, each with images)"
+    )
 
 
 def build_datasets(cfg: DataConfig) -> Datasets:
@@ -437,6 +448,8 @@ def build_datasets(cfg: DataConfig) -> Datasets:
         source = f"ImageFolder {root}"
         mean, std, native = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, None
     classes = list(train.classes)
+    if len(classes) < 2:  # class folders without images are no classes
+        raise DataError(_one_class(root / cfg.train_split if kind == "imagefolder" else source, classes))
     if cfg.num_classes not in (None, len(classes)):
         raise DataError(f"--num-classes {cfg.num_classes} but {cfg.data_dir} holds {len(classes)} classes")
     return Datasets(

@@ -46,7 +46,7 @@ from . import build
 from .checkpoint import MARKER, CheckpointError, CheckpointManager, load_checkpoint, recipe_of, write_atomic
 from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args, validate_config
 from .data import DataError, SeededTransform, skipped_images
-from .evaluation import evaluate, precise_bn_for_eval, recalibrate_bn
+from .evaluation import evaluate, precise_bn_for_eval, recalibrate_bn, trivial_topk
 from .guards import Diverged, DivergenceMonitor, StopSignals, exit_code_for, resume_command
 from .tracking import JsonlTracker, format_summary, log_record, ratio_history, to_json
 
@@ -129,6 +129,7 @@ class Run:
     """The signal that stopped the run after the current update (``None``: it was not stopped)."""
     last_checkpoint: Path | None = None
     last_checkpoint_update: int = -1
+    last_logged_update: int = -1
     samples_seen: int = 0
     train_seconds: float = 0.0
     ema_eval: dict[str, float] | None = None
@@ -245,6 +246,12 @@ def _start(run: Run, resume_path: Path | None) -> None:
     log_record(acc, info, step=run.progress.updates)
     if acc.is_main_process:
         (run.run_dir / "config.json").write_text(json.dumps(info, indent=1, default=to_json))
+    trivial = trivial_topk(info["num_classes"])
+    if trivial:
+        _log.info(
+            "top-%s is not reported: with %d classes every label is among the top %s, whatever the model",
+            "/".join(map(str, trivial)), info["num_classes"], " / ".join(map(str, trivial)),
+        )  # fmt: skip
     broken = sum(t.breaks_principle for t in run.targets)
     _log.info(
         "model %s (%.2fM params, %d target layers, %d with f_out > f_in); %s",
@@ -333,6 +340,10 @@ def train_one_epoch(run: Run, epoch: int) -> float:
             bar.update(1)
             if applied and _after_update(run, epoch, interval, bar):
                 break
+        # The rest of the interval, so that an epoch (or a whole run) shorter than --log-interval
+        # still leaves its train record: curves and the ratio history have a point per epoch at least.
+        if interval.count and progress.updates != run.last_logged_update:
+            _log_step(run, epoch, interval)
     seconds = time.perf_counter() - t_epoch
     run.train_seconds += seconds
     run.samples_seen += (progress.batch - start) * cfg.batch_size * acc.num_processes
@@ -395,6 +406,7 @@ def _after_update(run: Run, epoch: int, interval: _Interval, bar: Any) -> bool:
 def _log_step(run: Run, epoch: int, interval: _Interval) -> float:
     """The ``train`` and ``layers`` records; the one place of the hot loop that reads the device."""
     acc, step = run.accelerator, run.progress.updates
+    run.last_logged_update = step
     loss = acc.reduce(interval.loss_sum / max(interval.count, 1), "mean").item()
     elapsed = time.perf_counter() - interval.start
     run.divergence.check(acc)  # the loss was just read: this costs no further wait
@@ -452,10 +464,10 @@ def validate(run: Run, epoch: int, epoch_seconds: float) -> None:
         record.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
         log_record(acc, record)
         _log.info(
-            "epoch %d/%d (update %d): val loss %.4f, top-1 %.2f%%, top-5 %.2f%%%s; "
-            "best top-1 %.2f%% (epoch %d)",
+            "epoch %d/%d (update %d): val loss %.4f, top-1 %.2f%%%s%s; best top-1 %.2f%% (epoch %d)",
             epoch + 1, run.info["epochs"], progress.updates, evaluation["loss"], evaluation["top1"],
-            evaluation["top5"], f"; EMA top-1 {run.ema_eval['top1']:.2f}%" if run.ema_eval else "",
+            f", top-5 {evaluation['top5']:.2f}%" if "top5" in evaluation else "",
+            f"; EMA top-1 {run.ema_eval['top1']:.2f}%" if run.ema_eval else "",
             progress.best_top1, progress.best_epoch,
         )  # fmt: skip
         for name in ("last.pth", "model_best.pth") if is_best else ("last.pth",):
