@@ -254,6 +254,34 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(trained_run, tm
     assert list_checkpoints(run / "checkpoints")[-1].name == "ckpt-000000008"
 
 
+def test_a_resume_path_that_does_not_exist_says_so(trained_run, tmp_path, capsys):
+    missing = tmp_path / "no_such_run"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_resume(str(missing), None)
+    line = fails_cleanly(
+        capsys, tiny_argv(tmp_path, "--resume", str(missing)), str(missing), "does not exist"
+    )
+    assert "no complete checkpoint" not in line
+    assert not (tmp_path / "run").exists()
+    # A run's last.pth stands for its newest checkpoint, also before the first epoch wrote it.
+    run = copy_run(trained_run, tmp_path)
+    (run / "last.pth").unlink()
+    assert resolve_resume(str(run / "last.pth"), None) == run / "checkpoints" / "ckpt-000000006"
+
+
+def test_a_checkpoint_folder_of_another_name_is_placed_by_its_marker(trained_run, tmp_path, capsys, tiny):
+    """A complete checkpoint copied or renamed (not ckpt-<updates>) resumes; its marker gives its update."""
+    run = copy_run(trained_run, tmp_path)
+    backup, latest = run / "checkpoints" / "backup", run / "checkpoints" / "latest"
+    shutil.copytree(run / "checkpoints" / "ckpt-000000004", backup)
+    shutil.copytree(run / "checkpoints" / "ckpt-000000006", latest)
+    assert list_checkpoints(run / "checkpoints")[-1].name == "ckpt-000000006"  # rotation ignores them
+    # Older than the folder's newest and continuing in it: refused as ckpt-000000004 itself would be.
+    fails_cleanly(capsys, tiny_argv(tmp_path, "--resume", str(backup)), "--experiment NAME to branch")
+    result = train(tiny(tmp_path, resume=str(latest), max_steps=8, precise_bn=0))
+    assert result.summary["updates"] == 8
+
+
 def test_no_intact_checkpoint_left_says_so(trained_run, tmp_path, capsys):
     run = copy_run(trained_run, tmp_path)
     for ckpt in list_checkpoints(run / "checkpoints"):

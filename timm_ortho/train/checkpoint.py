@@ -91,8 +91,19 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def _updates(path: Path) -> int:
-    # The folder's name, not its marker: a damaged marker must not stop a comparison.
-    return int(_NAME.match(path.name).group(1))
+    """The update a checkpoint folder holds: from its name ``ckpt-<updates>``, else (a folder copied
+    or renamed) from its marker, which a resume has checked by then."""
+    # The name first: a damaged marker must not stop a comparison of folders named by rotation.
+    named = _NAME.match(path.name)
+    if named:
+        return int(named.group(1))
+    try:
+        return int(json.loads((path / MARKER).read_text())["updates"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path} is not named ckpt-<updates> and its {MARKER} does not say which update it holds "
+            f"({type(e).__name__}: {e})"
+        ) from e
 
 
 def _crc32(path: Path) -> int:
@@ -164,6 +175,13 @@ def resolve_resume(
         candidates = [run_dir / "checkpoints"]
     else:
         path = Path(resume).expanduser()
+        if not path.exists() and path.name == "last.pth" and path.parent.is_dir():
+            path = path.parent  # a run stopped before its first epoch ended has checkpoints, no last.pth
+        if not path.exists():
+            raise FileNotFoundError(
+                f"--resume {resume}: {path} does not exist. Name a checkpoint folder ckpt-<updates>, a file "
+                "in one, a run folder or its last.pth, or pass --resume auto with --experiment"
+            )
         if path.is_file():
             # A file inside a checkpoint folder (complete or not) stands for the folder; a run's
             # last.pth for the run folder, whose newest checkpoint is taken below.
