@@ -105,6 +105,31 @@ def test_unknown_optimizer_and_scheduler_suggest_close_names(tmp_path, capsys, t
     validate_config(tiny(tmp_path, opt="lookahead_momentum"))  # timm's Lookahead prefix is a name too
 
 
+def test_ortho_names_that_timm_lists_are_the_trainers_optimizers_too(tmp_path, capsys, tiny):
+    """``import timm_ortho`` registers ``ortho_<name>`` with timm; the trainer applies the method itself,
+    so to it ``--opt ortho_sgd`` is ``--opt sgd``: accepted, built once, the same recipe."""
+    import timm
+    from timm.optim import list_optimizers
+
+    from timm_ortho import OrthoModulated
+    from timm_ortho.train.build import build_optimizer
+
+    assert {"ortho_sgd", "ortho_momentum"} <= set(list_optimizers())
+    for name in ("ortho_sgd", "ortho_lookahead_momentum", "Ortho_Momentum"):
+        validate_config(tiny(tmp_path, opt=name))
+    assert recipe_of(tiny(tmp_path, opt="ortho_sgd"), 10) == recipe_of(tiny(tmp_path, opt="sgd"), 10)
+    model = timm.create_model("plain_cnn20", num_classes=10)
+    optimizer = build_optimizer(tiny(tmp_path, opt="ortho_sgd"), model, lr=0.1)[0]
+    assert isinstance(optimizer, OrthoModulated) and type(optimizer.base_optimizer) is torch.optim.SGD
+    # --baseline turns the method off, which ortho_<name> asks for.
+    line = fails_cleanly(capsys, tiny_argv(tmp_path, "--baseline", "--opt", "ortho_sgd"), "--baseline")
+    assert "--opt sgd" in line
+    # Typos get close names, ortho_ or not.
+    line = fails_cleanly(capsys, tiny_argv(tmp_path, "--opt", "ortho_sdg"), "--opt ortho_sdg", "did you mean")
+    assert "ortho_sgd" in line and "ortho_<name>" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_scheduler_names_are_timms():
     from timm.scheduler import create_scheduler_v2
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, base_optimizer_name
 
 __all__ = [
     "MARKER",
@@ -238,7 +238,7 @@ def recipe_of(cfg: Any, num_classes: int | None) -> dict[str, Any]:
         "model": cfg.model,
         "model_kwargs": dict(cfg.model_kwargs),
         "num_classes": num_classes,
-        "opt": cfg.opt.lower(),
+        "opt": base_optimizer_name(cfg.opt),
         "method": "baseline" if cfg.baseline else "orthonormality regularizer",
         "modulation": cfg.modulation is not False,
         "model_ema": bool(cfg.model_ema),
