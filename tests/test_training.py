@@ -524,6 +524,33 @@ def test_bad_data_path_fails_with_a_clear_message(tmp_path, capsys):
     assert "missing data_batch_1" in err and str(broken) in err
 
 
+def test_the_trainer_is_a_console_command_and_a_module():
+    """``timm-ortho-train`` (pyproject's entry point) and ``python -m timm_ortho.train`` are the
+    trainer of scripts/train_imagenet.py."""
+    import importlib
+    import re
+
+    from timm_ortho.train import loop
+
+    # (tomllib only from Python 3.11; the section's lines are simple enough to read directly)
+    section = (REPO / "pyproject.toml").read_text().split("[project.scripts]\n", 1)[1].split("\n[", 1)[0]
+    scripts = dict(re.findall(r'^"?([\w-]+)"?\s*=\s*"([^"]+)"', section, flags=re.M))
+    module, _, name = scripts["timm-ortho-train"].partition(":")
+    assert getattr(importlib.import_module(module), name) is loop.main
+    proc = subprocess.run(
+        [sys.executable, "-m", "timm_ortho.train", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m timm_ortho.train ")
+    assert "orthonormality" in proc.stdout and "--resume" in proc.stdout
+    assert "(default: plain_cnn44_imagenet)" in " ".join(proc.stdout.split())  # the imagenet preset
+
+
 def launch_two(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``accelerate launch`` of tests/ddp_helper.py on two CPU processes."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}

@@ -402,15 +402,17 @@ def _fields() -> typing.Iterator[tuple[str, Any, dict[str, Any]]]:
         yield f.name, hint, spec
 
 
-def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
+def build_parser(preset: Preset = "imagenet", prog: str | None = None) -> argparse.ArgumentParser:
     """The flags of the training scripts, named like timm's ``train.py`` where the concept is the same.
 
-    ``preset="cifar"`` sets the defaults to the paper's CIFAR-10 protocol (He et al.'s schedule).
+    ``preset="cifar"`` sets the defaults to the paper's CIFAR-10 protocol (He et al.'s schedule);
+    ``prog`` names the command in ``--help`` (default: argparse's, the script's file name).
     """
     if preset not in ("imagenet", "cifar"):
         raise ValueError(f"unknown preset {preset!r}")
     defaults = {**dataclasses.asdict(TrainConfig()), **(CIFAR_PROTOCOL if preset == "cifar" else {})}
     parser = argparse.ArgumentParser(
+        prog=prog,
         description=(
             "Train a timm model with orthonormality regularization and backward error modulation "
             "(or, with --baseline, MSRA init + L2 weight decay). Launch with `accelerate launch`."

@@ -643,9 +643,9 @@ def _plots(run: Run) -> list[str]:
     return pngs
 
 
-def main(argv: Sequence[str] | None = None, preset: Preset = "imagenet") -> int:
-    """Entry point of the scripts: parse flags, train, return the process exit code."""
-    args = build_parser(preset).parse_args(argv)
+def main(argv: Sequence[str] | None = None, preset: Preset = "imagenet", prog: str | None = None) -> int:
+    """Entry point of the scripts and of ``timm-ortho-train``: parse flags, train, return the exit code."""
+    args = build_parser(preset, prog).parse_args(argv)
     # Every process logs at INFO; the trainer's messages go through accelerate's main-process adapter.
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
