@@ -536,7 +536,9 @@ def build_loader(
     """A plain ``DataLoader`` for ``accelerator.prepare``: shuffled per epoch and full batches in training.
 
     The loader gets its own generator so that creating an iterator draws nothing from the global
-    RNG (whose state a checkpoint saves and a resume restores).
+    RNG (whose state a checkpoint saves and a resume restores). Its worker processes, if any, are
+    kept between epochs (``persistent_workers``, as timm's loaders do): no start-up cost per epoch,
+    and a :class:`SeededTransform` shares its epoch with them.
     """
     if train and len(dataset) < batch_size:
         raise DataError(f"the training split has {len(dataset)} images, fewer than one batch of {batch_size}")
@@ -548,5 +550,5 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=train,
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,  # workers must see each epoch's SeededTransform.set_epoch
+        persistent_workers=workers > 0,
     )
