@@ -130,6 +130,17 @@ def test_ortho_names_that_timm_lists_are_the_trainers_optimizers_too(tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("sched", "expected"),
+    [("plateau", "per update"), ("wsd", "--decay-epochs"), ("rsqrt", "--warmup-steps")],
+)
+def test_schedules_timm_cannot_build_from_the_flags_are_one_clear_line(tmp_path, capsys, sched, expected):
+    """timm's own checks (an assert, ValueErrors) reach the user as one line naming the flags."""
+    line = fails_cleanly(capsys, tiny_argv(tmp_path, "--sched", sched), f"--sched {sched}", expected)
+    assert "Traceback" not in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_scheduler_names_are_timms():
     from timm.scheduler import create_scheduler_v2
 

@@ -312,21 +312,29 @@ def build_schedule(cfg: TrainConfig, optimizer: Any, updates_per_epoch: int) -> 
     warmup = (
         cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * updates_per_epoch)
     )
+    decay = max(1, round(cfg.decay_epochs * updates_per_epoch))
     # One schedule "epoch" is one update here, which lets milestones and warmup fall between epochs.
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=cfg.sched,
-        num_epochs=total,
-        decay_epochs=max(1, round(cfg.decay_epochs * updates_per_epoch)),
-        decay_milestones=list(milestones),
-        decay_rate=cfg.decay_rate,
-        warmup_epochs=warmup,
-        warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr,
-        step_on_epochs=False,
-        updates_per_epoch=1,
-        noise_seed=cfg.seed,
-    )
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=cfg.sched,
+            num_epochs=total,
+            decay_epochs=decay,
+            decay_milestones=list(milestones),
+            decay_rate=cfg.decay_rate,
+            warmup_epochs=warmup,
+            warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=1,
+            noise_seed=cfg.seed,
+        )
+    except (ValueError, AssertionError) as e:  # timm checks its arguments with both
+        raise ConfigError(
+            f"--sched {cfg.sched}: timm cannot build this schedule ({e}); the trainer gives it in updates: "
+            f"{total} in all (--epochs / --iterations), {warmup} of warm-up (--warmup-epochs / "
+            f"--warmup-steps), {decay} of decay (--decay-epochs)"
+        ) from e
     return scheduler, total, epochs
 
 

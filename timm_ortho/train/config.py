@@ -516,6 +516,11 @@ def _check_names(cfg: TrainConfig) -> None:
             f"--sched {cfg.sched}: timm has no such scheduler{_did_you_mean(cfg.sched, SCHEDULERS)} "
             f"(one of {', '.join(SCHEDULERS)})"
         )
+    if cfg.sched == "plateau":
+        raise ConfigError(
+            "--sched plateau lowers the lr once per epoch when an evaluation metric stalls; the trainer "
+            "steps its schedule per update and gives it no metric: choose another (cosine, multistep, ...)"
+        )
 
 
 def check_model_arguments(cfg: TrainConfig) -> None:
