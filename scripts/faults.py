@@ -3,6 +3,7 @@ nothing was lost.
 
     python scripts/faults.py                  # 8 seeded trials, about 4 minutes on a 2-core CPU
     python scripts/faults.py --trials 20 --seed 1
+    python scripts/faults.py --trials 1 --fault "resume with a longer schedule"   # one kind only
 
 Every trial trains the same tiny run (plain_cnn20 on the synthetic set, 8x8 images, 2 epochs, a
 checkpoint every 2 updates) with ``scripts/train_imagenet.py`` in a subprocess, injects one fault at
@@ -19,6 +20,12 @@ compares the final weights with those of an uninterrupted run, bit for bit. The 
   through permissions, not into a file); the next save fails twice, the state goes to the rescue
   folder and the run stops with the command that continues; once the folder is back, the run
   resumes from the rescued state.
+- ``resume with a longer schedule``: the run is first launched shorter (``--iterations N``, a cosine
+  over N updates, which ends at lr 0) and runs to its end; it is then resumed with the full length.
+  The weights cannot equal the reference's (the first N updates ran on another schedule); instead
+  every update after the resume must run at the lr the reference ran at that update, bit for bit,
+  and move the weights (the trainer rebuilds the schedule from the resuming run's flags, as timm's
+  ``train.py`` does).
 
 "Lost updates" counts the updates a resume had to redo beyond what the fault allows: for a signal, any
 update after the stop; for a kill, any update before the newest complete checkpoint at the time of
@@ -58,6 +65,7 @@ FAULTS = (
     "SIGINT",
     "kill -9, then a corrupt checkpoint",
     "unwritable checkpoint folder",
+    "resume with a longer schedule",
 )
 
 
@@ -102,6 +110,12 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "last.pth", weights_only=True)["state_dict"]
 
 
+def logged_lrs(run: Path) -> dict[int, float]:
+    """The lr of each ``train`` record by update (a step logged twice keeps its latest value)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in records if r.get("type") == "train"}
+
+
 def resumed_from(run: Path) -> list[int]:
     """The update each resume of the run started from (its ``resume`` records)."""
     path = run / "metrics.jsonl"
@@ -125,11 +139,45 @@ def make_unwritable(proc: subprocess.Popen, log: Path, run: Path) -> tuple[int |
     return int(Path(found.group(1)).name.split("-")[1]), found.group(1)
 
 
-def trial(out: Path, index: int, rng: random.Random, reference: dict[str, torch.Tensor]) -> dict:
-    fault = FAULTS[index % len(FAULTS)]
+def longer_schedule(out: Path, index: int, at: int, reference_lrs: dict[int, float]) -> dict:
+    """A run launched with ``--iterations at`` to its end, then resumed with the full length: the
+    resumed updates must run at the reference's lr (bit for bit) and move the weights."""
+    fault, name = FAULTS[-1], f"trial{index}"
+    run = out / name
+    code, err = finish(*launch(out, name, "--iterations", str(at)))
+    if code != 0:
+        return dict(trial=index, fault=fault, at=at, ok=False, error=err[-2000:])
+    short = final_weights(run)
+    code, err = finish(*launch(out, name, "--resume", "auto"))
+    if code != 0:
+        return dict(trial=index, fault=fault, at=at, ok=False, error=err[-2000:])
+    after = {u: lr for u, lr in logged_lrs(run).items() if u > at}
+    followed = sorted(after) == list(range(at + 1, UPDATES + 1)) and all(
+        lr == reference_lrs[u] for u, lr in after.items()
+    )
+    moved = any(not torch.equal(short[k], v) for k, v in final_weights(run).items())
+    start = (resumed_from(run) or [0])[0]
+    lost = max(0, at - start)
+    return dict(
+        trial=index, fault=fault, at=at, resumed_from=start, lost=lost, followed=followed, moved=moved,
+        ok=followed and moved and lost == 0,
+    )  # fmt: skip
+
+
+def trial(
+    out: Path,
+    index: int,
+    rng: random.Random,
+    reference: dict[str, torch.Tensor],
+    reference_lrs: dict[int, float],
+    faults: tuple[str, ...] = FAULTS,
+) -> dict:
+    fault = faults[index % len(faults)]
     at = rng.randint(3, UPDATES - 3)
     name = f"trial{index}"
     run = out / name
+    if fault == "resume with a longer schedule":
+        return longer_schedule(out, index, at, reference_lrs)
     shutil.rmtree(Path(tempfile.gettempdir()) / "timm_ortho-rescue" / name, ignore_errors=True)
     proc, log = launch(out, name)
     while last_update(run) < at and proc.poll() is None:
@@ -187,26 +235,33 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the run folders (printed)")
+    parser.add_argument(
+        "--fault", action="append", choices=FAULTS, help="only this fault (repeatable; default: all in turn)"
+    )
     args = parser.parse_args()
+    faults = tuple(args.fault) if args.fault else FAULTS
     out = Path(tempfile.mkdtemp(prefix="timm_ortho_faults_"))
     rng = random.Random(args.seed)
     print(f"reference run (uninterrupted, {UPDATES} updates) in {out}", flush=True)
     code, err = finish(*launch(out, "reference"))
     if code != 0:
         sys.exit(f"the reference run failed:\n{err[-3000:]}")
-    weights = final_weights(out / "reference")
+    weights, lrs = final_weights(out / "reference"), logged_lrs(out / "reference")
     results = []
     for i in range(args.trials):
-        r = trial(out, i, rng, weights)
+        r = trial(out, i, rng, weights, lrs, faults)
         results.append(r)
         print(json.dumps(r), flush=True)
     exact = sum(r.get("exact", False) for r in results)
     refused = sum(r.get("refused", False) for r in results)
     lost = sum(r.get("lost", 0) for r in results)
+    longer = [r for r in results if r["fault"] == FAULTS[-1]]
+    followed = sum(r.get("followed", False) and r.get("moved", False) for r in longer)
     failed = [r["trial"] for r in results if not r["ok"]]
     print(
         f"{len(results)} trials, {exact} resumed exactly, {lost} lost updates beyond the last checkpoint"
         + (f", {refused} refused as they must (the only checkpoint damaged)" if refused else "")
+        + (f", {followed} of {len(longer)} resumed onto the longer schedule" if longer else "")
         + (f"; failed trials: {failed}" if failed else "")
     )
     if not args.keep:

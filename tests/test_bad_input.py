@@ -105,6 +105,42 @@ def test_unknown_optimizer_and_scheduler_suggest_close_names(tmp_path, capsys, t
     validate_config(tiny(tmp_path, opt="lookahead_momentum"))  # timm's Lookahead prefix is a name too
 
 
+def test_ortho_names_that_timm_lists_are_the_trainers_optimizers_too(tmp_path, capsys, tiny):
+    """``import timm_ortho`` registers ``ortho_<name>`` with timm; the trainer applies the method itself,
+    so to it ``--opt ortho_sgd`` is ``--opt sgd``: accepted, built once, the same recipe."""
+    import timm
+    from timm.optim import list_optimizers
+
+    from timm_ortho import OrthoModulated
+    from timm_ortho.train.build import build_optimizer
+
+    assert {"ortho_sgd", "ortho_momentum"} <= set(list_optimizers())
+    for name in ("ortho_sgd", "ortho_lookahead_momentum", "Ortho_Momentum"):
+        validate_config(tiny(tmp_path, opt=name))
+    assert recipe_of(tiny(tmp_path, opt="ortho_sgd"), 10) == recipe_of(tiny(tmp_path, opt="sgd"), 10)
+    model = timm.create_model("plain_cnn20", num_classes=10)
+    optimizer = build_optimizer(tiny(tmp_path, opt="ortho_sgd"), model, lr=0.1)[0]
+    assert isinstance(optimizer, OrthoModulated) and type(optimizer.base_optimizer) is torch.optim.SGD
+    # --baseline turns the method off, which ortho_<name> asks for.
+    line = fails_cleanly(capsys, tiny_argv(tmp_path, "--baseline", "--opt", "ortho_sgd"), "--baseline")
+    assert "--opt sgd" in line
+    # Typos get close names, ortho_ or not.
+    line = fails_cleanly(capsys, tiny_argv(tmp_path, "--opt", "ortho_sdg"), "--opt ortho_sdg", "did you mean")
+    assert "ortho_sgd" in line and "ortho_<name>" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("sched", "expected"),
+    [("plateau", "per update"), ("wsd", "--decay-epochs"), ("rsqrt", "--warmup-steps")],
+)
+def test_schedules_timm_cannot_build_from_the_flags_are_one_clear_line(tmp_path, capsys, sched, expected):
+    """timm's own checks (an assert, ValueErrors) reach the user as one line naming the flags."""
+    line = fails_cleanly(capsys, tiny_argv(tmp_path, "--sched", sched), f"--sched {sched}", expected)
+    assert "Traceback" not in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_scheduler_names_are_timms():
     from timm.scheduler import create_scheduler_v2
 
@@ -122,6 +158,23 @@ def test_data_dir_that_is_a_file(tmp_path, capsys):
     data.write_bytes(b"not a folder")
     fails_cleanly(capsys, tiny_argv(tmp_path / "out", "--data-dir", str(data)), str(data), "is a file")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_data_set_of_one_class_is_refused(tmp_path, capsys, write_image_folder):
+    """Every prediction of a one-class model is right: its 100 % would say nothing, so it is refused."""
+    write_image_folder(tmp_path / "one", classes=("cat",), per_class=8)
+    line = fails_cleanly(
+        capsys, tiny_argv(tmp_path / "out", "--data-dir", str(tmp_path / "one")), "one class"
+    )
+    assert str(tmp_path / "one" / "train") in line and "cat" in line and "at least two" in line
+    assert not (tmp_path / "out").exists()
+    # A second class folder without images is no class either (found once the images are listed).
+    write_image_folder(tmp_path / "empty", classes=("cat",), per_class=8)
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split / "dog").mkdir()
+    argv = tiny_argv(tmp_path / "out", "--data-dir", str(tmp_path / "empty"))
+    assert "at least two" in fails_cleanly(capsys, argv, "only one class (cat)")
+    assert not (tmp_path / "out" / "run").exists()
 
 
 def test_output_that_cannot_be_written(tmp_path, capsys, monkeypatch):
@@ -237,6 +290,34 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(trained_run, tm
     assert list_checkpoints(run / "checkpoints")[-1].name == "ckpt-000000008"
 
 
+def test_a_resume_path_that_does_not_exist_says_so(trained_run, tmp_path, capsys):
+    missing = tmp_path / "no_such_run"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_resume(str(missing), None)
+    line = fails_cleanly(
+        capsys, tiny_argv(tmp_path, "--resume", str(missing)), str(missing), "does not exist"
+    )
+    assert "no complete checkpoint" not in line
+    assert not (tmp_path / "run").exists()
+    # A run's last.pth stands for its newest checkpoint, also before the first epoch wrote it.
+    run = copy_run(trained_run, tmp_path)
+    (run / "last.pth").unlink()
+    assert resolve_resume(str(run / "last.pth"), None) == run / "checkpoints" / "ckpt-000000006"
+
+
+def test_a_checkpoint_folder_of_another_name_is_placed_by_its_marker(trained_run, tmp_path, capsys, tiny):
+    """A complete checkpoint copied or renamed (not ckpt-<updates>) resumes; its marker gives its update."""
+    run = copy_run(trained_run, tmp_path)
+    backup, latest = run / "checkpoints" / "backup", run / "checkpoints" / "latest"
+    shutil.copytree(run / "checkpoints" / "ckpt-000000004", backup)
+    shutil.copytree(run / "checkpoints" / "ckpt-000000006", latest)
+    assert list_checkpoints(run / "checkpoints")[-1].name == "ckpt-000000006"  # rotation ignores them
+    # Older than the folder's newest and continuing in it: refused as ckpt-000000004 itself would be.
+    fails_cleanly(capsys, tiny_argv(tmp_path, "--resume", str(backup)), "--experiment NAME to branch")
+    result = train(tiny(tmp_path, resume=str(latest), max_steps=8, precise_bn=0))
+    assert result.summary["updates"] == 8
+
+
 def test_no_intact_checkpoint_left_says_so(trained_run, tmp_path, capsys):
     run = copy_run(trained_run, tmp_path)
     for ckpt in list_checkpoints(run / "checkpoints"):
@@ -256,6 +337,9 @@ def test_resume_with_another_model_or_recipe_is_refused(trained_run, tmp_path, c
     assert "method" in line and "model_ema" in line
     line = fails_cleanly(capsys, tiny_argv(tmp_path, "--resume", "auto", "--num-classes", "7"))
     assert "num_classes 10 in the checkpoint, 7 now" in line
+    # A schedule adds a registered object; other schedule settings are rebuilt from the flags instead.
+    line = fails_cleanly(capsys, tiny_argv(tmp_path, "--resume", "auto", "--sched", "none"))
+    assert "lr_scheduler True in the checkpoint, False now" in line
 
 
 # ----------------------------------------------------------------------------------------------

@@ -286,6 +286,30 @@ def test_worker_processes_load_the_same_batches():
     )
 
 
+def test_loader_workers_persist_across_epochs_and_see_each_epoch():
+    """Worker processes are started once (persistent_workers, as timm's loaders) and still draw each
+    epoch's augmentation: their batches are those of a loader without workers, epoch by epoch."""
+    cfg = DataConfig(img_size=8, reprob=0.5)
+    ds = SeededTransform(SyntheticImages(16, 3, 8), build_transforms(cfg, (0.5,) * 3, (0.25,) * 3)[0], seed=4)
+    assert not build_loader(ds, 4, train=True, workers=0).persistent_workers  # torch needs workers for it
+    loader = build_loader(ds, 4, train=True, seed=1, workers=1)
+    assert loader.persistent_workers
+    serial = build_loader(ds, 4, train=True, seed=1, workers=0)
+    pids = []
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        for each in (loader, serial):
+            each.sampler.set_epoch(epoch)
+        batches = list(loader)
+        pids.append([w.pid for w in loader._iterator._workers])
+        expected = list(serial)
+        assert all(
+            torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            for a, b in zip(batches, expected, strict=True)
+        )
+    assert pids[0] == pids[1] == pids[2]  # the same worker process in every epoch
+
+
 def test_synthetic_is_the_default():
     ds = build_datasets(DataConfig(img_size=8, synthetic_size=12, synthetic_val_size=4, num_classes=3))
     assert ds.synthetic and "SYNTHETIC" in ds.description and ds.num_classes == 3

@@ -141,6 +141,18 @@ def test_wheel_ships_the_plugins_and_they_import_when_installed(tmp_path):
         capture_output=True,
         timeout=600,
     )
+    # The console command comes with the wheel and runs the trainer.
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert (
+        "timm-ortho-train = timm_ortho.train.loop:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
+    env = {**_env_without_source_tree(), "PYTHONPATH": str(site)}
+    out = subprocess.run(
+        [str(site / "bin" / "timm-ortho-train"), "--help"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0 and out.stdout.startswith("usage: timm-ortho-train "), out.stderr
+
     code = (
         "import timm_ortho, timm_ortho.plugins.timm_optim as t, timm_ortho.plugins.run_timm as r\n"
         "print(timm_ortho.__file__)\n"

@@ -228,6 +228,25 @@ def test_precise_bn_takes_pairs_and_a_prepare_function_and_refuses_nothing():
     assert bn_layers(nn.Linear(2, 2)) == []
 
 
+def test_precise_bn_gives_every_module_back_its_own_mode():
+    """A model in training with one part held in eval (a frozen BN, a dropout switched off) comes
+    back exactly so: each module's mode is restored, not the root's copied onto all of them."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Sequential(nn.Dropout(0.5), nn.BatchNorm2d(3))
+    )
+    model.train()
+    model[2].eval()  # the submodule and its children
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert modes["2.1"] is False and modes["1"] is True
+    recompute_bn_statistics(model, [torch.randn(4, 2, 3, 3)], 1)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    model.eval()
+    model[1].train()
+    modes = {name: m.training for name, m in model.named_modules()}
+    recompute_bn_statistics(model, [torch.randn(4, 2, 3, 3)], 1)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
 def test_precise_bn_recovers_what_stale_statistics_hide():
     """A deep chain whose running statistics lag its weights evaluates far off the batch statistics;
     recomputed statistics bring eval-mode outputs back to train-mode ones on the same data."""

@@ -101,6 +101,21 @@ def test_synthetic_end_to_end(tmp_path, tiny):
         assert any(run.rglob("events.out.tfevents.*"))
 
 
+def test_a_short_run_logs_every_epoch_and_draws_every_plot(tmp_path, tiny):
+    """Fewer updates than --log-interval (default 50): a train record still closes every epoch, and
+    every figure docs/training.md lists is drawn."""
+    result = train(tiny(tmp_path, epochs=2, synthetic_size=16, log_interval=50, precise_bn=0))
+    recs = records(tmp_path / "run")
+    assert [(r["step"], r["epoch"]) for r in recs if r["type"] == "train"] == [(4, 1), (8, 2)]
+    assert [r["step"] for r in recs if r["type"] == "layers"] == [4, 8]
+    names = ("training_curves.png", "error_moments.png", "bottom_top_ratio.png")
+    assert sorted(Path(p).name for p in result.summary["plots"]) == sorted(names)
+    assert all((tmp_path / "run" / name).is_file() for name in names)
+    # An interval that ends before the epoch does: logged at its end and again at the epoch's, once each.
+    train(tiny(tmp_path, experiment="three", epochs=2, synthetic_size=16, log_interval=3, precise_bn=0))
+    assert [r["step"] for r in records(tmp_path / "three") if r["type"] == "train"] == [3, 4, 6, 8]
+
+
 def test_image_folder_run_with_timm_augmentation(tmp_path, write_image_folder, tiny):
     write_image_folder(tmp_path / "data", per_class=4)
     cfg = tiny(
@@ -118,6 +133,19 @@ def test_image_folder_run_with_timm_augmentation(tmp_path, write_image_folder, t
     assert result.summary["updates"] == 2 and "ImageFolder" in result.summary["data"]
     assert result.model.get_classifier().out_features == 3
     assert result.summary["ema_eval"] is not None
+
+
+def test_top5_is_reported_only_where_it_means_something(tmp_path, caplog, write_image_folder, tiny):
+    """With 5 classes or fewer every label is among the top 5: top-5 is said to be left out, once."""
+    write_image_folder(tmp_path / "data", per_class=4)  # 3 classes
+    with caplog.at_level("INFO"):
+        result = train(tiny(tmp_path, data_dir=str(tmp_path / "data"), epochs=2, precise_bn=0))
+    assert set(result.summary["final_eval"]) == {"loss", "top1"}
+    evals = [r for r in records(tmp_path / "run") if r["type"] == "eval"]
+    assert len(evals) == 2 and not any("val_top5" in r for r in evals)
+    assert caplog.text.count("top-5 is not reported: with 3 classes") == 1
+    assert "top-5" not in caplog.text.replace("top-5 is not reported", "")
+    assert (tmp_path / "run" / "training_curves.png").is_file()
 
 
 def test_cifar_protocol_on_a_pickle_directory(tmp_path, write_cifar):
@@ -260,6 +288,35 @@ def test_resume_gives_bit_identical_weights(tmp_path, tiny):
     ckpt = tmp_path / "full" / "checkpoints" / "ckpt-000000006"
     again = train(tiny(tmp_path, experiment="again", resume=str(ckpt), **common))
     assert states_equal(again.model.state_dict(), full.model.state_dict())
+
+
+def test_resume_to_a_longer_run_follows_the_longer_schedule(tmp_path, caplog, tiny):
+    """docs/timm.md's "continue to epoch 4": 2 cosine epochs, then --epochs 4 --resume <run>/last.pth.
+
+    The resumed run must train on the cosine schedule of 4 epochs (as timm's train.py rebuilds its
+    scheduler from the new flags), not on the first run's, which has reached its end (lr 0).
+    """
+    import math
+
+    from safetensors.torch import load_file
+
+    common = dict(synthetic_size=16, precise_bn=0, lr=0.05, sched="cosine", checkpoint_hist=10)
+    train(tiny(tmp_path, epochs=2, **common))
+    with caplog.at_level("INFO"):
+        resumed = train(tiny(tmp_path, epochs=4, resume=str(tmp_path / "run" / "last.pth"), **common))
+    assert resumed.summary["updates"] == 16
+    assert "4 epochs" in caplog.text and "schedule rebuilt" in caplog.text
+    # The lr logged after update u is the one of update u + 1: cosine from 0.05 to 0 over 16 updates.
+    lrs = {r["step"]: r["lr"] for r in records(tmp_path / "run") if r["type"] == "train"}
+    expected = [0.5 * 0.05 * (1 + math.cos(math.pi * u / 16)) for u in range(9, 17)]
+    assert [lrs[u] for u in range(9, 17)] == pytest.approx(expected, abs=1e-12)
+    assert all(lrs[u] > 0 for u in range(9, 16))
+    # The updates after the resume move the weights (at lr 0 they would stay as they were at 8).
+    folder = tmp_path / "run" / "checkpoints"
+    conv = [
+        load_file(folder / f"ckpt-{u:09d}" / "model.safetensors")["stem.conv.weight"] for u in [8, 12, 16]
+    ]
+    assert not torch.equal(conv[0], conv[1]) and not torch.equal(conv[1], conv[2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,6 +524,33 @@ def test_bad_data_path_fails_with_a_clear_message(tmp_path, capsys):
     assert "missing data_batch_1" in err and str(broken) in err
 
 
+def test_the_trainer_is_a_console_command_and_a_module():
+    """``timm-ortho-train`` (pyproject's entry point) and ``python -m timm_ortho.train`` are the
+    trainer of scripts/train_imagenet.py."""
+    import importlib
+    import re
+
+    from timm_ortho.train import loop
+
+    # (tomllib only from Python 3.11; the section's lines are simple enough to read directly)
+    section = (REPO / "pyproject.toml").read_text().split("[project.scripts]\n", 1)[1].split("\n[", 1)[0]
+    scripts = dict(re.findall(r'^"?([\w-]+)"?\s*=\s*"([^"]+)"', section, flags=re.M))
+    module, _, name = scripts["timm-ortho-train"].partition(":")
+    assert getattr(importlib.import_module(module), name) is loop.main
+    proc = subprocess.run(
+        [sys.executable, "-m", "timm_ortho.train", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m timm_ortho.train ")
+    assert "orthonormality" in proc.stdout and "--resume" in proc.stdout
+    assert "(default: plain_cnn44_imagenet)" in " ".join(proc.stdout.split())  # the imagenet preset
+
+
 def launch_two(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``accelerate launch`` of tests/ddp_helper.py on two CPU processes."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
@@ -535,6 +619,23 @@ def test_a_short_run_learns_the_synthetic_set(tmp_path, tiny):
     cfg = tiny(tmp_path, img_size=16, synthetic_size=960, synthetic_val_size=200, batch_size=32, epochs=3)
     result = train(dataclasses.replace(cfg, lr=0.1, augment="cifar", log_interval=30))
     assert result.summary["final_eval"]["top1"] > 30.0
+
+
+def test_evaluation_gives_every_module_back_its_own_mode():
+    """After an evaluation the training model is as it was: a part held in eval (a frozen BN) stays so."""
+    from accelerate import Accelerator
+
+    from timm_ortho.train.evaluation import evaluate
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4 * 4, 3)
+    )
+    model.train()
+    model[1].eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    loader = [(torch.randn(2, 3, 2, 2), torch.tensor([0, 2]))]
+    evaluate(model, loader, Accelerator(cpu=True))
+    assert {name: m.training for name, m in model.named_modules()} == modes
 
 
 def test_drop_path_on_a_plain_net_is_a_clear_config_error():

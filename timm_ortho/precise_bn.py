@@ -16,19 +16,36 @@ which is what PyTorch's BatchNorm accumulates with ``momentum=None`` after ``res
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["bn_layers", "recompute_bn_statistics"]
+__all__ = ["bn_layers", "modes_restored", "recompute_bn_statistics"]
 
 
 def bn_layers(model: nn.Module) -> list[_BatchNorm]:
     """BatchNorm layers of ``model`` that track running statistics (those precise BN recomputes)."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def modes_restored(model: nn.Module) -> Iterator[None]:
+    """After the block, every module of ``model`` has its own train/eval mode back.
+
+    ``model.train(was_training)`` would copy the root's mode onto every module, and a part held in
+    eval while the rest trains (a frozen BN, a dropout switched off) would come back in train.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        model.train(modes[0][1])  # what a model's own train() override does beyond the flags
+        for m, training in modes:
+            m.training = training
 
 
 def _first_tensor(batch: Any) -> torch.Tensor:
@@ -54,7 +71,8 @@ def recompute_bn_statistics(
     """Replace every BatchNorm's running statistics by their average over up to ``num_batches``.
 
     Args:
-        model: the model; its weights are not changed and its train/eval mode is restored.
+        model: the model; its weights are not changed and every module's train/eval mode is
+            restored (a part held in eval, such as a frozen BN, stays in eval).
         batches: an iterable of batches (a data loader): tensors, ``(input, target)`` pairs, or
             anything ``prepare`` turns into the model's input.
         num_batches: how many batches to average over (fewer if ``batches`` ends first).
@@ -69,7 +87,6 @@ def recompute_bn_statistics(
     layers = bn_layers(model)
     if not layers:
         return 0
-    was_training = model.training
     saved = [
         (m, m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
         for m in layers
@@ -77,18 +94,18 @@ def recompute_bn_statistics(
     for m in layers:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: every batch weighs the same
-    model.train()
     used = 0
     try:
-        for batch in batches:
-            if used >= num_batches:
-                break
-            model(prepare(batch) if prepare is not None else _first_tensor(batch))
-            used += 1
+        with modes_restored(model):
+            model.train()
+            for batch in batches:
+                if used >= num_batches:
+                    break
+                model(prepare(batch) if prepare is not None else _first_tensor(batch))
+                used += 1
     finally:
         for m, momentum, *_ in saved:
             m.momentum = momentum
-        model.train(was_training)
     if used == 0:
         for m, _, mean, var, count in saved:
             m.running_mean.copy_(mean)

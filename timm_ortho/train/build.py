@@ -22,7 +22,13 @@ from accelerate.logging import get_logger
 from torch import nn
 
 from .checkpoint import check_recipe, check_run_folder, recipe_of, resolve_resume, set_aside
-from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig, check_model_arguments
+from .config import (
+    DEFAULT_PRECISE_BN_BATCHES,
+    ConfigError,
+    TrainConfig,
+    base_optimizer_name,
+    check_model_arguments,
+)
 from .data import SeededTransform, build_datasets, build_loader, build_transforms, check_data
 from .tracking import JsonlTracker, banner
 
@@ -255,15 +261,16 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any,
     from ..targets import find_targets
 
     extra = {"momentum": cfg.momentum, **({"eps": cfg.opt_eps} if cfg.opt_eps is not None else {})}
+    opt = base_optimizer_name(cfg.opt)  # the method is applied here, not selected by an ortho_ name
     targets = [t for t in find_targets(model, exclude=cfg.ortho_exclude) if t.param.requires_grad]
     if cfg.baseline:
-        optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, **extra)
+        optimizer = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=cfg.weight_decay, **extra)
         probe = ErrorModulation(model, targets=targets, measure_only=True) if cfg.error_stats else None
         return optimizer, probe, targets, f"L2 weight decay {cfg.weight_decay:g}, no modulation"
     # timm's parameter groups (no_weight_decay(), 1-D parameters), the targets without L2.
     optimizer = timm_ortho.create_optimizer(
         model,
-        cfg.opt,
+        opt,
         lr=lr,
         weight_decay=cfg.weight_decay,
         ortho_decay=cfg.ortho_decay,
@@ -305,21 +312,29 @@ def build_schedule(cfg: TrainConfig, optimizer: Any, updates_per_epoch: int) -> 
     warmup = (
         cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * updates_per_epoch)
     )
+    decay = max(1, round(cfg.decay_epochs * updates_per_epoch))
     # One schedule "epoch" is one update here, which lets milestones and warmup fall between epochs.
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=cfg.sched,
-        num_epochs=total,
-        decay_epochs=max(1, round(cfg.decay_epochs * updates_per_epoch)),
-        decay_milestones=list(milestones),
-        decay_rate=cfg.decay_rate,
-        warmup_epochs=warmup,
-        warmup_lr=cfg.warmup_lr,
-        min_lr=cfg.min_lr,
-        step_on_epochs=False,
-        updates_per_epoch=1,
-        noise_seed=cfg.seed,
-    )
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=cfg.sched,
+            num_epochs=total,
+            decay_epochs=decay,
+            decay_milestones=list(milestones),
+            decay_rate=cfg.decay_rate,
+            warmup_epochs=warmup,
+            warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=1,
+            noise_seed=cfg.seed,
+        )
+    except (ValueError, AssertionError) as e:  # timm checks its arguments with both
+        raise ConfigError(
+            f"--sched {cfg.sched}: timm cannot build this schedule ({e}); the trainer gives it in updates: "
+            f"{total} in all (--epochs / --iterations), {warmup} of warm-up (--warmup-epochs / "
+            f"--warmup-steps), {decay} of decay (--decay-epochs)"
+        ) from e
     return scheduler, total, epochs
 
 

@@ -20,12 +20,12 @@ is exactly that difference: a temporary folder, a marker written last, an atomic
 rotation after it. The saving itself is ``accelerator.save_state``.
 
 What resume trusts: the marker records the size and CRC-32 of every file of the checkpoint and
-the *recipe* (model, classes, optimizer, method, modulation, EMA: the settings that change the
-saved state's shapes). :func:`check_checkpoint` compares sizes and CRCs before anything is loaded;
-:func:`resolve_resume` passes over a damaged checkpoint of a run for the newest intact one and
-refuses a damaged one named explicitly; :func:`check_recipe` refuses a checkpoint of another recipe
-with the list of what differs. A save that fails is retried once, then written to a fallback
-folder, and the error says where the state went.
+the *recipe* (model, classes, optimizer, method, modulation, EMA, whether there is an LR schedule:
+the settings that change the saved state's shapes). :func:`check_checkpoint` compares sizes and
+CRCs before anything is loaded; :func:`resolve_resume` passes over a damaged checkpoint of a run
+for the newest intact one and refuses a damaged one named explicitly; :func:`check_recipe` refuses
+a checkpoint of another recipe with the list of what differs. A save that fails is retried once,
+then written to a fallback folder, and the error says where the state went.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, base_optimizer_name
 
 __all__ = [
     "MARKER",
@@ -91,8 +91,19 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def _updates(path: Path) -> int:
-    # The folder's name, not its marker: a damaged marker must not stop a comparison.
-    return int(_NAME.match(path.name).group(1))
+    """The update a checkpoint folder holds: from its name ``ckpt-<updates>``, else (a folder copied
+    or renamed) from its marker, which a resume has checked by then."""
+    # The name first: a damaged marker must not stop a comparison of folders named by rotation.
+    named = _NAME.match(path.name)
+    if named:
+        return int(named.group(1))
+    try:
+        return int(json.loads((path / MARKER).read_text())["updates"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path} is not named ckpt-<updates> and its {MARKER} does not say which update it holds "
+            f"({type(e).__name__}: {e})"
+        ) from e
 
 
 def _crc32(path: Path) -> int:
@@ -164,6 +175,13 @@ def resolve_resume(
         candidates = [run_dir / "checkpoints"]
     else:
         path = Path(resume).expanduser()
+        if not path.exists() and path.name == "last.pth" and path.parent.is_dir():
+            path = path.parent  # a run stopped before its first epoch ended has checkpoints, no last.pth
+        if not path.exists():
+            raise FileNotFoundError(
+                f"--resume {resume}: {path} does not exist. Name a checkpoint folder ckpt-<updates>, a file "
+                "in one, a run folder or its last.pth, or pass --resume auto with --experiment"
+            )
         if path.is_file():
             # A file inside a checkpoint folder (complete or not) stands for the folder; a run's
             # last.pth for the run folder, whose newest checkpoint is taken below.
@@ -212,16 +230,19 @@ def recipe_of(cfg: Any, num_classes: int | None) -> dict[str, Any]:
     """The settings of ``cfg`` (a ``TrainConfig``) that decide the shapes of the saved state.
 
     Model and classes shape the weights; the optimizer, the method (its parameter groups) and the
-    modulation shape the optimizer state; the EMA adds a registered object.
+    modulation shape the optimizer state; the EMA and an LR schedule (any ``--sched`` but ``none``)
+    each add a registered object. The schedule's settings are not part of it: a resume rebuilds the
+    schedule from its own flags.
     """
     recipe = {
         "model": cfg.model,
         "model_kwargs": dict(cfg.model_kwargs),
         "num_classes": num_classes,
-        "opt": cfg.opt.lower(),
+        "opt": base_optimizer_name(cfg.opt),
         "method": "baseline" if cfg.baseline else "orthonormality regularizer",
         "modulation": cfg.modulation is not False,
         "model_ema": bool(cfg.model_ema),
+        "lr_scheduler": cfg.sched != "none",
     }
     return json.loads(json.dumps(recipe, default=str))  # as a marker stores it
 

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from timm.utils import ParseKwargs
 
 from ..defaults import DEFAULT_MAX_GRAD_RATIO, DEFAULT_MODULATION, DEFAULT_ORTHO_DECAY, MODULATION_PRESETS
+from ..factory import ORTHO_PREFIX
 from .data import DataConfig
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "Preset",
     "TrainConfig",
+    "base_optimizer_name",
     "build_parser",
     "check_model_arguments",
     "config_from_args",
@@ -239,7 +241,12 @@ class TrainConfig(DataConfig):
 
     # optimizer and schedule
     opt: Annotated[
-        str, cli("timm optimizer name (momentum = SGD without Nesterov)", group="optimizer and schedule")
+        str,
+        cli(
+            "timm optimizer name (momentum = SGD without Nesterov); ortho_<name>, which timm lists once "
+            "timm_ortho is imported, is the same as <name> here: the trainer applies the method itself",
+            group="optimizer and schedule",
+        ),
     ] = "momentum"
     lr: Annotated[float | None, cli("learning rate; None: --lr-base scaled by the global batch", ge=0)] = None
     lr_base: Annotated[float, cli(gt=0)] = 0.1
@@ -395,15 +402,17 @@ def _fields() -> typing.Iterator[tuple[str, Any, dict[str, Any]]]:
         yield f.name, hint, spec
 
 
-def build_parser(preset: Preset = "imagenet") -> argparse.ArgumentParser:
+def build_parser(preset: Preset = "imagenet", prog: str | None = None) -> argparse.ArgumentParser:
     """The flags of the training scripts, named like timm's ``train.py`` where the concept is the same.
 
-    ``preset="cifar"`` sets the defaults to the paper's CIFAR-10 protocol (He et al.'s schedule).
+    ``preset="cifar"`` sets the defaults to the paper's CIFAR-10 protocol (He et al.'s schedule);
+    ``prog`` names the command in ``--help`` (default: argparse's, the script's file name).
     """
     if preset not in ("imagenet", "cifar"):
         raise ValueError(f"unknown preset {preset!r}")
     defaults = {**dataclasses.asdict(TrainConfig()), **(CIFAR_PROTOCOL if preset == "cifar" else {})}
     parser = argparse.ArgumentParser(
+        prog=prog,
         description=(
             "Train a timm model with orthonormality regularization and backward error modulation "
             "(or, with --baseline, MSRA init + L2 weight decay). Launch with `accelerate launch`."
@@ -437,6 +446,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "poly", "wsd", "rsqrt", "none")
 """The ``sched`` names of ``timm.scheduler.create_scheduler_v2`` (timm has no registry to list them)."""
+
+
+def base_optimizer_name(opt: str) -> str:
+    """``--opt`` as the trainer builds it: lower case, ``ortho_<name>`` read as ``<name>``.
+
+    ``import timm_ortho`` registers ``ortho_<name>`` with timm, where the prefix selects the method;
+    the trainer applies the method itself (and with ``--baseline`` not at all), so here the prefix
+    adds nothing, and ``--opt ortho_sgd`` and ``--opt sgd`` are one optimizer and one recipe.
+    """
+    name = opt.lower()
+    return name[len(ORTHO_PREFIX) :] if name.startswith(ORTHO_PREFIX) else name
 
 
 def _did_you_mean(name: str, known: typing.Iterable[str]) -> str:
@@ -484,16 +504,22 @@ def _check_names(cfg: TrainConfig) -> None:
             f"--model {cfg.model}: timm knows no such model{_did_you_mean(arch, timm.list_models())}"
         )
     # timm reads "lookahead_<name>" as <name> wrapped in Lookahead, and only that prefix.
-    *prefix, opt = cfg.opt.lower().split("_")
+    *prefix, opt = base_optimizer_name(cfg.opt).split("_")
     if prefix not in ([], ["lookahead"]) or opt not in list_optimizers():
         raise ConfigError(
             f"--opt {cfg.opt}: timm has no such optimizer{_did_you_mean(cfg.opt.lower(), list_optimizers())} "
-            "(timm.optim.list_optimizers() lists them; lookahead_<name> wraps one in Lookahead)"
+            "(timm.optim.list_optimizers() lists them; lookahead_<name> wraps one in Lookahead; ortho_<name> "
+            "is <name> here, the trainer applies the method itself)"
         )
     if cfg.sched not in SCHEDULERS:
         raise ConfigError(
             f"--sched {cfg.sched}: timm has no such scheduler{_did_you_mean(cfg.sched, SCHEDULERS)} "
             f"(one of {', '.join(SCHEDULERS)})"
+        )
+    if cfg.sched == "plateau":
+        raise ConfigError(
+            "--sched plateau lowers the lr once per epoch when an evaluation metric stalls; the trainer "
+            "steps its schedule per update and gives it no metric: choose another (cosine, multistep, ...)"
         )
 
 
@@ -523,6 +549,11 @@ def validate_config(cfg: TrainConfig) -> None:
     check_model_arguments(cfg)
     if cfg.baseline and cfg.modulation not in (False, "auto"):
         raise ConfigError("--baseline means no modulation; drop --modulation or --baseline")
+    if cfg.baseline and base_optimizer_name(cfg.opt) != cfg.opt.lower():
+        raise ConfigError(
+            f"--opt {cfg.opt} asks for the orthonormality method, which --baseline turns off; use "
+            f"--opt {base_optimizer_name(cfg.opt)} with --baseline, or drop --baseline"
+        )
     if cfg.baseline and cfg.init == "orthonormal":
         raise ConfigError("--baseline means MSRA init; drop --init orthonormal or --baseline")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:

@@ -407,9 +407,20 @@ def check_data(cfg: DataConfig) -> Literal["imagefolder", "cifar10", "synthetic"
                 f"ImageFolder split {folder} does not exist (data dir {root}). "
                 f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
             )
-        if not any(p.is_dir() for p in folder.iterdir()):
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not classes:
             raise DataError(f"{folder} has no class folders. Expected layout:\n{IMAGEFOLDER_LAYOUT}")
+        if len(classes) == 1:
+            raise DataError(_one_class(folder, classes))
     return kind
+
+
+def _one_class(where: Path | str, classes: list[str]) -> str:
+    # Every prediction of a one-class model is right: a run on it reports 100 % and means nothing.
+    return (
+        f"{where} holds only one class ({', '.join(classes)}): a classifier needs at least two (one class "
+        "folder per class, each with images)"
+    )
 
 
 def build_datasets(cfg: DataConfig) -> Datasets:
@@ -437,6 +448,8 @@ def build_datasets(cfg: DataConfig) -> Datasets:
         source = f"ImageFolder {root}"
         mean, std, native = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, None
     classes = list(train.classes)
+    if len(classes) < 2:  # class folders without images are no classes
+        raise DataError(_one_class(root / cfg.train_split if kind == "imagefolder" else source, classes))
     if cfg.num_classes not in (None, len(classes)):
         raise DataError(f"--num-classes {cfg.num_classes} but {cfg.data_dir} holds {len(classes)} classes")
     return Datasets(
@@ -523,7 +536,9 @@ def build_loader(
     """A plain ``DataLoader`` for ``accelerator.prepare``: shuffled per epoch and full batches in training.
 
     The loader gets its own generator so that creating an iterator draws nothing from the global
-    RNG (whose state a checkpoint saves and a resume restores).
+    RNG (whose state a checkpoint saves and a resume restores). Its worker processes, if any, are
+    kept between epochs (``persistent_workers``, as timm's loaders do): no start-up cost per epoch,
+    and a :class:`SeededTransform` shares its epoch with them.
     """
     if train and len(dataset) < batch_size:
         raise DataError(f"the training split has {len(dataset)} images, fewer than one batch of {batch_size}")
@@ -535,5 +550,5 @@ def build_loader(
         pin_memory=pin_memory,
         drop_last=train,
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,  # workers must see each epoch's SeededTransform.set_epoch
+        persistent_workers=workers > 0,
     )

@@ -11,36 +11,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precise_bn import bn_layers, recompute_bn_statistics
+from ..precise_bn import bn_layers, modes_restored, recompute_bn_statistics
 
-__all__ = ["evaluate", "precise_bn_for_eval", "recalibrate_bn"]
+__all__ = ["TOPK", "evaluate", "precise_bn_for_eval", "recalibrate_bn", "trivial_topk"]
+
+TOPK = (1, 5)
+"""The top-k accuracies an evaluation measures, where they mean something (see :func:`trivial_topk`)."""
+
+
+def trivial_topk(num_classes: int) -> list[int]:
+    """The ``k`` of :data:`TOPK` that say nothing with ``num_classes`` classes: every label is among
+    the top ``k`` when ``k >= num_classes``, so that accuracy is 100 % whatever the model."""
+    return [k for k in TOPK if k >= num_classes]
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, loader: Any, accelerator: Any, channels_last: bool = False
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (percent) over the whole split, gathered across processes."""
+    """Loss and top-k accuracies (percent) over the whole split, gathered across processes.
+
+    ``top1`` and ``top5`` (:data:`TOPK`), each only where it means something: with 5 classes or
+    fewer, top-5 is 100 % whatever the model, and is left out. Every module's train/eval mode is as
+    it was after the call.
+    """
     from timm.utils import accuracy
 
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5, samples
-    for images, targets in loader:
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with accelerator.autocast():
-            logits = model(images)
-        # The whole split exactly once: gather_for_metrics drops the samples padded onto the last batch.
-        logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
-        n = len(targets)
-        hits = (torch.stack(accuracy(logits, targets, topk=(1, 5))).double() * n / 100).round()
-        loss = F.cross_entropy(logits, targets, reduction="sum").double()
-        totals += torch.cat([loss[None], hits, hits.new_tensor([n])])
-    model.train(was_training)
-    loss_sum, top1, top5, n = totals.tolist()
+    totals = torch.zeros(2 + len(TOPK), dtype=torch.float64, device=accelerator.device)  # loss, top-k, n
+    classes = None
+    with modes_restored(model):
+        model.eval()
+        for images, targets in loader:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with accelerator.autocast():
+                logits = model(images)
+            # The whole split exactly once: gather_for_metrics drops the samples padded onto the last batch.
+            logits, targets = accelerator.gather_for_metrics((logits.float(), targets))
+            n = len(targets)
+            classes = logits.shape[-1]
+            hits = (torch.stack(accuracy(logits, targets, topk=TOPK)).double() * n / 100).round()
+            loss = F.cross_entropy(logits, targets, reduction="sum").double()
+            totals += torch.cat([loss[None], hits, hits.new_tensor([n])])
+    loss_sum, *hits, n = totals.tolist()
     n = max(n, 1.0)
-    return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+    trivial = trivial_topk(classes) if classes is not None else []
+    topk = {f"top{k}": 100.0 * h / n for k, h in zip(TOPK, hits, strict=True) if k not in trivial}
+    return {"loss": loss_sum / n, **topk}
 
 
 def recalibrate_bn(model: nn.Module, run: Any) -> int:

@@ -26,6 +26,7 @@ the checkpoint names; the modulation's step is set from ``ortho_step`` by the op
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -42,10 +43,10 @@ from accelerate.logging import get_logger
 from torch import nn
 
 from . import build
-from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, recipe_of, write_atomic
+from .checkpoint import MARKER, CheckpointError, CheckpointManager, load_checkpoint, recipe_of, write_atomic
 from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args, validate_config
 from .data import DataError, SeededTransform, skipped_images
-from .evaluation import evaluate, precise_bn_for_eval, recalibrate_bn
+from .evaluation import evaluate, precise_bn_for_eval, recalibrate_bn, trivial_topk
 from .guards import Diverged, DivergenceMonitor, StopSignals, exit_code_for, resume_command
 from .tracking import JsonlTracker, format_summary, log_record, ratio_history, to_json
 
@@ -128,6 +129,7 @@ class Run:
     """The signal that stopped the run after the current update (``None``: it was not stopped)."""
     last_checkpoint: Path | None = None
     last_checkpoint_update: int = -1
+    last_logged_update: int = -1
     samples_seen: int = 0
     train_seconds: float = 0.0
     ema_eval: dict[str, float] | None = None
@@ -232,15 +234,23 @@ def _start(run: Run, resume_path: Path | None) -> None:
     }
     acc.init_trackers(run.run_dir.name, config=hparams)
     if resume_path is not None:
+        schedule = copy.deepcopy(run.scheduler.state_dict()) if run.scheduler is not None else None
         load_checkpoint(acc, resume_path)
         p = run.progress
         _log.info("resumed from %s: epoch %d, batch %d, update %d", resume_path, p.epoch, p.batch, p.updates)
         log_record(acc, {"type": "resume", "from": str(resume_path), **p.state_dict()}, step=p.updates)
+        if schedule is not None:
+            _keep_this_runs_schedule(run, schedule, resume_path)
     elif run.scheduler is not None:
         run.scheduler.step_update(0)
     log_record(acc, info, step=run.progress.updates)
     if acc.is_main_process:
         (run.run_dir / "config.json").write_text(json.dumps(info, indent=1, default=to_json))
+    for k in trivial_topk(info["num_classes"]):
+        n = info["num_classes"]
+        _log.info(
+            "top-%d is not reported: with %d classes every label is in the top %d of any model", k, n, k
+        )
     broken = sum(t.breaks_principle for t in run.targets)
     _log.info(
         "model %s (%.2fM params, %d target layers, %d with f_out > f_in); %s",
@@ -252,6 +262,33 @@ def _start(run: Run, resume_path: Path | None) -> None:
         acc.num_processes, acc.device, acc.mixed_precision, info["global_batch"], cfg.batch_size,
         acc.num_processes, cfg.grad_accum_steps, info["lr"], info["updates_per_epoch"], info["epochs"],
         info["stop_at"], run.run_dir,
+    )  # fmt: skip
+
+
+def _keep_this_runs_schedule(run: Run, schedule: dict[str, Any], resume_path: Path) -> None:
+    """After a resume: the schedule this run's flags built, at the checkpoint's update.
+
+    The checkpoint restores the scheduler of the run that saved it, settings included: resumed with
+    ``--epochs 4`` after a cosine run of 2, it would have reached its end and train on at lr 0.
+    timm's ``train.py`` builds its scheduler from the new flags and restores only the position; so
+    does the trainer (timm's schedulers are functions of the update count and their settings).
+    """
+    if run.scheduler.state_dict() == schedule:  # the same flags: the same schedule, nothing to say
+        return
+    run.scheduler.load_state_dict(schedule)
+    run.scheduler.step_update(run.progress.updates)
+    try:
+        saved = json.loads((resume_path / MARKER).read_text()).get("total_updates")
+    except (OSError, ValueError):
+        saved = None
+    info = run.info
+    _log.info(
+        "schedule rebuilt from this run's flags (--sched %s over %d updates, %d epochs) instead of the "
+        "checkpoint's (%s), as timm's train.py does on resume: only the position is restored; update %d "
+        "runs at lr %.4g",
+        run.cfg.sched, info["total_updates"], info["epochs"],
+        f"{saved} updates" if saved is not None else "other settings", run.progress.updates + 1,
+        run.optimizer.param_groups[0]["lr"],
     )  # fmt: skip
 
 
@@ -302,6 +339,10 @@ def train_one_epoch(run: Run, epoch: int) -> float:
             bar.update(1)
             if applied and _after_update(run, epoch, interval, bar):
                 break
+        # The rest of the interval, so that an epoch (or a whole run) shorter than --log-interval
+        # still leaves its train record: curves and the ratio history have a point per epoch at least.
+        if interval.count and progress.updates != run.last_logged_update:
+            _log_step(run, epoch, interval)
     seconds = time.perf_counter() - t_epoch
     run.train_seconds += seconds
     run.samples_seen += (progress.batch - start) * cfg.batch_size * acc.num_processes
@@ -364,6 +405,7 @@ def _after_update(run: Run, epoch: int, interval: _Interval, bar: Any) -> bool:
 def _log_step(run: Run, epoch: int, interval: _Interval) -> float:
     """The ``train`` and ``layers`` records; the one place of the hot loop that reads the device."""
     acc, step = run.accelerator, run.progress.updates
+    run.last_logged_update = step
     loss = acc.reduce(interval.loss_sum / max(interval.count, 1), "mean").item()
     elapsed = time.perf_counter() - interval.start
     run.divergence.check(acc)  # the loss was just read: this costs no further wait
@@ -421,10 +463,10 @@ def validate(run: Run, epoch: int, epoch_seconds: float) -> None:
         record.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
         log_record(acc, record)
         _log.info(
-            "epoch %d/%d (update %d): val loss %.4f, top-1 %.2f%%, top-5 %.2f%%%s; "
-            "best top-1 %.2f%% (epoch %d)",
+            "epoch %d/%d (update %d): val loss %.4f, top-1 %.2f%%%s%s; best top-1 %.2f%% (epoch %d)",
             epoch + 1, run.info["epochs"], progress.updates, evaluation["loss"], evaluation["top1"],
-            evaluation["top5"], f"; EMA top-1 {run.ema_eval['top1']:.2f}%" if run.ema_eval else "",
+            f", top-5 {evaluation['top5']:.2f}%" if "top5" in evaluation else "",
+            f"; EMA top-1 {run.ema_eval['top1']:.2f}%" if run.ema_eval else "",
             progress.best_top1, progress.best_epoch,
         )  # fmt: skip
         for name in ("last.pth", "model_best.pth") if is_best else ("last.pth",):
@@ -509,7 +551,7 @@ def _checkpoint(run: Run) -> Path:
     """A crash-safe checkpoint of the current state, never of a diverged one."""
     _check_finite(run)
     progress = run.progress
-    info = {"epoch": progress.epoch, "batch": progress.batch}
+    info = {"epoch": progress.epoch, "batch": progress.batch, "total_updates": run.info["total_updates"]}
     run.last_checkpoint = run.checkpoints.save(progress.updates, info)
     run.last_checkpoint_update = progress.updates
     return run.last_checkpoint
@@ -600,9 +642,9 @@ def _plots(run: Run) -> list[str]:
     return pngs
 
 
-def main(argv: Sequence[str] | None = None, preset: Preset = "imagenet") -> int:
-    """Entry point of the scripts: parse flags, train, return the process exit code."""
-    args = build_parser(preset).parse_args(argv)
+def main(argv: Sequence[str] | None = None, preset: Preset = "imagenet", prog: str | None = None) -> int:
+    """Entry point of the scripts and of ``timm-ortho-train``: parse flags, train, return the exit code."""
+    args = build_parser(preset, prog).parse_args(argv)
     # Every process logs at INFO; the trainer's messages go through accelerate's main-process adapter.
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"

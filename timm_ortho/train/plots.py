@@ -3,7 +3,12 @@
 - :func:`plot_error_moments`: the second moment of the error at every target layer, top of the chain
   on the left, log scale: without modulation (the same forward pass's unmodulated moments) and after
   it. The paper's Fig. 3 quantity is the ratio of the rightmost to the leftmost point.
-- :func:`plot_ratio_history`: the bottom/top ratio over training steps (the paper's Fig. 3 itself).
+- :func:`plot_ratio_history`: the bottom/top ratio over the updates (the paper's Fig. 3 itself).
+- :func:`plot_training_curves`: the loss and the validation accuracy over the updates.
+
+Every axis that counts optimizer updates is labelled ``update`` (the run's one clock), layer axes
+have integer ticks, and a value that a log axis cannot show (zero, negative, not finite) is left out;
+when none is left, the axes say so instead of coming out empty.
 
 Figures are drawn on a ``matplotlib.figure.Figure`` with an Agg canvas, never through ``pyplot``, so
 they touch no global backend state and work in headless training jobs.
@@ -11,13 +16,16 @@ they touch no global backend state and work in headless training jobs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..modulation import ModulationStats
 
@@ -30,6 +38,18 @@ _STYLE = {  # line style, marker, label
     "before": ("--", "", "arrived (before own scale)"),
     "after": ("-", ".", "after modulation"),
 }
+
+
+def _loggable(values: Sequence[float]) -> list[float]:
+    """``values`` with what a log axis cannot show (<= 0, inf, nan) as gaps (nan, which plot skips)."""
+    return [v if math.isfinite(v) and v > 0 else math.nan for v in map(float, values)]
+
+
+def _note_if_empty(ax: Axes) -> None:
+    """Write on a log axes that holds no point at all why it is empty (matplotlib would only warn)."""
+    if not any(math.isfinite(y) for line in ax.get_lines() for y in line.get_ydata()):
+        ax.set_ylim(0.1, 10.0)  # any positive range: no autoscaling over no data
+        ax.text(0.5, 0.5, "no positive value to show on a log scale", transform=ax.transAxes, ha="center")
 
 
 def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
@@ -79,12 +99,14 @@ def plot_error_moments(
     fig = Figure(figsize=(7.0, 4.0))
     ax = fig.add_subplot(yscale="log", title=title, ylabel=f"error second moment ({stats[0].statistic})")
     ax.set_xlabel("layer (0 = top of the chain, in backward firing order)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are counted, never fractional
     for i, st in enumerate(stats):
         prefix = "" if labels is None and len(stats) == 1 else f"{labels[i] if labels else i}: "
         for w in which:
-            y = st.moments(w).detach().to("cpu", torch.float64).numpy()
+            y = _loggable(st.moments(w).detach().to("cpu", torch.float64).tolist())
             ls, marker, label = _STYLE[w]
             ax.plot(range(len(y)), y, color=f"C{i % 10}", ls=ls, marker=marker, label=prefix + label)
+    _note_if_empty(ax)
     return _save(fig, path, dpi)
 
 
@@ -104,13 +126,14 @@ def plot_ratio_history(
         raise ValueError("nothing to plot: history is empty")
     fig = Figure(figsize=(7.0, 4.0))
     ax = fig.add_subplot(
-        yscale="log", title=title, xlabel="iteration", ylabel="error second moment, bottom / top"
+        yscale="log", title=title, xlabel="update", ylabel="error second moment, bottom / top"
     )
     for label, (steps, ratios) in history.items():
         if len(steps) != len(ratios):
             raise ValueError(f"{label!r}: {len(steps)} steps but {len(ratios)} ratios")
         few = len(steps) <= 30  # markers, so that a short run's few points are seen
-        ax.plot(list(steps), [float(r) for r in ratios], label=label, marker="o" if few else None, ms=3)
+        ax.plot(list(steps), _loggable(ratios), label=label, marker="o" if few else None, ms=3)
+    _note_if_empty(ax)
     return _save(fig, path, dpi)
 
 
@@ -120,11 +143,12 @@ def plot_training_curves(
     """Save a PNG of the training and validation loss and the validation accuracy against the update.
 
     ``records`` are the run's ``metrics.jsonl`` records (``"train"``: ``step``, ``loss``; ``"eval"``:
-    ``step``, ``val_loss``, ``val_top1``, ``val_top5``). Returns ``None`` when there is neither.
+    ``step``, ``val_loss``, ``val_top1`` and, with more than 5 classes, ``val_top5``). Returns ``None``
+    when there is neither.
     """
     train = [(r["step"], r["loss"]) for r in records if r.get("type") == "train"]
     keys = ("step", "val_loss", "val_top1", "val_top5")
-    evals = [tuple(r[k] for k in keys) for r in records if r.get("type") == "eval"]
+    evals = [tuple(r.get(k) for k in keys) for r in records if r.get("type") == "eval"]
     if not train and not evals:
         return None
     fig = Figure(figsize=(10.0, 3.8))
@@ -138,5 +162,6 @@ def plot_training_curves(
         steps, val_loss, top1, top5 = zip(*evals, strict=True)
         loss_ax.plot(steps, val_loss, marker="s", ms=4, ls="--", label="validation")
         acc_ax.plot(steps, top1, marker="o", ms=4, label="top-1")
-        acc_ax.plot(steps, top5, marker="s", ms=4, ls="--", label="top-5")
+        if any(v is not None for v in top5):
+            acc_ax.plot(steps, top5, marker="s", ms=4, ls="--", label="top-5")
     return _save(fig, path, dpi)

@@ -9,6 +9,7 @@ exactly the batches it would have seen.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -45,15 +46,23 @@ class SeededTransform(Dataset):
 
     The augmentation a sample receives therefore does not depend on the worker that loads it, on
     the number of workers, or on how many batches a resumed run skipped. Call :meth:`set_epoch` before
-    each epoch (before the loader's iterator is created, so workers see the new value).
+    each epoch, before the loader's iterator is created: the epoch is held in shared memory, so that
+    the worker processes of a loader with ``persistent_workers`` (started once, kept across epochs)
+    see the new value too.
     """
 
     def __init__(self, dataset: Dataset, transform: Callable[[Any], Any] | None, seed: int = 0):
         self.dataset, self.transform, self.seed = dataset, transform, seed
-        self.epoch = 0
+        # Shared with the workers, which inherit it (a plain attribute would stay, in a persistent
+        # worker, at the epoch the worker was started in).
+        self._epoch = multiprocessing.get_context().RawValue("q", 0)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.value = int(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -62,7 +71,7 @@ class SeededTransform(Dataset):
         image, target = self.dataset[index]
         if self.transform is None:
             return image, target
-        with _seeded_rngs(self.seed, self.epoch, int(index)):
+        with _seeded_rngs(self.seed, self._epoch.value, int(index)):
             return self.transform(image), target
 
 

@@ -111,8 +111,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         + (f", {summary['train_samples_per_s']:.0f} img/s" if summary.get("train_samples_per_s") else ""),
         # The lines below that start with ``condition and``: shown only when the run has that.
         ev
-        and f"final      val loss {ev['loss']:.4f}, top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%; "
-        f"best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']})",
+        and f"final      val loss {ev['loss']:.4f}, top-1 {ev['top1']:.2f}%"
+        + (f", top-5 {ev['top5']:.2f}%" if "top5" in ev else "")  # left out where it is always 100 %
+        + f"; best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']})",
         summary.get("ema_eval") and f"EMA        top-1 {summary['ema_eval']['top1']:.2f}%",
         f"filters    sum ||WW^T-I||^2 = {summary['ortho_residual']:.4g}, "
         f"mean |cos| = {summary['filter_cos']:.4g}",
