@@ -56,9 +56,10 @@ WARMUP_DEPTH = 56
 
 DATASETS: dict[str, dict[str, Any]] = {
     "digits": dict(dataset="digits", img_size=8, n_train=1500),
-    # Chosen by `reproduce.py hardness`: the variant on which L2 vs no L2 differs by more than the
-    # seed spread (docs/results.md, "The harder synthetic set").
-    "hard": dict(dataset="synthetic", img_size=8, n_train=1000, n_val=1000, num_classes=50),
+    # Chosen by `reproduce.py hardness` (docs/results.md, "The harder synthetic set"): of the four
+    # candidates, the only one on which L2 vs no L2 differed by more than the seed spread, and that
+    # only just (cifar_resnet20: 0.740 +- 0.003 vs 0.731 +- 0.008; plain_cnn20 within the spread).
+    "hard": dict(dataset="synthetic", img_size=8, n_train=2000, n_val=1000, num_classes=100),
 }
 # The ImageNet-style timm models see the images at 16 px: at 8 px their stride-32 stems leave no map.
 UPSAMPLED = {name: {**kwargs, "img_size": 16} for name, kwargs in DATASETS.items()}
