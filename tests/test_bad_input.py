@@ -106,15 +106,14 @@ def test_unknown_optimizer_and_scheduler_suggest_close_names(tmp_path, capsys, t
 
 
 def test_ortho_names_that_timm_lists_are_the_trainers_optimizers_too(tmp_path, capsys, tiny):
-    """``import timm_ortho`` registers ``ortho_<name>`` with timm; the trainer applies the method itself,
-    so to it ``--opt ortho_sgd`` is ``--opt sgd``: accepted, built once, the same recipe."""
+    """``ortho_<name>`` selects the method in timm's train.py (under the runner); the trainer applies
+    the method itself, so to it ``--opt ortho_sgd`` is ``--opt sgd``: accepted, built once, the same
+    recipe."""
     import timm
-    from timm.optim import list_optimizers
 
     from timm_ortho import OrthoModulated
     from timm_ortho.train.build import build_optimizer
 
-    assert {"ortho_sgd", "ortho_momentum"} <= set(list_optimizers())
     for name in ("ortho_sgd", "ortho_lookahead_momentum", "Ortho_Momentum"):
         validate_config(tiny(tmp_path, opt=name))
     assert recipe_of(tiny(tmp_path, opt="ortho_sgd"), 10) == recipe_of(tiny(tmp_path, opt="sgd"), 10)

@@ -243,8 +243,9 @@ class TrainConfig(DataConfig):
     opt: Annotated[
         str,
         cli(
-            "timm optimizer name (momentum = SGD without Nesterov); ortho_<name>, which timm lists once "
-            "timm_ortho is imported, is the same as <name> here: the trainer applies the method itself",
+            "timm optimizer name (momentum = SGD without Nesterov); ortho_<name>, the name timm's "
+            "train.py takes under timm_ortho's runner, is the same as <name> here: the trainer applies "
+            "the method itself",
             group="optimizer and schedule",
         ),
     ] = "momentum"
@@ -451,8 +452,8 @@ SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "plateau", "pol
 def base_optimizer_name(opt: str) -> str:
     """``--opt`` as the trainer builds it: lower case, ``ortho_<name>`` read as ``<name>``.
 
-    ``import timm_ortho`` registers ``ortho_<name>`` with timm, where the prefix selects the method;
-    the trainer applies the method itself (and with ``--baseline`` not at all), so here the prefix
+    ``ortho_<name>`` is how timm's ``train.py`` selects the method under timm_ortho's runner; the
+    trainer applies the method itself (and with ``--baseline`` not at all), so here the prefix
     adds nothing, and ``--opt ortho_sgd`` and ``--opt sgd`` are one optimizer and one recipe.
     """
     name = opt.lower()
@@ -506,8 +507,11 @@ def _check_names(cfg: TrainConfig) -> None:
     # timm reads "lookahead_<name>" as <name> wrapped in Lookahead, and only that prefix.
     *prefix, opt = base_optimizer_name(cfg.opt).split("_")
     if prefix not in ([], ["lookahead"]) or opt not in list_optimizers():
+        given = cfg.opt.lower()
+        with_prefix = given.startswith(ORTHO_PREFIX)
+        known = [ORTHO_PREFIX + n if with_prefix else n for n in list_optimizers()]
         raise ConfigError(
-            f"--opt {cfg.opt}: timm has no such optimizer{_did_you_mean(cfg.opt.lower(), list_optimizers())} "
+            f"--opt {cfg.opt}: timm has no such optimizer{_did_you_mean(given, known)} "
             "(timm.optim.list_optimizers() lists them; lookahead_<name> wraps one in Lookahead; ortho_<name> "
             "is <name> here, the trainer applies the method itself)"
         )
