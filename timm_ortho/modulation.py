@@ -9,8 +9,6 @@ its equations are in :mod:`timm_ortho.modulation_rule`. This module is the glue 
   measures the error (one reduction), applies the rule and returns the rescaled error;
 - under ``torch.compile``: the same rule as an autograd identity that threads a small token through
   the layers, so that dynamo traces it into the compiled graph (:mod:`timm_ortho.modulation_traced`);
-- ``kernel="triton"`` on CUDA: the rule and the rescaling in one launch per layer
-  (:mod:`timm_ortho.modulation_kernel`);
 - :class:`ModulationStats`: what one backward did, stacked once after it.
 """
 
@@ -23,14 +21,13 @@ import operator
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
-from .modulation_kernel import fused_modulate, kernel_applies
 from .modulation_rule import (
     DEFAULT_BAND,
     DEFAULT_MODE,
@@ -52,8 +49,6 @@ from .ortho import compute_dtype
 from .targets import FilterBank, find_targets
 
 Schedule = int | Callable[[int], bool] | None
-Kernel = Literal["aten", "triton"]
-_KERNELS = ("aten", "triton")
 
 __all__ = [
     "ErrorModulation",
@@ -131,9 +126,6 @@ class ErrorModulation:
         measure_only: never change the error; only record statistics (the baseline of Fig. 3).
         record_when_inactive: while the schedule is off, still record statistics (default). False
             installs no tensor hook at all while off (zero backward cost).
-        kernel: ``"aten"`` (default): the rule as a few aten ops on 0-d tensors per layer.
-            ``"triton"``: on CUDA, the rule and the rescaling of the error fused into one Triton
-            launch per layer (:mod:`timm_ortho.modulation_kernel`); elsewhere the aten path.
         targets: the :class:`~timm_ortho.targets.FilterBank` list (the regularizer's targets); by
             default ``find_targets(model, **target_kwargs)``.
 
@@ -155,7 +147,6 @@ class ErrorModulation:
         schedule: Schedule = None,
         measure_only: bool = False,
         record_when_inactive: bool = True,
-        kernel: Kernel = "aten",
         targets: Sequence[FilterBank] | None = None,
         **target_kwargs: Any,
     ) -> None:
@@ -165,8 +156,6 @@ class ErrorModulation:
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         check_reference(reference)
-        if kernel not in _KERNELS:
-            raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
         _check_options(target_kwargs)
         if targets is None:
             targets = find_targets(model, **target_kwargs)
@@ -185,7 +174,6 @@ class ErrorModulation:
         self.schedule = schedule  # validated by the property setter
         self.measure_only = bool(measure_only)
         self.record_when_inactive = bool(record_when_inactive)
-        self.kernel: Kernel = kernel
 
         # Hooked modules in registration order (the statistics list them in firing order instead).
         modules, self.module_names = _hooked_modules(model, targets, self.include_classifier)
@@ -288,8 +276,7 @@ class ErrorModulation:
             f"{type(self).__name__}(layers={len(self.module_names)}, band={self.band}, mode={self.mode!r}, "
             f"statistic={self.statistic!r}, include_classifier={self.include_classifier}, "
             f"max_scale={self.max_scale}, reference={self.reference!r}, schedule={schedule}, "
-            f"measure_only={self.measure_only}, kernel={self.kernel!r}"
-            f"{', removed' if self._removed else ''})"
+            f"measure_only={self.measure_only}{', removed' if self._removed else ''})"
         )
 
     # -- statistics -------------------------------------------------------------------------------
@@ -416,10 +403,8 @@ class ErrorModulation:
         Dispatched ops (``torch.profiler`` / a dispatch mode show them; tests/test_modulation.py
         counts them): a measuring pass 1 (the norm); the top of a modulating chain 2 (norm, log);
         every layer below it 10 with ``reference="top"`` (norm, log, sub, shrink, nan_to_num, exp,
-        abs, lt, where, and the multiply of the error), 11 with ``"previous"`` (+ add). With
-        ``kernel="triton"`` on CUDA a layer below the top launches 2 kernels: the norm and one
-        Triton kernel for the rule and the multiply. Stacking, logs of measured norms and moments
-        are left to :meth:`last_stats`.
+        abs, lt, where, and the multiply of the error), 11 with ``"previous"`` (+ add). Stacking,
+        logs of measured norms and moments are left to :meth:`last_stats`.
         """
         if self._removed or g.numel() == 0:
             return None
@@ -437,22 +422,6 @@ class ErrorModulation:
             log_ref = p.log_ref
             if log_ref is not None and log_ref.device != norm.device:
                 log_ref = log_ref.to(norm.device, non_blocking=True)
-            if log_ref is not None and self.kernel == "triton" and kernel_applies(g):
-                # The rule and the rescaling in one launch (modulation_kernel.py).
-                g, log_n, log_s, scale, p.log_ref = fused_modulate(
-                    g,
-                    norm,
-                    log_ref,
-                    band=self.band,
-                    mode=self.mode,
-                    max_scale=self.max_scale,
-                    reference=self.reference,
-                    statistic=self.statistic,
-                )
-                p.stat.append(log_n)
-                p.log_s.append(log_s)
-                p.scale.append(scale)
-                return g
             log_n = norm.log()
             if self.statistic == "mean":
                 log_n = log_n - 0.5 * math.log(g.numel())
@@ -554,7 +523,6 @@ _OPTIONS = (
     "schedule",
     "measure_only",
     "record_when_inactive",
-    "kernel",
     "targets",
 )
 _TARGET_OPTIONS = ("include", "exclude", "skip_stem", "skip_classifier", "include_depthwise")
