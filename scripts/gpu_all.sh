@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one bounded call (about 9 minutes on one H100):
-#   1. scripts/gpu_check.py: no host-device sync, fp16 GradScaler skip, bf16/fp16 training, the
-#      fused Triton kernel against the aten hooks, eager
+#   1. scripts/gpu_check.py: no host-device sync, fp16 GradScaler skip, bf16/fp16 training, eager
 #      overhead ratios (plain_cnn110 batch 128, resnet50 batch 256, bf16);
 #   2. scripts/reproduce.py deep: the step bound's size at 1202 layers (DEEP_GRID), two runs at a
 #      time (a 1202-layer run takes about 2.5 minutes when three share the GPU; eight sharing

@@ -1,36 +1,44 @@
-"""Backward error modulation (Xie, Xiong & Pu, CVPR 2017, Sec. 3.3) through hooks.
+"""Backward error modulation (Xie, Xiong & Pu, CVPR 2017, Sec. 3.3): one autograd Function per target.
 
 During backward, the error ``e_l = dL/dy_l`` at the output ``y_l`` of every target layer (the
 parametric layers of :func:`~timm_ortho.targets.find_targets`, the classifier left out by default) is
 measured by its norm and rescaled where its magnitude leaves a band around a reference; the rule and
-its equations are in :mod:`timm_ortho.modulation_rule`. This module is the glue that applies it:
+its equations are in :mod:`timm_ortho.modulation_rule`. This module applies it, in eager mode and
+under ``torch.compile`` alike, with one autograd Function
+(:class:`~timm_ortho.modulation_function.Modulate`) that a forward hook puts on each target's output:
 
-- eager mode: a forward hook on every target registers a tensor hook on its output; the tensor hook
-  measures the error (one reduction), applies the rule and returns the rescaled error;
-- under ``torch.compile``: the same rule as an autograd identity that threads a small token through
-  the layers, so that dynamo traces it into the compiled graph (:mod:`timm_ortho.modulation_traced`);
-- ``kernel="triton"`` on CUDA: the rule and the rescaling in one launch per layer
-  (:mod:`timm_ortho.modulation_kernel`);
-- :class:`ModulationStats`: what one backward did, stacked once after it.
+- forward, per target: ``(y, t) -> (y, t')``. The output passes unchanged (eager: the very tensor,
+  declared modified in place, so nothing is copied; compiling: a copy, which inductor fuses), and a
+  small *token* ``t`` is threaded from each target to the next in forward order.
+- backward, per target: the gradient of the token is the chain's *state*, one row
+  ``[norm, ref, log s]`` per target. A layer reads the reference norm the layer above it wrote (the
+  top reads zeros: no reference), takes one norm of its error, applies the rule, writes its row and
+  multiplies its error by ``s``. The token also orders the layers: each waits for the one above it.
+- below the bottom target the state is the record of that backward. Eager: the bottom's backward
+  publishes it. Compiled: it is the gradient of a leaf (the *sink*) whose post-accumulate-grad hook
+  publishes it. :meth:`ErrorModulation.last_stats` builds :class:`ModulationStats` from it.
+
+This module is the glue: the hooks that build the chain in forward (one per root forward, plus the
+chains of target calls outside it: a checkpoint's recompute, a submodule called directly), the sink,
+and the statistics. The Function and its state are :mod:`timm_ortho.modulation_function`.
+docs/modulation.md describes the data flow, the ops per layer and the limits.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
-import math
 import operator
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
-from .modulation_kernel import fused_modulate, kernel_applies
+from .modulation_function import ROW, Chain, EagerLink, Modulate, Record, Rule, Splice, stats
 from .modulation_rule import (
     DEFAULT_BAND,
     DEFAULT_MODE,
@@ -42,18 +50,13 @@ from .modulation_rule import (
     Statistic,
     check_reference,
     check_rule,
-    log_scale,
-    next_log_ref,
     scale_factor,
     simulate_chain,
 )
-from .modulation_traced import HEAD, Rule, TracedModulation, TracedRecord
 from .ortho import compute_dtype
 from .targets import FilterBank, find_targets
 
 Schedule = int | Callable[[int], bool] | None
-Kernel = Literal["aten", "triton"]
-_KERNELS = ("aten", "triton")
 
 __all__ = [
     "ErrorModulation",
@@ -67,52 +70,12 @@ __all__ = [
 ]
 
 
-@dataclass(eq=False)
-class _Pass:
-    """State of one forward pass's chain: what its tensor hooks close over.
-
-    A pass is started by every forward of the root model. Its chain state (reference, records) is
-    reset when a backward first reaches it and published when that backward finishes, so a second
-    backward through the same graph (``retain_graph=True``) starts a fresh chain.
-
-    The hooks only append 0-d tensors here; stacking them and deriving moments and scales happens
-    once per backward, in :meth:`ErrorModulation.last_stats`.
-    """
-
-    open: bool = False
-    modulate: bool = False
-    log_ref: Tensor | None = None
-    """None until the top of the chain has fired (then its log-norm, valid or not)."""
-    names: list[str] = field(default_factory=list)
-    stat: list[Tensor] = field(default_factory=list)
-    """Per layer: the log-norm (modulating pass) or the norm (measuring pass, logs taken later)."""
-    log_s: list[Tensor] = field(default_factory=list)
-    """``log s`` of every layer below the top (the top's is 0)."""
-    scale: list[Tensor] = field(default_factory=list)
-    """``s`` of every layer below the top, the very tensors the errors were multiplied by."""
-
-
-def _graph_task_id() -> int:
-    """Id of the autograd graph task running on this thread, -1 outside backward."""
-    fn = getattr(torch._C, "_current_graph_task_id", None)
-    return -1 if fn is None else fn()
-
-
-def _stack(values: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
-    if not values:
-        return torch.empty(0, device=device, dtype=dtype)
-    return torch.stack([v.to(device=device, dtype=dtype) for v in values])
-
-
-# -- the hooks -----------------------------------------------------------------------------------
-
-
 class ErrorModulation:
-    """Backward error modulation on a model's target layers, installed with hooks.
+    """Backward error modulation on a model's target layers (one autograd Function per target call).
 
     Args:
-        model: the root module. Each of its forwards starts a new chain (a "pass"); call this
-            module (not only a submodule) so that passes are told apart.
+        model: the root module. Each of its forwards starts a new chain; call this module (not only
+            a submodule) so that chains are told apart.
         band: the quasi-isometry constant ``A >= 1``; ratios ``q_ref / q`` inside ``[A^-2, A^2]`` are
             left alone. ``band=1`` rescales every layer to the moment above it.
         mode: ``"clamp"`` rescales to the edge of the band, ``"match"`` to equality (the paper).
@@ -121,25 +84,22 @@ class ErrorModulation:
         include_classifier: put classifier-role targets in the chain (then the classifier, the last
             layer, is the top and sets the reference). Off by default.
         max_scale: bound every factor to ``[1/max_scale, max_scale]``; None for no bound.
-        reference: ``"previous"`` (default, the paper): each layer is compared with the rescaled
-            moment of the layer above it. ``"top"``: each layer is compared with the top layer's
-            moment, which bounds the whole chain to the band around the top; a slow drift (every
-            consecutive ratio inside the band, as at MSRA init) is then corrected too.
+        reference: ``"previous"`` (the paper): each layer is compared with the rescaled moment of the
+            layer above it. ``"top"``: each layer is compared with the top layer's moment, which
+            bounds the whole chain to the band around the top; a slow drift (every consecutive ratio
+            inside the band, as at MSRA init) is then corrected too.
         schedule: when the rule may change the error, as a function of :meth:`set_step` (the number
             of optimizer updates done): None = always, an int ``N`` = while ``step < N``, a callable
-            ``step -> bool``.
+            ``step -> bool``. Read at each forward of the root model.
         measure_only: never change the error; only record statistics (the baseline of Fig. 3).
         record_when_inactive: while the schedule is off, still record statistics (default). False
-            installs no tensor hook at all while off (zero backward cost).
-        kernel: ``"aten"`` (default): the rule as a few aten ops on 0-d tensors per layer.
-            ``"triton"``: on CUDA, the rule and the rescaling of the error fused into one Triton
-            launch per layer (:mod:`timm_ortho.modulation_kernel`); elsewhere the aten path.
+            installs nothing at all while off (zero backward cost).
         targets: the :class:`~timm_ortho.targets.FilterBank` list (the regularizer's targets); by
             default ``find_targets(model, **target_kwargs)``.
 
-    The statistics of the last finished backward are :meth:`last_stats`. Use :meth:`remove` or a
-    ``with`` block to take the hooks off; tensor hooks already attached to a live graph then do
-    nothing.
+    :meth:`last_stats` builds the statistics of the last finished backward. Use :meth:`remove` or a
+    ``with`` block to take the hooks off; in eager mode a graph already built then passes its errors
+    through untouched.
     """
 
     def __init__(
@@ -155,7 +115,6 @@ class ErrorModulation:
         schedule: Schedule = None,
         measure_only: bool = False,
         record_when_inactive: bool = True,
-        kernel: Kernel = "aten",
         targets: Sequence[FilterBank] | None = None,
         **target_kwargs: Any,
     ) -> None:
@@ -165,16 +124,6 @@ class ErrorModulation:
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         check_reference(reference)
-        if kernel not in _KERNELS:
-            raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
-        _check_options(target_kwargs)
-        if targets is None:
-            targets = find_targets(model, **target_kwargs)
-        elif target_kwargs:
-            raise ValueError(
-                f"pass either targets or find_targets options, not both (got targets and "
-                f"{sorted(target_kwargs)})"
-            )
         self.band = float(band)
         self.mode: Mode = mode
         self.statistic: Statistic = statistic
@@ -185,10 +134,8 @@ class ErrorModulation:
         self.schedule = schedule  # validated by the property setter
         self.measure_only = bool(measure_only)
         self.record_when_inactive = bool(record_when_inactive)
-        self.kernel: Kernel = kernel
-
-        # Hooked modules in registration order (the statistics list them in firing order instead).
-        modules, self.module_names = _hooked_modules(model, targets, self.include_classifier)
+        # Hooked modules in registration order (the statistics list them top of the chain first).
+        modules, self.module_names = _hooked_modules(model, targets, self.include_classifier, target_kwargs)
         if len(modules) == 1 and not measure_only:
             warnings.warn(
                 f"ErrorModulation on a single layer ({self.module_names[0]!r}) never rescales anything: "
@@ -197,27 +144,38 @@ class ErrorModulation:
                 UserWarning,
                 stacklevel=2,
             )
-
-        self._current: _Pass | None = None
-        self._in_backward: dict[int, _Pass] = {}  # graph task id -> pass opened in it
-        self._last: _Pass | TracedRecord | None = None
-        self._last_stats: ModulationStats | None = None
-        self._removed = False
-        # The traced path (torch.compile): the chain token of the forward being traced, the next
-        # slot, the names in forward order, and the sink that collects each backward's record.
-        self._token: Tensor | None = None
-        self._slot = 0
-        self._traced_names: list[str] = []
-        self._traced_modulate = False
-        self._traced_forward = False  # the current root forward started in a compiled frame
-        self._sink: Tensor | None = None
-        self._sink_handle: RemovableHandle | None = None
-        weight = next(modules[0].parameters(), None)
-        if weight is not None:  # made here so that a compiled forward finds it (no graph break)
-            self._make_sink(weight.device, compute_dtype(weight.dtype))
-        self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._start_pass)]
+        self._init_state(len(modules), next(modules[0].parameters(), None))
+        self._handles: list[RemovableHandle] = [
+            model.register_forward_pre_hook(self._start_pass),
+            model.register_forward_hook(self._end_pass),
+        ]
         for name, module in zip(self.module_names, modules, strict=True):
             self._handles.append(module.register_forward_hook(functools.partial(self._on_output, name)))
+
+    def _init_state(self, layers: int, weight: Tensor | None) -> None:
+        self._removed = False
+        self._last: Record | None = None
+        self._last_stats: ModulationStats | None = None
+        self._rows = self._capacity = layers  # slots of the next chain, and of the current one
+        # The chain the root forward builds (plain attributes: dynamo replays their stores).
+        self._token: Tensor | None = None
+        self._slot = 0
+        self._names: list[str] = []
+        self._modulate = False
+        self._chain: Chain | None = None  # None while the root forward is compiled
+        self._in_root = False
+        self._root_grad = True
+        self._compiled_gap = False  # a compiled forward ran targets under no_grad (reentrant checkpoint)
+        self._warned_gap = False
+        self._eager = Splice(self._publish)
+        # A compiled forward's record: the sink's gradient, and its forward's names.
+        self._sink: Tensor | None = None
+        self._seed: Tensor | None = None
+        self._sink_handle: RemovableHandle | None = None
+        self._sink_names: list[str] = []
+        self._sink_modulated = False
+        if weight is not None:  # made here so that a compiled forward finds it (no graph break)
+            self._make_sink(weight.device, compute_dtype(weight.dtype))
 
     # -- schedule ---------------------------------------------------------------------------------
     def set_step(self, step: int) -> None:
@@ -249,8 +207,8 @@ class ErrorModulation:
     def active(self) -> bool:
         """Whether the schedule is on at the current step (``measure_only`` overrides it).
 
-        None -> always; int ``N`` -> ``step < N``; callable -> ``bool(schedule(step))``. It is read
-        when a backward first reaches a forward pass's chain, so one backward is all on or all off.
+        None -> always; int ``N`` -> ``step < N``; callable -> ``bool(schedule(step))``. It is read at
+        each forward of the root model: the backward of that forward is all on or all off.
         """
         if self.schedule is None:
             return True
@@ -260,17 +218,16 @@ class ErrorModulation:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def remove(self) -> None:
-        """Remove every hook. Tensor hooks already on a live graph become no-ops. Idempotent."""
+        """Remove every hook. Eager graphs already built pass their errors through. Idempotent."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         if self._sink_handle is not None:
             self._sink_handle.remove()
             self._sink_handle = None
-        self._removed = True
-        self._current = None
+        self._removed = self._eager.removed = True
         self._token = None
-        self._in_backward.clear()
+        self._eager.reset()
 
     @property
     def removed(self) -> bool:
@@ -288,241 +245,198 @@ class ErrorModulation:
             f"{type(self).__name__}(layers={len(self.module_names)}, band={self.band}, mode={self.mode!r}, "
             f"statistic={self.statistic!r}, include_classifier={self.include_classifier}, "
             f"max_scale={self.max_scale}, reference={self.reference!r}, schedule={schedule}, "
-            f"measure_only={self.measure_only}, kernel={self.kernel!r}"
-            f"{', removed' if self._removed else ''})"
+            f"measure_only={self.measure_only}{', removed' if self._removed else ''})"
         )
 
     # -- statistics -------------------------------------------------------------------------------
     def last_stats(self) -> ModulationStats:
-        """Statistics of the last finished backward (no host-device synchronization).
+        """Build the statistics of the last finished backward (tensors; no host-device sync).
 
-        When several forward passes finish in one backward (e.g. ``(loss1 + loss2).backward()``), the
-        pass finished last is reported (eager; under ``torch.compile`` see docs/modulation.md).
-        The hooks only keep 0-d tensors; they are stacked and turned into moments here, once.
+        A method, not a field: backward only leaves the chain's state (one tensor); the first call
+        after a backward turns it into :class:`ModulationStats` with a fixed number of tensor ops
+        (not growing with the depth), later calls return the same object. When several forward
+        passes end in one backward (``(loss1 + loss2).backward()``): eager, the pass whose bottom
+        layer ran last; compiled, the per-layer mean over them (docs/modulation.md).
         """
         if self._last_stats is None:
-            p = self._last
-            if p is None:
+            if self._last is None:
                 raise RuntimeError(
-                    "no backward has gone through the modulation hooks yet: run a forward of the model "
+                    "no backward has gone through the modulated layers yet: run a forward of the model "
                     "with grad enabled and a backward first"
                 )
-            if isinstance(p, TracedRecord):
-                self._last_stats = self._traced_stats(p)
-            else:
-                self._last_stats = self._eager_stats(p)
+            self._last_stats = stats(self._last, self.statistic)
         return self._last_stats
 
-    def _eager_stats(self, p: _Pass) -> ModulationStats:
-        device = p.stat[0].device
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in p.stat) else torch.float32
-        stat = _stack(p.stat, device, dtype)
-        if p.modulate:
-            log_n = stat
-            # The top of the chain only set the reference: log s = 0, s = 1.
-            log_s = torch.cat([log_n.new_zeros(1), _stack(p.log_s, device, dtype)])
-            scale = torch.cat([log_n.new_ones(1), _stack(p.scale, device, dtype)])
-        else:
-            log_n = stat.log()
-            log_s, scale = torch.zeros_like(log_n), torch.ones_like(log_n)
-        return ModulationStats(
-            names=list(p.names),
-            q_before=(2.0 * log_n).exp(),
-            q_after=(2.0 * (log_n + log_s)).exp(),
-            scale=scale,
-            modulated=p.modulate,
-            statistic=self.statistic,
-        )
-
-    def _traced_stats(self, r: TracedRecord) -> ModulationStats:
-        fired, slots = len(r.names), len(self.module_names)
-        # Slots are in forward order; the statistics list the top of the chain first.
-        log_n = r.record[HEAD : HEAD + fired].flip(0)
-        log_s = r.record[HEAD + slots : HEAD + slots + fired].flip(0)
-        return ModulationStats(
-            names=r.names[::-1],
-            q_before=(2.0 * log_n).exp(),
-            q_after=(2.0 * (log_n + log_s)).exp(),
-            scale=log_s.exp(),
-            modulated=r.modulated,
-            statistic=self.statistic,
-        )
-
-    # -- hook glue --------------------------------------------------------------------------------
+    # -- the root forward (traced under torch.compile: only attribute stores, replayed by dynamo) ---
     def _start_pass(self, module: nn.Module, args: Any) -> None:
+        self._in_root, self._root_grad = True, torch.is_grad_enabled()
+        if not self._root_grad and not torch.compiler.is_compiling():
+            return  # nothing will be put on (eval): keep the reservations a pending backward needs
+        self._token, self._slot, self._names, self._capacity = None, 0, [], self._rows
+        self._modulate, self._compiled_gap = self._active_now and not self.measure_only, False
         if torch.compiler.is_compiling():
-            # Traced: only attribute stores, which dynamo replays after the graph at every call.
-            self._token, self._slot, self._traced_names = None, 0, []
-            self._traced_modulate = self._active_now and not self.measure_only
-            self._traced_forward = True
-            return
-        # A root forward during backward is a checkpoint recompute of the whole model: it belongs
-        # to the pass being backpropagated, not to a new one.
-        if _graph_task_id() < 0:
-            self._current = _Pass()
-            self._traced_forward = False
+            self._chain = None
+        else:
+            self._chain = Chain(self._names, self._modulate)
+            self._eager.reset()
+
+    def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._in_root = False
+        if self._chain is None and self._slot:  # compiled: the sink's next record is this forward's
+            self._sink_names, self._sink_modulated = self._names, self._modulate
 
     def _on_output(self, name: str, module: nn.Module, args: Any, output: Any) -> Tensor | None:
-        if self._removed or not isinstance(output, Tensor) or not output.requires_grad:
+        if self._removed or not isinstance(output, Tensor):
             return None
-        if torch.compiler.is_compiling():
-            return self._on_output_traced(name, output)
-        if self._traced_forward:
-            # A part of a compiled forward that dynamo runs eagerly (e.g. a checkpointed segment it
-            # cannot trace): it joins the forward's token chain, one chain as in eager mode. Inside
-            # backward it is a checkpoint recompute, whose outputs are never backpropagated
-            # (non-reentrant) or cannot join the token chain (reentrant): left alone.
-            return None if _graph_task_id() >= 0 else self._on_output_traced(name, output)
-        if not self.record_when_inactive and not self.measure_only and not self.active:
+        if not output.requires_grad:
+            if self._in_root and self._root_grad and not torch.is_grad_enabled():
+                self._gap(name)
             return None
-        task = _graph_task_id()
-        if task >= 0:
-            # Recompute inside backward (gradient checkpointing). Reentrant checkpointing backprops
-            # the recomputed outputs in a nested backward: their hooks must continue the chain of
-            # the pass being backpropagated in this task. (Non-reentrant recomputed outputs are
-            # never backpropagated; their hooks never fire.)
-            p = self._in_backward.get(task) or self._current_or_new()
-            if not p.open:
-                self._open(p, task)
-        else:
-            p = self._current_or_new()
-        output.register_hook(functools.partial(self._on_error, p, name))
-        return None
+        if self._in_root or torch.compiler.is_compiling():
+            return self._join_root(name, output)
+        return self._join_side(name, output)  # a recompute during backward, or a direct call
 
-    def _current_or_new(self) -> _Pass:
-        # Only reached when a target runs outside a root forward (a submodule called directly).
-        if self._current is None:
-            self._current = _Pass()
-        return self._current
-
-    def _open(self, p: _Pass, task: int) -> None:
-        """A backward reaches pass ``p``: fresh chain; publish it when this graph task finishes."""
-        p.open = True
-        p.modulate = self.active and not self.measure_only
-        p.log_ref = None
-        p.names, p.stat, p.log_s, p.scale = [], [], [], []
-        self._in_backward[task] = p
-        Variable._execution_engine.queue_callback(functools.partial(self._close, p, task))
-
-    def _close(self, p: _Pass, task: int) -> None:
-        p.open = False
-        self._in_backward.pop(task, None)
-        if p.names:
-            self._last, self._last_stats = p, None
-
-    def _on_error(self, p: _Pass, name: str, g: Tensor) -> Tensor | None:
-        """The tensor hook: per layer one reduction, and on modulating passes below the top the rule.
-
-        Dispatched ops (``torch.profiler`` / a dispatch mode show them; tests/test_modulation.py
-        counts them): a measuring pass 1 (the norm); the top of a modulating chain 2 (norm, log);
-        every layer below it 10 with ``reference="top"`` (norm, log, sub, shrink, nan_to_num, exp,
-        abs, lt, where, and the multiply of the error), 11 with ``"previous"`` (+ add). With
-        ``kernel="triton"`` on CUDA a layer below the top launches 2 kernels: the norm and one
-        Triton kernel for the rule and the multiply. Stacking, logs of measured norms and moments
-        are left to :meth:`last_stats`.
-        """
-        if self._removed or g.numel() == 0:
-            return None
-        if not p.open:
-            self._open(p, _graph_task_id())
-        p.names.append(name)
-        # no_grad instead of g.detach(): the factor is a constant of the backward, also under
-        # create_graph=True, and no op is dispatched for it.
-        with torch.no_grad():
-            # Fused float32 reduction (float64 stays float64): no g*g temporary, exact under autocast.
-            norm = torch.linalg.vector_norm(g, dtype=compute_dtype(g.dtype))
-            if not p.modulate:
-                p.stat.append(norm if self.statistic == "total" else norm * g.numel() ** -0.5)
-                return None
-            log_ref = p.log_ref
-            if log_ref is not None and log_ref.device != norm.device:
-                log_ref = log_ref.to(norm.device, non_blocking=True)
-            if log_ref is not None and self.kernel == "triton" and kernel_applies(g):
-                # The rule and the rescaling in one launch (modulation_kernel.py).
-                g, log_n, log_s, scale, p.log_ref = fused_modulate(
-                    g,
-                    norm,
-                    log_ref,
-                    band=self.band,
-                    mode=self.mode,
-                    max_scale=self.max_scale,
-                    reference=self.reference,
-                    statistic=self.statistic,
-                )
-                p.stat.append(log_n)
-                p.log_s.append(log_s)
-                p.scale.append(scale)
-                return g
-            log_n = norm.log()
-            if self.statistic == "mean":
-                log_n = log_n - 0.5 * math.log(g.numel())
-            p.stat.append(log_n)
-            if log_ref is None:
-                # The top of the chain: it only sets the reference (valid or not: an invalid one is
-                # replaced by the next valid moment in next_log_ref). s = 1, the error is untouched.
-                p.log_ref = log_n
-                return None
-            log_s = log_scale(log_n, log_ref, self.band, self.mode, self.max_scale)
-            # "top" keeps the reference once valid, and takes log_n + 0 = log_n while it is not.
-            after = log_n + log_s if self.reference == "previous" else log_n
-            p.log_ref = next_log_ref(after, log_ref, self.reference)
-            scale = log_s.exp()
-            p.log_s.append(log_s)
-            p.scale.append(scale)
-        # g * 1.0 is exact (also for inf, nan and -0.0), so untouched layers stay bit-identical.
-        return g * scale
-
-    # -- traced path (torch.compile) --------------------------------------------------------------
-    def _make_sink(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """A leaf whose gradient is the record of one compiled backward (see TracedModulation)."""
-        if self._sink_handle is not None:
-            self._sink_handle.remove()
-        self._sink = torch.zeros(HEAD + 2 * len(self.module_names), device=device, dtype=dtype)
-        self._sink.requires_grad_(True)
-        self._sink_handle = self._sink.register_post_accumulate_grad_hook(self._publish)
-        return self._sink
-
-    def _publish(self, sink: Tensor) -> None:
-        # Runs eagerly after the compiled backward, once per backward call: a second backward
-        # through a retained graph brings a fresh record.
-        record, sink.grad = sink.grad, None
-        if record is None or self._removed:
-            return
-        self._last = TracedRecord(record, list(self._traced_names), self._traced_modulate)
-        self._last_stats = None
-
-    def _on_output_traced(self, name: str, output: Tensor) -> Tensor | None:
-        modulate = self._traced_modulate
-        if not modulate and not self.record_when_inactive and not self.measure_only:
+    def _join_root(self, name: str, output: Tensor) -> Tensor | None:
+        """Put the Function on a target's output in the root forward's chain (eager or compiled)."""
+        if not self._installs(self._modulate):
             return None
         slot = self._slot
-        if slot >= len(self.module_names):  # a target called more often than there are slots
-            return None
-        token = self._token
-        if token is None:
-            token = self._sink
-            dtype = compute_dtype(output.dtype)
-            if token is None or token.device != output.device or token.dtype != dtype:
-                token = self._make_sink(output.device, dtype)  # model moved since construction
-        rule = Rule(
-            self.band,
-            self.mode,
-            self.max_scale,
-            self.reference,
-            self.statistic,
-            modulate,
-            len(self.module_names),
-        )
-        output, self._token = TracedModulation.apply(output, token, slot, rule)
+        if slot >= self._capacity:
+            return self._overflow(name)
+        bottom = self._token is None
+        token = self._bottom_token(output, sink=self._chain is None) if bottom else self._token
+        link = None if torch.compiler.is_compiling() else EagerLink(self._eager, self._chain, self._seed)
+        output, self._token = Modulate.apply(output, token, slot, self._rule(self._modulate), bottom, link)
         self._slot = slot + 1
-        self._traced_names.append(name)
+        self._names.append(name)
         return output
+
+    def _join_side(self, name: str, output: Tensor) -> Tensor | None:
+        """A target call outside a root forward (eager): a reentrant checkpoint's recompute joins the
+        root chain in its reserved slots; anything else (a non-reentrant recompute, whose outputs are
+        never backpropagated, or a submodule called directly) is a chain of its own."""
+        side = self._eager.side
+        if not isinstance(side, _Side):
+            chain = self._chain
+            if chain is not None and name in chain.reserved:
+                side = _Side(chain, splice=True)
+            elif self._compiled_gap:
+                return None  # warned in forward
+            else:
+                side = _Side(Chain([], self._active_now and not self.measure_only), splice=False)
+            self._eager.side = side
+        if not self._installs(side.chain.modulate):
+            return None
+        if side.splice:
+            slot = side.chain.free_slot(name, self._eager.filled)
+            if slot is None:
+                return None
+            self._eager.filled.add(slot)
+        else:
+            slot = len(side.chain.names)
+            if slot >= self._capacity:
+                return None
+            side.chain.names.append(name)
+        bottom = side.token is None
+        token = self._bottom_token(output, sink=False) if bottom else side.token
+        link = EagerLink(self._eager, side.chain, self._seed, side.splice)  # type: ignore[arg-type]
+        rule = self._rule(side.chain.modulate)
+        output, side.token = Modulate.apply(output, token, slot, rule, bottom, link)
+        return output
+
+    def _gap(self, name: str) -> None:
+        """A target ran under no_grad inside a root forward with grad: a reentrant checkpoint segment
+        (``use_reentrant=True`` runs it so, and again with grad in backward). Eager: keep its slot, so
+        that the recompute writes its row where the forward order puts it."""
+        if torch.compiler.is_compiling() or not self._installs(self._modulate):
+            return
+        if self._chain is None:  # part of a compiled forward: its recompute cannot join its chain
+            if not self._warned_gap:
+                self._warned_gap = True
+                warnings.warn(
+                    f"{name!r} ran under no_grad inside a torch.compile'd forward (reentrant gradient "
+                    "checkpointing?): its recompute in backward is not modulated. Use "
+                    "use_reentrant=False (see docs/modulation.md).",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._compiled_gap = True
+        elif self._slot < self._capacity:
+            self._chain.reserved.setdefault(name, []).append(self._slot)
+            self._names.append(name)
+            self._slot += 1
+
+    def _overflow(self, name: str) -> None:
+        if self._rows > self._capacity:  # warned in this forward already
+            return
+        warnings.warn(
+            f"the modulated layers were called more than {self._capacity} times in one forward; "
+            f"{name!r} and later calls are left out of this forward's chain (the next forwards have "
+            f"room for {2 * self._capacity})",
+            UserWarning,
+            stacklevel=3,
+        )
+        self._rows = 2 * self._capacity  # the next forward's state is made for the larger chain
+
+    def _installs(self, modulate: bool) -> bool:
+        return modulate or self.measure_only or self.record_when_inactive
+
+    def _rule(self, modulate: bool) -> Rule:
+        return Rule(self.band, self.mode, self.max_scale, self.reference, self.statistic, modulate)
+
+    # -- the state below the bottom -----------------------------------------------------------------
+    def _bottom_token(self, output: Tensor, sink: bool) -> Tensor:
+        """The bottom layer's token: the sink in a compiled forward (its gradient is the record), else
+        zeros without grad (the bottom's eager backward publishes the record itself)."""
+        dtype, size = compute_dtype(output.dtype), ROW * (self._capacity + 1)
+        t = self._sink
+        if t is None or t.device != output.device or t.dtype != dtype or t.shape[0] != size:
+            self._make_sink(output.device, dtype)  # the model moved, or the chain grew, since
+        return self._sink if sink else self._seed  # type: ignore[return-value]
+
+    def _make_sink(self, device: torch.device, dtype: torch.dtype) -> None:
+        if self._sink_handle is not None:
+            self._sink_handle.remove()
+        self._seed = torch.zeros(ROW * (self._capacity + 1), device=device, dtype=dtype)
+        self._sink = self._seed.clone().requires_grad_(True)
+        self._sink_handle = self._sink.register_post_accumulate_grad_hook(self._publish_sink)
+
+    def _publish_sink(self, sink: Tensor) -> None:
+        # After a compiled backward, once per backward call (also through a retained graph).
+        record, sink.grad = sink.grad, None
+        if record is not None and not self._removed:
+            self._last = Record(record, list(self._sink_names), self._sink_modulated, counted=True)
+            self._last_stats = None
+
+    def _publish(self, state: Tensor, chain: Chain, filled: set[int]) -> None:
+        self._last = Record(state, chain.names, chain.modulate, chain.keep(filled))
+        self._last_stats = None
+
+
+@dataclass(eq=False)
+class _Side:
+    """A chain of target calls outside a root forward, built in forward."""
+
+    chain: Chain
+    splice: bool
+    token: Tensor | None = None
 
 
 def _hooked_modules(
-    model: nn.Module, targets: Sequence[FilterBank], include_classifier: bool
+    model: nn.Module,
+    targets: Sequence[FilterBank] | None,
+    include_classifier: bool,
+    target_kwargs: dict[str, Any],
 ) -> tuple[list[nn.Module], list[str]]:
-    """The distinct modules of ``targets`` to hook (the classifier only when asked) and their names."""
+    """The distinct modules of ``targets`` (default: ``find_targets(model, **target_kwargs)``) to
+    hook, the classifier only when asked, and their names."""
+    _check_options(target_kwargs)
+    if targets is None:
+        targets = find_targets(model, **target_kwargs)
+    elif target_kwargs:
+        raise ValueError(
+            f"pass either targets or find_targets options, not both (got targets and {sorted(target_kwargs)})"
+        )
     in_model = {id(m) for m in model.modules()}
     modules: list[nn.Module] = []
     names: list[str] = []
@@ -554,7 +468,6 @@ _OPTIONS = (
     "schedule",
     "measure_only",
     "record_when_inactive",
-    "kernel",
     "targets",
 )
 _TARGET_OPTIONS = ("include", "exclude", "skip_stem", "skip_classifier", "include_depthwise")

@@ -25,8 +25,12 @@ becomes the reference. Logs also keep the statistic from overflowing float32 (``
 3e38 under a large loss scale while the norm does not). Ratios of moments do not change
 when the loss is multiplied by ``c`` (every error scales by ``c``, every moment by ``c^2``).
 
+The chain's reference travels down the backward as a *norm* (:func:`next_ref`), not a log: a norm
+of 0 means "no reference yet", which is what a state that nothing has written yet holds (the top of
+the chain reads zeros), and its log (-inf) is invalid like any zero moment.
+
 This module is the math alone (:func:`scale_factor`, :func:`simulate_chain` and the per-layer
-pieces the hooks call); :mod:`timm_ortho.modulation` installs it with hooks.
+pieces the autograd Function of :mod:`timm_ortho.modulation` calls in backward).
 """
 
 from __future__ import annotations
@@ -123,16 +127,21 @@ def _finite(log_n: Tensor) -> Tensor:
     return log_n.abs() < math.inf
 
 
-def next_log_ref(log_after: Tensor, log_ref: Tensor, reference: str) -> Tensor:
-    """The reference for the next layer down.
+def next_ref(ref: Tensor, log_ref: Tensor, after: Tensor, log_n: Tensor, reference: str) -> Tensor:
+    """The reference *norm* for the next layer down, from this layer's norm ``n`` (``log_n``).
 
-    ``"previous"``: this layer's rescaled moment (the paper's consecutive rule). ``"top"``: the first
-    valid moment of the chain, kept. Either way a zero or non-finite moment never becomes the
-    reference (its log is +-inf or NaN).
+    ``"previous"`` (the paper's consecutive rule): ``after = n * s``, this layer's rescaled norm,
+    while ``n`` is valid, else the reference ``ref`` is kept. ``"top"``: ``after = n``; the first
+    valid norm of the chain is kept, so ``ref`` while ``log_ref`` is valid, else ``n``. Either way a
+    zero or non-finite norm never becomes the reference (its log is +-inf or NaN), and a reference of
+    0 stands for "none yet" (``log 0 = -inf``, invalid). In logs this is
+    ``log ref' = log n + log s`` (``"previous"``); ``log s`` is always finite, so ``log n`` decides.
+    Norms instead of logs save the ``exp`` that would turn the log back into what the next layer
+    reads (three kernels here, once per layer per backward).
     """
     if reference == "previous":
-        return torch.where(_finite(log_after), log_after, log_ref)
-    return torch.where(_finite(log_ref), log_ref, log_after)
+        return torch.where(_finite(log_n), after, ref)
+    return torch.where(_finite(log_ref), ref, after)
 
 
 def _as_float(t: Tensor | float) -> Tensor:
@@ -176,7 +185,7 @@ def simulate_chain(
     max_scale: float | None = None,
     reference: Reference = DEFAULT_REFERENCE,
 ) -> tuple[Tensor, Tensor]:
-    """What the hooks do on a chain whose *unmodulated* error moments are ``q_unmodulated``.
+    """What the modulation does on a chain whose *unmodulated* error moments are ``q_unmodulated``.
 
     ``q_unmodulated[..., l]`` is the second moment at layer ``l`` (``0`` = top, the first to fire in
     backward) that the backward pass would give without any modulation. Rescaling layer ``k``'s
@@ -197,15 +206,17 @@ def simulate_chain(
     q = _as_float(q_unmodulated)
     if q.dim() == 0:
         raise ValueError("q_unmodulated must have a last dimension indexing the layers, got a 0-d tensor")
-    log_n = 0.5 * q.log()  # log-norms, as in the hooks
-    log_ref = torch.full_like(log_n[..., 0], math.nan)
-    log_cum = torch.zeros_like(log_ref)  # log prod_{k<l} s_k: what the layers above did
+    log_n = 0.5 * q.log()  # log-norms, as in backward
+    ref = torch.zeros_like(log_n[..., 0])  # the reference norm; 0: none yet (the top)
+    log_cum = torch.zeros_like(ref)  # log prod_{k<l} s_k: what the layers above did
     scales, q_after = [], []
     for layer in range(q.shape[-1]):
         log_arrived = log_n[..., layer] + log_cum
+        log_ref = ref.log()
         log_s = log_scale(log_arrived, log_ref, band, mode, max_scale)
         log_after = log_arrived + log_s
-        log_ref = next_log_ref(log_after, log_ref, reference)
+        after = (log_after if reference == "previous" else log_arrived).exp()
+        ref = next_ref(ref, log_ref, after, log_arrived, reference)
         log_cum = log_cum + log_s
         scales.append(log_s.exp())
         q_after.append((2.0 * log_after).exp())
