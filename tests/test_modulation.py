@@ -655,11 +655,6 @@ def test_chains_beyond_the_plain_forward() -> None:
     assert stats.q_before[-1] == 0 and stats.scale[-1] == 1 and (stats.q_before[:2] > 0).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="timm_ortho/chain.py counts the token edge of each ModulateBackward node as a second path "
-    "from the input; it must follow only the node's first input (the layer's output)",
-)
 def test_plain_chain_check_sees_through_installed_modulation() -> None:
     # OrthoModulated runs the check before it makes its own modulation; an ErrorModulation made
     # earlier (and passed in, with max_grad_ratio="auto") is on the model during the check.

@@ -36,6 +36,10 @@ from .targets import find_targets
 
 __all__ = ["ChainCheck", "check_plain_chain"]
 
+_MODULATE_NODE = "ModulateBackward"
+"""The backward node of :class:`timm_ortho.modulation_function.Modulate`: its first input is the layer's
+output, its second the token that threads the chain's state (when a modulation is already installed)."""
+
 
 @dataclass(frozen=True)
 class ChainCheck:
@@ -99,7 +103,10 @@ def _check_graph(output: Tensor | None, x: Tensor) -> ChainCheck:
         if getattr(node, "variable", None) is x:
             active.add(node)
             continue
-        inputs = {child for child, _ in node.next_functions if child is not None and child in active}
+        children = node.next_functions
+        if node.name() == _MODULATE_NODE:  # the modulation's token links its layers, not a path of the model
+            children = children[:1]
+        inputs = {child for child, _ in children if child is not None and child in active}
         if len(inputs) > 1:
             return ChainCheck(False, f"a branch: {node.name()} joins {len(inputs)} paths from the input")
         if inputs:
