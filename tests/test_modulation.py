@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import timm_ortho
+from timm_ortho import modulation_function
 from timm_ortho.modulation import ErrorModulation, ModulationStats, scale_factor, simulate_chain
 from timm_ortho.train.plots import plot_error_moments, plot_ratio_history
 
@@ -820,13 +821,15 @@ _RULE |= {"abs": 1, "lt": 1, "where": 1, "stack": 1, "slice_scatter": 1, "view":
         ),
     ],
 )
-def test_ops_per_hook(options: dict, per_layer: dict[str, int], dispatched) -> None:
+def test_ops_per_hook(options: dict, per_layer: dict[str, int], dispatched, monkeypatch) -> None:
     # The method's ops are the difference between a step with and without it (same graph
     # otherwise), forward and backward: the same ops on every layer, the top included (it reads no
     # reference and multiplies its error by exactly 1). History: the eager tensor hooks of commit
     # bd601a5 dispatched 1 (measuring), 2 (top) and 10-11 (below) in backward (5c6a797's: 3, 15,
     # 14), all on private autograd APIs; the traced identity used under torch.compile then
     # (TracedModulation) dispatched 27 per layer when run eagerly, one of them a copy of the output.
+    # The device path (a GPU's): the rule as 0-d tensor arithmetic, forced here on CPU tensors.
+    monkeypatch.setattr(modulation_function, "runs_on_host", lambda g, state: False)
     layers = 8
     model, x, y = make_chain(layers, dtype=torch.float32)
     plain = step_ops(model, x, y, dispatched)
@@ -840,6 +843,62 @@ def test_ops_per_hook(options: dict, per_layer: dict[str, int], dispatched) -> N
     assert not SYNCING & set(hooked), hooked  # no value read on the host
     if not options.get("measure_only"):
         assert (stats.scale != 1).sum() >= 2  # the rule ran
+
+
+@pytest.mark.parametrize(
+    "options", [{"measure_only": True}, {"band": 1.3}, {"band": 1.3, "reference": "previous"}]
+)
+def test_ops_per_hook_on_the_host(options: dict, dispatched) -> None:
+    # On CPU tensors the rule runs on Python floats: one dot product for the norm, the row written
+    # with one slice_scatter (select_scatter when measuring), and the multiply only where s != 1.
+    layers = 8
+    model, x, y = make_chain(layers, dtype=torch.float32)
+    plain = step_ops(model, x, y, dispatched)
+    with ErrorModulation(model, **options) as em:
+        hooked = step_ops(model, x, y, dispatched)
+        stats = em.last_stats()
+    extra = hooked - plain
+    rescaled = int((stats.scale != 1).sum())
+    measuring = options.get("measure_only", False)
+    per_layer = {"view": 2, "dot": 1, "lift_fresh": 1}
+    per_layer |= (
+        {"select_scatter": 1, "_local_scalar_dense": 1}
+        if measuring
+        else {"slice_scatter": 1, "select": 1, "_local_scalar_dense": 2}
+    )
+    expected = {op: n * layers for op, n in per_layer.items()} | ({"mul": rescaled} if rescaled else {})
+    assert extra == expected, extra
+    assert not {"clone", "copy_", "_to_copy"} & set(extra)
+    if not measuring:
+        assert rescaled >= 2  # the rule ran, and only those layers were multiplied
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"band": 1.3},
+        {"band": 1.1, "mode": "clamp", "reference": "previous"},
+        {"band": 1.3, "statistic": "mean", "max_scale": 1.5},
+    ],
+)
+def test_host_and_device_paths_agree(options: dict, monkeypatch) -> None:
+    model, x, y = make_chain(12, dtype=torch.float32)
+    results = []
+    for host in (True, False):
+        if not host:
+            monkeypatch.setattr(modulation_function, "runs_on_host", lambda g, state: False)
+        with ErrorModulation(model, **options) as em:
+            g = grads(model, x, y)
+            results.append((g, em.last_stats()))
+    (g_host, s_host), (g_dev, s_dev) = results
+    assert torch.equal(s_host.scale != 1, s_dev.scale != 1)  # the same layers rescaled
+    torch.testing.assert_close(s_host.scale, s_dev.scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close(s_host.q_before, s_dev.q_before, rtol=1e-5, atol=0)
+    # float32 sums in another order: within 1e-5 of the gradients' scale (a conv bias before BN has
+    # a gradient of 0 up to rounding, on either path)
+    scale = max(float(g.abs().max()) for g in g_dev.values())
+    for name in g_host:
+        torch.testing.assert_close(g_host[name], g_dev[name], rtol=0, atol=1e-5 * scale)
 
 
 def test_last_stats_is_batched(dispatched) -> None:

@@ -18,6 +18,7 @@ tensor arithmetic that AOT autograd traces and inductor fuses.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .modulation_rule import ModulationStats, Statistic, log_scale, next_ref
+from .modulation_rule import (
+    ModulationStats,
+    Statistic,
+    host_log,
+    log_scale,
+    log_scale_host,
+    next_ref,
+    next_ref_host,
+)
 
 __all__ = [
     "LOG_S",
@@ -201,11 +210,13 @@ class Modulate(torch.autograd.Function):
             link.owner.emitted(out, link, ctx.bottom, ctx.slot)
         if g is not None and scale is not None:
             # g * 1.0 is exact (also for inf, nan and -0.0): layers inside the band stay bit-identical.
-            g = g * (scale if scale.device == g.device else scale.to(g.device, non_blocking=True))
+            if isinstance(scale, Tensor) and scale.device != g.device:
+                scale = scale.to(g.device, non_blocking=True)
+            g = g * scale
         return g, (out if not ctx.bottom or sinked else None), None, None, None, None
 
 
-def step(g: Tensor | None, state: Tensor, slot: int, rule: Rule) -> tuple[Tensor, Tensor | None]:
+def step(g: Tensor | None, state: Tensor, slot: int, rule: Rule) -> tuple[Tensor, Tensor | float | None]:
     """This layer's row of the state and the factor ``s`` of its error (None when only measuring).
 
     With ``n = ||e||`` (times ``numel ** -0.5`` for ``statistic="mean"``) and ``ref`` the norm the layer
@@ -215,6 +226,8 @@ def step(g: Tensor | None, state: Tensor, slot: int, rule: Rule) -> tuple[Tensor
     ``create_graph=True``), without a branch on a value; the norm is one fused reduction in float32
     (float64 stays float64), exact under autocast, without a ``g * g`` temporary.
     """
+    if g is not None and runs_on_host(g, state):
+        return _step_host(g, state, slot, rule)
     with torch.no_grad():
         if g is None:  # only the token reached this layer: its output does not lead to the loss
             norm = state.new_zeros(())
@@ -235,6 +248,47 @@ def step(g: Tensor | None, state: Tensor, slot: int, rule: Rule) -> tuple[Tensor
         after = norm * scale if rule.reference == "previous" else norm
         row = torch.stack([norm, next_ref(ref, log_ref, after, log_n, rule.reference), log_s])
         return state.slice_scatter(row, 0, at, at + ROW), scale
+
+
+def runs_on_host(g: Tensor, state: Tensor) -> bool:
+    """The error and the state live in host memory (and no graph is being traced): :func:`step`
+    evaluates the rule on Python floats there."""
+    return g.device.type == state.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+@torch.no_grad()
+def _step_host(g: Tensor, state: Tensor, slot: int, rule: Rule) -> tuple[Tensor, Tensor | float | None]:
+    """:func:`step` for an error in host memory: the same rule on Python floats
+    (:func:`~timm_ortho.modulation_rule.log_scale_host`), so a factor of exactly 1 comes back as None
+    and the error is not multiplied. Reading a CPU tensor synchronizes with no device.
+
+    Per layer: one reduction for the norm (a float32 or float64 contiguous error: ``dot(e, e)``, one
+    BLAS call, about twice as fast as ``vector_norm`` on a CPU; ``vector_norm`` where that overflows or
+    the error is another dtype or strided), the row written in one ``slice_scatter`` (two ops with
+    the ``tensor`` of its values), and the multiply only where ``s != 1``.
+    """
+    norm = _host_norm(g, state.dtype)
+    if rule.statistic == "mean":
+        norm *= g.numel() ** -0.5
+    at = ROW * slot
+    if not rule.modulate:
+        return state.select_scatter(state.new_tensor(norm), 0, at + NORM), None
+    ref = float(state[at + ROW + REF])
+    log_n, log_ref = host_log(norm), host_log(ref)
+    log_s = log_scale_host(log_n, log_ref, rule.band, rule.mode, rule.max_scale)
+    scale = math.exp(log_s)
+    after = norm * scale if rule.reference == "previous" else norm
+    row = state.new_tensor([norm, next_ref_host(ref, log_ref, after, log_n, rule.reference), log_s])
+    return state.slice_scatter(row, 0, at, at + ROW), (None if scale == 1.0 else scale)
+
+
+def _host_norm(g: Tensor, dtype: torch.dtype) -> float:
+    if g.dtype in (torch.float32, torch.float64) and g.is_contiguous():
+        flat = g.view(-1)
+        squared = float(torch.dot(flat, flat))
+        if math.isfinite(squared):
+            return math.sqrt(squared)
+    return float(torch.linalg.vector_norm(g, dtype=dtype))
 
 
 def stats(record: Record, statistic: Statistic) -> ModulationStats:

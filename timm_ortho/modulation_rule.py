@@ -113,6 +113,39 @@ def log_scale(log_n: Tensor, log_ref: Tensor, band: float, mode: str, max_scale:
     return log_s
 
 
+def log_scale_host(log_n: float, log_ref: float, band: float, mode: str, max_scale: float | None) -> float:
+    """:func:`log_scale` on Python floats, for an error that lives in host memory.
+
+    A CPU tensor's value is read without any device to synchronize with, so there the rule costs a
+    few Python operations instead of a dozen dispatched 0-d kernels, and an error whose factor is
+    exactly 1 need not be multiplied at all. The same cases as :func:`log_scale`: 0 inside the band,
+    0 for a non-finite ``x = log_ref - log_n`` (a zero, infinite or NaN norm or reference).
+    """
+    x = log_ref - log_n
+    if not math.isfinite(x):
+        return 0.0
+    edge = math.log(band)
+    log_s = x - min(max(x, -edge), edge) if mode == "clamp" else (x if abs(x) > edge else 0.0)
+    if max_scale is not None:
+        bound = math.log(max_scale)
+        log_s = min(max(log_s, -bound), bound)
+    return log_s
+
+
+def next_ref_host(ref: float, log_ref: float, after: float, log_n: float, reference: str) -> float:
+    """:func:`next_ref` on Python floats (see :func:`log_scale_host`)."""
+    if reference == "previous":
+        return after if math.isfinite(log_n) else ref
+    return ref if math.isfinite(log_ref) else after
+
+
+def host_log(value: float) -> float:
+    """``log`` as torch computes it: -inf at 0, NaN below 0 and for NaN, +inf at +inf."""
+    if value > 0:
+        return math.log(value)
+    return -math.inf if value == 0 else math.nan
+
+
 def check_reference(reference: str) -> None:
     if reference not in _REFERENCES:
         raise ValueError(f"reference must be one of {_REFERENCES}, got {reference!r}")
