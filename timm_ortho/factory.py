@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 from torch import nn
 
 from .defaults import DEFAULT_FORM, DEFAULT_MAX_GRAD_RATIO, DEFAULT_MODULATION, DEFAULT_ORTHO_DECAY
+from .groups import groups_without_decay_on
 from .optim import OrthoModulated
 from .targets import FilterBank, find_targets
 
@@ -91,31 +92,6 @@ def base_name(opt: str) -> str:
     return name
 
 
-def groups_without_decay_on(
-    groups: Sequence[dict[str, Any]], targets: Sequence[FilterBank], default_decay: float = 0.0
-) -> list[dict[str, Any]]:
-    """``groups`` with every target weight moved out of a decayed group into a sibling without decay.
-
-    A group without a ``weight_decay`` key decays by ``default_decay`` (the optimizer's default).
-    Every other field of a split group (``lr_scale``, ``use_fallback``, ...) is kept on both halves;
-    groups are returned in order, a split group as ``[the rest, its targets]``.
-    """
-    ids = {id(t.param) for t in targets}
-    out: list[dict[str, Any]] = []
-    for group in groups:
-        params = list(group["params"])
-        decay = group.get("weight_decay", default_decay)
-        mine = [p for p in params if id(p) in ids]
-        if not mine or not decay:
-            out.append({**group, "params": params, "weight_decay": decay})
-            continue
-        rest = [p for p in params if id(p) not in ids]
-        if rest:
-            out.append({**group, "params": rest, "weight_decay": decay})
-        out.append({**group, "params": mine, "weight_decay": 0.0})
-    return out
-
-
 def _timm_groups(model: nn.Module, weight_decay: float, grouping: dict[str, Any]) -> list[dict[str, Any]]:
     """The parameter groups ``create_optimizer_v2(model, ...)`` would build (its order of precedence)."""
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -153,6 +129,18 @@ def _check_keywords(timm_kwargs: dict[str, Any]) -> None:
             raise TypeError(
                 f"unknown option {key!r}{hint}: OrthoModulated's options are {', '.join(ORTHO_OPTIONS)}"
             )
+
+
+def _targets(model: nn.Module, options: dict[str, Any]) -> list[FilterBank]:
+    """``options["targets"]``, or the targets the selection options find."""
+    unknown = sorted(set(options) - {"targets", *_TARGET_OPTIONS})
+    if unknown:
+        raise TypeError(
+            f"unknown target option(s) {unknown}; expected some of targets, {', '.join(_TARGET_OPTIONS)}"
+        )
+    if options.get("targets") is not None:
+        return list(options["targets"])
+    return find_targets(model, **{k: v for k, v in options.items() if k != "targets"})
 
 
 def create_optimizer(
@@ -196,16 +184,7 @@ def create_optimizer(
     if lr is not None and (isinstance(lr, (bool, str)) or not isinstance(lr, (int, float))):
         raise TypeError(f"lr must be a number, got {lr!r} ({type(lr).__name__})")
     _check_keywords(timm_kwargs)
-    options = dict(target_kwargs or {})
-    unknown = sorted(set(options) - {"targets", *_TARGET_OPTIONS})
-    if unknown:
-        raise TypeError(
-            f"unknown target option(s) {unknown}; expected some of targets, {', '.join(_TARGET_OPTIONS)}"
-        )
-    if options.get("targets") is not None:
-        targets = list(options["targets"])
-    else:
-        targets = find_targets(model, **{k: v for k, v in options.items() if k != "targets"})
+    targets = _targets(model, dict(target_kwargs or {}))
     grouping = {k: timm_kwargs.pop(k) for k in _GROUPING if k in timm_kwargs}
     groups = groups_without_decay_on(_timm_groups(model, weight_decay, grouping), targets, weight_decay)
     base = create_optimizer_v2(groups, opt=name, lr=lr, weight_decay=0.0, momentum=momentum, **timm_kwargs)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -36,6 +36,15 @@ from torch.optim import Optimizer
 
 from .batched import BatchedOrthonormality
 from .chain import ChainCheck, check_plain_chain
+from .checks import (
+    check_decay,
+    check_groups,
+    check_modulation,
+    check_ratio,
+    check_same_groups,
+    some,
+    trainable_targets,
+)
 from .defaults import (  # re-exported: callers import the defaults from here too
     DEFAULT_FORM,
     DEFAULT_MAX_GRAD_RATIO,
@@ -45,8 +54,9 @@ from .defaults import (  # re-exported: callers import the defaults from here to
     max_grad_ratio_for,
 )
 from .forms import resolve_form
+from .groups import param_groups_for_ortho
 from .step_bound import bound_gradients_
-from .targets import FilterBank, find_targets
+from .targets import FilterBank
 
 __all__ = [
     "DEFAULT_MAX_GRAD_RATIO",
@@ -125,25 +135,19 @@ class OrthoModulated(Optimizer):
                 f"model must be the nn.Module whose weights the optimizer trains, got {type(model).__name__}"
                 + (" (its parameters?): pass the model itself" if not isinstance(model, Optimizer) else "")
             )
-        _check_decay(ortho_decay)
+        check_decay(ortho_decay)
         if max_grad_ratio != "auto":
-            _check_ratio(max_grad_ratio)
-        _check_modulation(modulation)
+            check_ratio(max_grad_ratio)
+        check_modulation(modulation)
         self.form: Literal["coupled", "decoupled"] = resolve_form(optimizer, form)
 
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._patch_step_function()
+        self._init_hooks()
         self.base_optimizer = optimizer
 
         selection = dict(
             include=include, exclude=exclude, skip_stem=skip_stem, skip_classifier=skip_classifier
         )
-        self.targets: list[FilterBank] = _trainable_targets(model, targets, selection, include_depthwise)
+        self.targets: list[FilterBank] = trainable_targets(model, targets, selection, include_depthwise)
         self._target_index = {id(t.param): i for i, t in enumerate(self.targets)}
         self._check_owned_without_decay()
 
@@ -166,6 +170,16 @@ class OrthoModulated(Optimizer):
         self._sync_modulation_step()
         setattr(optimizer, _WRAPPER, weakref.ref(self))
         _log.info("%s", self.summary(type(model).__name__))
+
+    def _init_hooks(self) -> None:
+        """What ``Optimizer.__init__`` (not called: the containers are the base's) sets up for hooks."""
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
 
     # -- sharing the base optimizer's containers ------------------------------------------------
     @property
@@ -200,7 +214,7 @@ class OrthoModulated(Optimizer):
         if missing:
             raise ValueError(
                 f"the optimizer does not own {len(missing)} target weight(s) of the model: "
-                f"{_some(missing)}. Build the optimizer from this model's parameters, or leave these "
+                f"{some(missing)}. Build the optimizer from this model's parameters, or leave these "
                 "weights out with exclude=[...]."
             )
         decayed = [
@@ -210,7 +224,7 @@ class OrthoModulated(Optimizer):
             (index, group), _ = decayed[0]
             raise ValueError(
                 f"param group {index} applies weight_decay={group['weight_decay']} to {len(decayed)} "
-                f"target weight(s) ({_some([name for _, name in decayed])}); the orthonormality term "
+                f"target weight(s) ({some([name for _, name in decayed])}); the orthonormality term "
                 "replaces weight decay on them. Build the base optimizer from "
                 "timm_ortho.param_groups_for_ortho(model, weight_decay=...) (no decay on the targets, the "
                 "usual decay on the rest), use "
@@ -319,7 +333,7 @@ class OrthoModulated(Optimizer):
         weights). Coupled, it is added to the gradients, which are then bounded; with a closure, to
         the gradients of every evaluation.
         """
-        _check_groups(self.param_groups)
+        check_groups(self.param_groups)
         coupled = self.form == "coupled"
         if not coupled:
             self.apply_orthonormality()
@@ -358,7 +372,7 @@ class OrthoModulated(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _check_decay(param_group.get("ortho_decay", self.defaults["ortho_decay"]))  # before it is added
+        check_decay(param_group.get("ortho_decay", self.defaults["ortho_decay"]))  # before it is added
         step = self.ortho_step
         self.base_optimizer.add_param_group(param_group)
         self._fill_group_fields(self.param_groups[-1], step)
@@ -381,11 +395,11 @@ class OrthoModulated(Optimizer):
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
-        _check_same_groups(state_dict, self.param_groups)
+        check_same_groups(state_dict, self.param_groups)
         self.base_optimizer.load_state_dict(state_dict)
         for group in self.param_groups:
             self._fill_group_fields(group)
-            _check_decay(group["ortho_decay"])
+            check_decay(group["ortho_decay"])
         self._sync_modulation_step()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -461,10 +475,6 @@ class OrthoModulated(Optimizer):
         )
 
 
-def _some(names: list[str], shown: int = 5) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 def _check_base(optimizer: Any) -> None:
     """The base optimizer is a bare torch optimizer, not already wrapped or prepared."""
     if isinstance(optimizer, OrthoModulated):
@@ -483,125 +493,3 @@ def _check_base(optimizer: Any) -> None:
             f"this {type(optimizer).__name__} is already wrapped by an OrthoModulated; wrap a base optimizer "
             "once (build a new base optimizer for a second wrapper)"
         )
-
-
-def _trainable_targets(
-    model: nn.Module,
-    targets: Sequence[FilterBank] | None,
-    selection: dict[str, Any],
-    include_depthwise: bool,
-) -> list[FilterBank]:
-    """The given ``targets``, or those found with ``selection``, less the frozen weights."""
-    if targets is not None:
-        chosen = sorted(k for k, v in selection.items() if v) + ["include_depthwise"] * include_depthwise
-        if chosen:
-            raise ValueError(
-                f"pass either targets or the options that find them ({', '.join(chosen)}), not both"
-            )
-        found = list(targets)
-    else:
-        found = find_targets(model, **selection, include_depthwise=include_depthwise)
-    trainable = [t for t in found if t.param.requires_grad]
-    if not trainable:
-        filtered = found or selection["include"] or selection["exclude"]
-        raise ValueError(
-            f"{type(model).__name__} has no trainable Conv/Linear weight to regularize"
-            + (" after include/exclude/skip filters" if filtered else "")
-            + "; check the model and the include/exclude patterns."
-        )
-    return trainable
-
-
-def _check_modulation(value: Any) -> None:
-    from .modulation import ErrorModulation
-
-    if value is None or isinstance(value, (bool, dict, ErrorModulation)):
-        return
-    if isinstance(value, str) and (value == "auto" or value in MODULATION_PRESETS):
-        return
-    names = ", ".join(repr(n) for n in ("auto", *MODULATION_PRESETS))
-    raise ValueError(
-        f"modulation must be {names}, True/False/None, a dict of ErrorModulation options or an "
-        f"ErrorModulation, got {value!r}"
-    )
-
-
-def _check_ratio(value: float | None, where: str = "") -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(
-            f"{where}max_grad_ratio must be None (no step bound), 'auto' (min(0.01, 1/L) on a plain chain of "
-            f"L target layers, none elsewhere; only when wrapping) or a finite number > 0, got {value!r}"
-        )
-
-
-def _check_decay(value: float, where: str = "") -> None:
-    # `not 0 <= value < inf` is also true for NaN.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(
-            f"{where}ortho_decay must be a finite, non-negative number (0 turns the term off), got {value!r}"
-        )
-
-
-def _check_groups(groups: list[dict[str, Any]]) -> None:
-    """The method's fields and the lr of every param group, checked on the host before each step.
-
-    A scheduler or user code may change them after wrapping; a NaN, infinite, negative or non-numeric
-    value would otherwise poison the weights at the next step. Python-value checks only: no tensor is
-    read, so no host-device synchronization.
-    """
-    for i, group in enumerate(groups):
-        where = f"param group {i}: "
-        _check_decay(group.get("ortho_decay", 0.0), where)
-        _check_ratio(group.get("max_grad_ratio"), where)
-        lr = group.get("lr")
-        if lr is not None and (isinstance(lr, (bool, str)) or not isinstance(lr, (int, float, Tensor))):
-            raise ValueError(f"{where}lr must be a number (or a tensor), got {lr!r} ({type(lr).__name__})")
-
-
-def _check_same_groups(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> None:
-    saved = state_dict.get("param_groups", [])
-    if [len(g["params"]) for g in saved] == [len(g["params"]) for g in groups]:
-        return
-    sizes = [len(g["params"]) for g in groups]
-    raise ValueError(
-        f"this optimizer state has {len(saved)} param group(s) of {[len(g['params']) for g in saved]} "
-        f"parameters; the wrapped optimizer has {len(groups)} of {sizes}. It was saved by an optimizer "
-        "grouped another way (a bare optimizer with weight decay on every parameter "
-        "has one group; timm_ortho.param_groups_for_ortho keeps the targets apart from the decayed "
-        "weights). Load it into an optimizer built as the saving one was, or start this optimizer's "
-        "state afresh."
-    )
-
-
-def param_groups_for_ortho(
-    model: nn.Module,
-    weight_decay: float = 0.0,
-    targets: Iterable[FilterBank] | None = None,
-    **target_kwargs: Any,
-) -> list[dict[str, Any]]:
-    """Param groups for a base optimizer in which no target weight gets L2 decay.
-
-    Three groups (empty ones left out): the target weights with ``weight_decay=0`` (the
-    orthonormality term replaces decay on them), the other parameters timm's
-    ``param_groups_weight_decay`` decays (e.g. 2-D embeddings) with ``weight_decay``, and those it
-    leaves without decay (1-D parameters, biases, the model's ``no_weight_decay()`` names).
-    """
-    from timm.optim import param_groups_weight_decay
-
-    banks = list(targets) if targets is not None else find_targets(model, **target_kwargs)
-    ids = {id(t.param) for t in banks}
-    no_decay_names = getattr(model, "no_weight_decay", lambda: set())()
-    ortho = [p for p in model.parameters() if p.requires_grad and id(p) in ids]
-    decayed: list[nn.Parameter] = []
-    flat: list[nn.Parameter] = []
-    # timm sorts the parameters (weight_decay=1 only marks its decayed group); targets are taken out.
-    for group in param_groups_weight_decay(model, 1.0, no_weight_decay_list=no_decay_names):
-        (decayed if group["weight_decay"] else flat).extend(p for p in group["params"] if id(p) not in ids)
-    groups = [
-        {"params": ortho, "weight_decay": 0.0},
-        {"params": decayed, "weight_decay": weight_decay},
-        {"params": flat, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]

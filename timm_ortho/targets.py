@@ -130,30 +130,30 @@ def find_targets(
             continue
         if _matches(name, exclude):
             continue
-        role: Role = "body"
-        if _in_any(module_name, stems):
-            role = "stem"
-        elif _in_any(module_name, heads):
+        role: Role = "stem" if _in_any(module_name, stems) else "body"
+        if role == "body" and _in_any(module_name, heads):
             role = "classifier"
-        f_out, f_in = filter_shape(weight.shape, conv_groups)
-        found.append(
-            FilterBank(
-                name=name,
-                module_name=module_name,
-                module=module,
-                param=weight,
-                conv_groups=conv_groups,
-                f_out=f_out,
-                f_in=f_in,
-                role=role,
-            )
-        )
+        found.append(_bank(name, module_name, module, conv_groups, role))
     found = _fallback_roles(found, have_stem=bool(stems), have_head=bool(heads))
     if skip_stem:
         found = [t for t in found if t.role != "stem"]
     if skip_classifier:
         found = [t for t in found if t.role != "classifier"]
     return found
+
+
+def _bank(name: str, module_name: str, module: nn.Module, conv_groups: int, role: Role) -> FilterBank:
+    f_out, f_in = filter_shape(module.weight.shape, conv_groups)
+    return FilterBank(
+        name=name,
+        module_name=module_name,
+        module=module,
+        param=module.weight,
+        conv_groups=conv_groups,
+        f_out=f_out,
+        f_in=f_in,
+        role=role,
+    )
 
 
 def _fallback_roles(found: list[FilterBank], have_stem: bool, have_head: bool) -> list[FilterBank]:

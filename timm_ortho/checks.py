@@ -1,0 +1,121 @@
+"""What :class:`~timm_ortho.OrthoModulated` refuses, and the reasons it gives.
+
+The wrapper's settings are checked when it is built and, since a scheduler or user code may change
+its param-group fields afterwards, before every step: a NaN, infinite, negative or non-numeric value
+would otherwise poison the weights at the next step. These are Python-value checks only (no tensor is
+read, so no host-device synchronization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from .defaults import MODULATION_PRESETS
+from .targets import FilterBank, find_targets
+
+__all__ = [
+    "check_decay",
+    "check_groups",
+    "check_modulation",
+    "check_ratio",
+    "check_same_groups",
+    "some",
+    "trainable_targets",
+]
+
+
+def some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def trainable_targets(
+    model: nn.Module,
+    targets: Sequence[FilterBank] | None,
+    selection: dict[str, Any],
+    include_depthwise: bool,
+) -> list[FilterBank]:
+    """The given ``targets``, or those found with ``selection``, less the frozen weights."""
+    if targets is not None:
+        chosen = sorted(k for k, v in selection.items() if v) + ["include_depthwise"] * include_depthwise
+        if chosen:
+            raise ValueError(
+                f"pass either targets or the options that find them ({', '.join(chosen)}), not both"
+            )
+        found = list(targets)
+    else:
+        found = find_targets(model, **selection, include_depthwise=include_depthwise)
+    trainable = [t for t in found if t.param.requires_grad]
+    if not trainable:
+        filtered = found or selection["include"] or selection["exclude"]
+        raise ValueError(
+            f"{type(model).__name__} has no trainable Conv/Linear weight to regularize"
+            + (" after include/exclude/skip filters" if filtered else "")
+            + "; check the model and the include/exclude patterns."
+        )
+    return trainable
+
+
+def check_modulation(value: Any) -> None:
+    from .modulation import ErrorModulation
+
+    if value is None or isinstance(value, (bool, dict, ErrorModulation)):
+        return
+    if isinstance(value, str) and (value == "auto" or value in MODULATION_PRESETS):
+        return
+    names = ", ".join(repr(n) for n in ("auto", *MODULATION_PRESETS))
+    raise ValueError(
+        f"modulation must be {names}, True/False/None, a dict of ErrorModulation options or an "
+        f"ErrorModulation, got {value!r}"
+    )
+
+
+def check_ratio(value: float | None, where: str = "") -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(
+            f"{where}max_grad_ratio must be None (no step bound), 'auto' (min(0.01, 1/L) on a plain chain of "
+            f"L target layers, none elsewhere; only when wrapping) or a finite number > 0, got {value!r}"
+        )
+
+
+def check_decay(value: float, where: str = "") -> None:
+    # `not 0 <= value < inf` is also true for NaN.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(
+            f"{where}ortho_decay must be a finite, non-negative number (0 turns the term off), got {value!r}"
+        )
+
+
+def check_groups(groups: list[dict[str, Any]]) -> None:
+    """The method's fields and the lr of every param group, checked on the host before each step.
+
+    A scheduler or user code may change them after wrapping; a NaN, infinite, negative or non-numeric
+    value would otherwise poison the weights at the next step. Python-value checks only: no tensor is
+    read, so no host-device synchronization.
+    """
+    for i, group in enumerate(groups):
+        where = f"param group {i}: "
+        check_decay(group.get("ortho_decay", 0.0), where)
+        check_ratio(group.get("max_grad_ratio"), where)
+        lr = group.get("lr")
+        if lr is not None and (isinstance(lr, (bool, str)) or not isinstance(lr, (int, float, Tensor))):
+            raise ValueError(f"{where}lr must be a number (or a tensor), got {lr!r} ({type(lr).__name__})")
+
+
+def check_same_groups(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+    saved = state_dict.get("param_groups", [])
+    if [len(g["params"]) for g in saved] == [len(g["params"]) for g in groups]:
+        return
+    sizes = [len(g["params"]) for g in groups]
+    raise ValueError(
+        f"this optimizer state has {len(saved)} param group(s) of {[len(g['params']) for g in saved]} "
+        f"parameters; the wrapped optimizer has {len(groups)} of {sizes}. It was saved by an optimizer "
+        "grouped another way (a bare optimizer with weight decay on every parameter "
+        "has one group; timm_ortho.param_groups_for_ortho keeps the targets apart from the decayed "
+        "weights). Load it into an optimizer built as the saving one was, or start this optimizer's "
+        "state afresh."
+    )
