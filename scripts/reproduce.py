@@ -45,7 +45,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timm_ortho.train.experiments import RunConfig, TensorData, best_by_loss, load_tensor_data, run_many
+from timm_ortho.train.experiments import (
+    RunConfig,
+    TensorData,
+    best_by_loss,
+    load_tensor_data,
+    run_lr_grid,
+    run_many,
+)
 
 REGIMES = {
     "(a) MSRA + L2": ("plain", "l2"),
@@ -187,40 +194,42 @@ SWEEP_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
 
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """Modulation rule options, then its schedule, then ortho_decay, on plain_cnn44 at one lr."""
-    base = dict(
-        model="plain_cnn44", steps=args.steps, batch_size=args.batch_size, lr=args.sweep_lr, act_layer="relu"
-    )
-    runs = (len(SWEEP_RULES) + 1 + len(SWEEP_DECAYS)) * len(args.seeds)
-    bar = tqdm(total=runs, desc="sweep", unit="run")
-    rule_cfgs = [
-        RunConfig(**base, method="ortho_mod", modulation=dict(rule), seed=seed)
-        for rule in SWEEP_RULES
-        for seed in args.seeds
-    ]
-    records = run_many(rule_cfgs, args.data_kwargs, args.device, args.jobs, on_result=lambda *_: bar.update())
-    n = len(args.seeds)
+    """Modulation rule options, then its schedule, then ortho_decay, on plain_cnn44.
+
+    Every option gets the lr grid (``--lrs``): each lr on the first seed, the other seeds at the lr
+    with the lowest final training loss (``run_lr_grid``); the entries record the lr chosen.
+    """
+    base = dict(model="plain_cnn44", steps=args.steps, batch_size=args.batch_size, act_layer="relu")
+    per_option = len(args.lrs) + len(args.seeds) - 1
+    bar = tqdm(total=(len(SWEEP_RULES) + 1 + len(SWEEP_DECAYS)) * per_option, desc="sweep", unit="run")
+
+    def grid(cfgs: list[RunConfig]) -> list[Any]:
+        cells = [(cfg, args.data_kwargs) for cfg in cfgs]
+        return run_lr_grid(
+            cells, args.lrs, args.seeds, args.device, args.jobs, on_result=lambda *_: bar.update()
+        )
+
+    rules = grid([RunConfig(**base, method="ortho_mod", modulation=dict(rule)) for rule in SWEEP_RULES])
     out: dict[str, Any] = {"rule": [], "schedule": [], "ortho_decay": []}
-    for i, rule in enumerate(SWEEP_RULES):
-        out["rule"].append({"options": dict(rule), "runs": records[i * n : (i + 1) * n]})
+    for rule, cell in zip(SWEEP_RULES, rules, strict=True):
+        out["rule"].append({"options": dict(rule), "runs": cell.seeds, "lr": cell.lr})
     best = min(out["rule"], key=lambda e: _mean_loss(e["runs"]))
     warmup = {**best["options"], "schedule": args.steps // 4}
-    later = [RunConfig(**base, method="ortho_mod", modulation=warmup, seed=seed) for seed in args.seeds]
-    later += [
-        RunConfig(**base, method="ortho", ortho_decay=decay, seed=seed)
-        for decay in SWEEP_DECAYS
-        for seed in args.seeds
-    ]
-    records = run_many(later, args.data_kwargs, args.device, args.jobs, on_result=lambda *_: bar.update())
+    later = grid(
+        [RunConfig(**base, method="ortho_mod", modulation=warmup)]
+        + [RunConfig(**base, method="ortho", ortho_decay=decay) for decay in SWEEP_DECAYS]
+    )
     bar.close()
     out["schedule"] = [
-        {"options": {**best["options"], "schedule": "always"}, "runs": best["runs"]},
-        {"options": {**warmup, "schedule": f"first {args.steps // 4} steps"}, "runs": records[:n]},
+        {"options": {**best["options"], "schedule": "always"}, "runs": best["runs"], "lr": best["lr"]},
+        {
+            "options": {**warmup, "schedule": f"first {args.steps // 4} steps"},
+            "runs": later[0].seeds,
+            "lr": later[0].lr,
+        },
     ]
-    for i, decay in enumerate(SWEEP_DECAYS):
-        out["ortho_decay"].append(
-            {"options": {"ortho_decay": decay}, "runs": records[n * (i + 1) : n * (i + 2)]}
-        )
+    for decay, cell in zip(SWEEP_DECAYS, later[1:], strict=True):
+        out["ortho_decay"].append({"options": {"ortho_decay": decay}, "runs": cell.seeds, "lr": cell.lr})
     return out
 
 
@@ -243,8 +252,8 @@ def sweep_tables(out: dict[str, Any]) -> str:
         lines = [
             f"**{title}**",
             "",
-            "| options | train loss (per seed) | mean | held-out acc | bottom/top (end) |",
-            "| --- | --- | --- | --- | --- |",
+            "| options | lr | train loss (per seed) | mean | held-out acc | bottom/top (end) |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for entry in sorted(out[key], key=lambda e: _mean_loss(e["runs"])):
             losses = [r["final"]["train_loss"] for r in entry["runs"]]
@@ -252,7 +261,8 @@ def sweep_tables(out: dict[str, Any]) -> str:
             ratios = [r["history"][-1]["bottom_top_ratio"] for r in entry["runs"]]
             opts = ", ".join(f"{k}={v}" for k, v in entry["options"].items())
             lines.append(
-                f"| {opts} | {' / '.join(f'{v:.3f}' for v in losses)} | {_mean_loss(entry['runs']):.3f} | "
+                f"| {opts} | {entry.get('lr', 0.1):g} | {' / '.join(f'{v:.3f}' for v in losses)} | "
+                f"{_mean_loss(entry['runs']):.3f} | "
                 f"{fmt(accs)} | {fmt(ratios, '.1e')} |"
             )
         parts.append("\n".join(lines))
@@ -341,7 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the lr grid (default: 0.03 0.1; depth suites 0.02 0.1)",
     )
-    parser.add_argument("--sweep-lr", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=Path("docs/figures"))
     parser.add_argument(
         "--jobs", type=int, default=None, help="parallel single-threaded runs (CPU); default: cores"
