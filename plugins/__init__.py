@@ -2,9 +2,9 @@
 
 This folder is installed as ``timm_ortho.plugins`` (``pip install .`` maps it there):
 
-* :mod:`timm_ortho.plugins.timm_optim`: ``create_ortho_optimizer``, timm's optimizer factory with the
-  orthonormality term in place of weight decay (also reachable as ``--opt ortho_<name>``);
-* :mod:`timm_ortho.plugins.run_timm`: runs one of timm's scripts (``validate.py``, ``inference.py``,
-  ``train.py``) with the registered models and optimizers, for scripts that have no
-  ``--device-modules`` flag.
+* :mod:`timm_ortho.plugins.timm_optim`: ``create_optimizer``, timm's optimizer factory with the
+  orthonormality term in place of weight decay;
+* :mod:`timm_ortho.plugins.run_timm`: runs one of timm's scripts (``train.py``, ``validate.py``,
+  ``inference.py``) with the registered models, and for ``train.py`` with ``--opt ortho_<name>``
+  built by that factory (timm's own registry cannot express an optimizer that needs the model).
 """
