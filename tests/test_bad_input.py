@@ -112,7 +112,7 @@ def test_ortho_names_that_timm_lists_are_the_trainers_optimizers_too(tmp_path, c
     import timm
 
     from timm_ortho import OrthoModulated
-    from timm_ortho.train.build import build_optimizer
+    from timm_ortho.train.optimization import build_optimizer
 
     for name in ("ortho_sgd", "ortho_lookahead_momentum", "Ortho_Momentum"):
         validate_config(tiny(tmp_path, opt=name))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from timm_ortho.train.build import build_schedule
+from timm_ortho.train.optimization import build_schedule
 from timm_ortho.train.checkpoint import (
     MARKER,
     CheckpointManager,

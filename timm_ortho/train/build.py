@@ -2,14 +2,14 @@
 
 :func:`timm_ortho.train.loop.setup` calls them in the order Accelerate asks for: the accelerator and
 the run folder, the data, the model, the wrapped optimizer (before ``prepare``), the schedule and the
-loss (after it, on the prepared optimizer and loaders).
+loss (after it, on the prepared optimizer and loaders); the optimizer and the schedule are
+:mod:`timm_ortho.train.optimization`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -22,21 +22,14 @@ from accelerate.logging import get_logger
 from torch import nn
 
 from .checkpoint import check_recipe, check_run_folder, recipe_of, resolve_resume, set_aside
-from .config import (
-    DEFAULT_PRECISE_BN_BATCHES,
-    ConfigError,
-    TrainConfig,
-    base_optimizer_name,
-    check_model_arguments,
-)
+from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig, check_model_arguments
 from .data import SeededTransform, build_datasets, build_loader, build_transforms, check_data
 from .tracking import JsonlTracker, banner
 
 __all__ = [
     "build_data",
     "build_loss",
-    "build_optimizer",
-    "build_schedule",
+    "build_model",
     "check_data",
     "check_writable",
     "create_model",
@@ -247,97 +240,6 @@ def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
     return timm.create_model(cfg.model, init=init, **kwargs), init
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any, Any, list, str]:
-    """``(optimizer, probe, targets, description)``: timm's optimizer, wrapped for the method.
-
-    The targets are found once, here, and handed to the wrapper. Without modulation the probe is a
-    measure-only ErrorModulation (it changes no error), so both sides of a comparison record Fig. 3.
-    """
-    from timm.optim import create_optimizer_v2
-
-    import timm_ortho
-
-    from ..modulation import ErrorModulation
-    from ..targets import find_targets
-
-    extra = {"momentum": cfg.momentum, **({"eps": cfg.opt_eps} if cfg.opt_eps is not None else {})}
-    opt = base_optimizer_name(cfg.opt)  # the method is applied here, not selected by an ortho_ name
-    targets = [t for t in find_targets(model, exclude=cfg.ortho_exclude) if t.param.requires_grad]
-    if cfg.baseline:
-        optimizer = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=cfg.weight_decay, **extra)
-        probe = ErrorModulation(model, targets=targets, measure_only=True) if cfg.error_stats else None
-        return optimizer, probe, targets, f"L2 weight decay {cfg.weight_decay:g}, no modulation"
-    # timm's parameter groups (no_weight_decay(), 1-D parameters), the targets without L2.
-    optimizer = timm_ortho.create_optimizer(
-        model,
-        opt,
-        lr=lr,
-        weight_decay=cfg.weight_decay,
-        ortho_decay=cfg.ortho_decay,
-        form=cfg.ortho_form,
-        modulation=cfg.modulation_setting(),
-        max_grad_ratio=cfg.max_grad_ratio or None,
-        target_kwargs={"targets": targets},
-        **extra,
-    )
-    ratio = optimizer.defaults["max_grad_ratio"]  # "auto" resolved by the wrapper from the model
-    bound = f"|grad| <= {ratio:.3g} |W| per layer" if ratio else "off"
-    probe = optimizer.modulation
-    if probe is not None:
-        m = probe
-        status = f"on (reference={m.reference}, mode={m.mode}, band={m.band:g}, schedule={m.schedule})"
-    else:
-        status = "off" + (" (error moments measured only)" if cfg.error_stats else "")
-        probe = (
-            ErrorModulation(model, targets=optimizer.targets, measure_only=True) if cfg.error_stats else None
-        )
-    method = (
-        f"orthonormality regularizer lambda={cfg.ortho_decay:g} on {len(optimizer.targets)} weights "
-        f"(no L2 on them), step bound {bound}, modulation {status}"
-    )
-    return optimizer, probe, optimizer.targets, method
-
-
-def build_schedule(cfg: TrainConfig, optimizer: Any, updates_per_epoch: int) -> tuple[Any, int, int]:
-    """``(scheduler or None, total updates, epochs)``; the schedule is counted in updates."""
-    from timm.scheduler import create_scheduler_v2
-
-    total = cfg.iterations if cfg.iterations is not None else cfg.epochs * updates_per_epoch
-    epochs = math.ceil(total / updates_per_epoch)
-    milestones = cfg.decay_steps or [round(m * updates_per_epoch) for m in cfg.decay_milestones]
-    if cfg.sched == "multistep":
-        # Here milestone m means: the first m updates run at the undecayed rate (the lr is divided
-        # "at 32k iterations"). timm's multistep schedule decays at index m - 1, hence the shift.
-        milestones = [m + 1 for m in milestones]
-    warmup = (
-        cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * updates_per_epoch)
-    )
-    decay = max(1, round(cfg.decay_epochs * updates_per_epoch))
-    # One schedule "epoch" is one update here, which lets milestones and warmup fall between epochs.
-    try:
-        scheduler, _ = create_scheduler_v2(
-            optimizer,
-            sched=cfg.sched,
-            num_epochs=total,
-            decay_epochs=decay,
-            decay_milestones=list(milestones),
-            decay_rate=cfg.decay_rate,
-            warmup_epochs=warmup,
-            warmup_lr=cfg.warmup_lr,
-            min_lr=cfg.min_lr,
-            step_on_epochs=False,
-            updates_per_epoch=1,
-            noise_seed=cfg.seed,
-        )
-    except (ValueError, AssertionError) as e:  # timm checks its arguments with both
-        raise ConfigError(
-            f"--sched {cfg.sched}: timm cannot build this schedule ({e}); the trainer gives it in updates: "
-            f"{total} in all (--epochs / --iterations), {warmup} of warm-up (--warmup-epochs / "
-            f"--warmup-steps), {decay} of decay (--decay-epochs)"
-        ) from e
-    return scheduler, total, epochs
-
-
 def build_loss(cfg: TrainConfig, num_classes: int) -> tuple[Any, nn.Module]:
     """``(mixup or None, training loss)`` as timm's ``train.py`` pairs them."""
     from timm.data import Mixup
@@ -401,11 +303,3 @@ def build_model(cfg: TrainConfig, accelerator: Any, num_classes: int) -> tuple[n
         else None
     )
     return model, ema, init
-
-
-def learning_rate(cfg: TrainConfig, global_batch: int) -> float:
-    """``--lr``, or ``--lr-base`` scaled (linearly or by the square root) by the global batch."""
-    if cfg.lr is not None:
-        return cfg.lr
-    scale = global_batch / cfg.lr_base_size
-    return cfg.lr_base * (scale if cfg.lr_base_scale == "linear" else math.sqrt(scale))

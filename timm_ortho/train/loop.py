@@ -42,7 +42,7 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 
-from . import build
+from . import build, optimization
 from .checkpoint import MARKER, CheckpointError, CheckpointManager, load_checkpoint, recipe_of, write_atomic
 from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args, validate_config
 from .data import DataError, SeededTransform, skipped_images
@@ -171,8 +171,8 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, resume_path: P
     datasets, train_set, train_loader, val_loader = build.build_data(cfg, accelerator)
     model, ema, init = build.build_model(cfg, accelerator, datasets.num_classes)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
-    lr = build.learning_rate(cfg, global_batch)
-    optimizer, probe, targets, method = build.build_optimizer(cfg, model, lr)
+    lr = optimization.learning_rate(cfg, global_batch)
+    optimizer, probe, targets, method = optimization.build_optimizer(cfg, model, lr)
     bn_loader, precise_bn = build.precise_bn_loader(cfg, model, train_set)
     method = f"{'baseline: ' if cfg.baseline else ''}{init} init, {method}, precise BN " + (
         f"over up to {precise_bn} batches" if precise_bn else "off"
@@ -186,7 +186,7 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, resume_path: P
     bn_loader = accelerator.prepare(bn_loader) if bn_loader is not None else None
     set_seed(cfg.seed, device_specific=True)  # per-process randomness (dropout, mixup) from here on
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    scheduler, total_updates, epochs = build.build_schedule(cfg, optimizer, updates_per_epoch)
+    scheduler, total_updates, epochs = optimization.build_schedule(cfg, optimizer, updates_per_epoch)
     mixup_fn, loss_fn = build.build_loss(cfg, datasets.num_classes)
     info = {
         "type": "config",
