@@ -46,7 +46,7 @@ from . import build, optimization
 from .checkpoint import MARKER, CheckpointError, CheckpointManager, load_checkpoint, recipe_of, write_atomic
 from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args, validate_config
 from .data import DataError, SeededTransform, skipped_images
-from .evaluation import evaluate, precise_bn_for_eval, recalibrate_bn, trivial_topk
+from .evaluation import PreciseBN, evaluate, trivial_topk
 from .guards import Diverged, DivergenceMonitor, StopSignals, exit_code_for, resume_command
 from .tracking import JsonlTracker, format_summary, log_record, ratio_history, to_json
 
@@ -113,9 +113,8 @@ class Run:
     train_set: SeededTransform
     train_loader: Any
     val_loader: Any
-    bn_loader: Any
-    """Precise BN's own loader (own order and generator), or ``None`` when precise BN is off."""
-    precise_bn: int
+    precise_bn: PreciseBN | None
+    """``None`` when precise BN is off."""
     probe: Any
     """The ErrorModulation whose statistics are logged: the method's own, or a measure-only one."""
     targets: list
@@ -183,7 +182,7 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, resume_path: P
     model, optimizer, train_loader, val_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader
     )
-    bn_loader = accelerator.prepare(bn_loader) if bn_loader is not None else None
+    precise = PreciseBN(accelerator.prepare(bn_loader), precise_bn, cfg.channels_last) if precise_bn else None
     set_seed(cfg.seed, device_specific=True)  # per-process randomness (dropout, mixup) from here on
     updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     scheduler, total_updates, epochs = optimization.build_schedule(cfg, optimizer, updates_per_epoch)
@@ -216,7 +215,7 @@ def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, resume_path: P
     )  # fmt: skip
     run = Run(
         cfg, accelerator, run_dir, model, optimizer, scheduler, ema, loss_fn, mixup_fn, train_set,
-        train_loader, val_loader, bn_loader, precise_bn, probe, targets, info, checkpoints,
+        train_loader, val_loader, precise, probe, targets, info, checkpoints,
         divergence=DivergenceMonitor(skip=cfg.skip_nonfinite),
     )  # fmt: skip
     _start(run, resume_path)
@@ -445,10 +444,10 @@ def validate(run: Run, epoch: int, epoch_seconds: float) -> None:
     acc, cfg, progress, ema = run.accelerator, run.cfg, run.progress, run.ema
     _check_finite(run)  # no evaluation, last.pth or model_best.pth of a diverged run
     with contextlib.ExitStack() as evaluation_state:
-        if run.bn_loader is not None:  # evaluated (and saved) with precise BN, trained on unchanged
-            run.bn_loader.set_epoch(epoch)
+        if run.precise_bn is not None:  # evaluated (and saved) with precise BN, trained on unchanged
+            run.precise_bn.set_epoch(epoch)
             for model in run.models:
-                evaluation_state.enter_context(precise_bn_for_eval(model, run))
+                evaluation_state.enter_context(run.precise_bn.for_eval(model, acc))
         evaluation = evaluate(run.model, run.val_loader, acc, cfg.channels_last)
         record = {"type": "eval", "epoch": epoch + 1, "step": progress.updates}
         record["epoch_seconds"] = epoch_seconds
@@ -587,10 +586,10 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
     """Leave the returned model as evaluated, draw the plots, log and write the summary."""
     acc, progress = run.accelerator, run.progress
     trained = run.samples_seen > 0  # a backward ran in this process
-    if run.bn_loader is not None and trained:  # the returned model carries what was evaluated
+    if run.precise_bn is not None and trained:  # the returned model carries what was evaluated
         for module in run.models:
-            run.bn_loader.set_epoch(progress.epoch - 1 if progress.batch == 0 else progress.epoch)
-            recalibrate_bn(module, run)
+            run.precise_bn.set_epoch(progress.epoch - 1 if progress.batch == 0 else progress.epoch)
+            run.precise_bn.recalibrate(module, acc)
     pngs = _plots(run) if acc.is_main_process and trained else []
     skipped = skipped_images(run.train_set, acc)  # a collective: every process calls it
     keys = ("run_dir", "model", "params", "method", "data", "synthetic", "processes", "mixed_precision")
