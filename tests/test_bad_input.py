@@ -21,14 +21,12 @@ from timm_ortho.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
     check_checkpoint,
-    check_recipe,
     list_checkpoints,
-    recipe_of,
-    resolve_resume,
     write_atomic,
 )
 from timm_ortho.train.config import SCHEDULERS, ConfigError, validate_config
 from timm_ortho.train.loop import main, train
+from timm_ortho.train.resume import check_recipe, recipe_of, resolve_resume
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 

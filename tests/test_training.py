@@ -17,14 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from timm_ortho.train.optimization import build_schedule
-from timm_ortho.train.checkpoint import (
-    MARKER,
-    CheckpointManager,
-    latest_checkpoint,
-    list_checkpoints,
-    resolve_resume,
-)
+from timm_ortho.train.checkpoint import MARKER, CheckpointManager, latest_checkpoint, list_checkpoints
 from timm_ortho.train.config import (
     CIFAR_PROTOCOL,
     ConfigError,
@@ -34,6 +27,8 @@ from timm_ortho.train.config import (
     validate_config,
 )
 from timm_ortho.train.loop import TrainResult, main, train
+from timm_ortho.train.optimization import build_schedule
+from timm_ortho.train.resume import resolve_resume
 from timm_ortho.train.tracking import ratio_history
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,9 +21,9 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 
-from .checkpoint import check_recipe, check_run_folder, recipe_of, resolve_resume, set_aside
 from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig, check_model_arguments
 from .data import SeededTransform, build_datasets, build_loader, build_transforms, check_data
+from .resume import check_run_folder, resume_point
 from .tracking import JsonlTracker, banner
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "check_writable",
     "create_model",
     "discard_failed_start",
-    "expected_num_classes",
     "make_accelerator",
     "precise_bn_loader",
     "run_folder",
@@ -79,16 +78,6 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     return accelerator
 
 
-def expected_num_classes(cfg: TrainConfig) -> int:
-    """The class count the data of ``cfg`` will have, as far as it is known without reading them.
-
-    An ImageFolder tree counts its class folders (``check_data`` has seen that there are some).
-    """
-    if cfg.num_classes is not None or check_data(cfg) != "imagefolder":
-        return cfg.num_classes or 10  # the synthetic set's default and CIFAR-10's
-    return sum(p.is_dir() for p in (Path(cfg.data_dir).expanduser() / cfg.train_split).iterdir())
-
-
 def check_writable(path: Path) -> None:
     """``path``, or the nearest folder above it that exists, takes new files (a ``ConfigError`` if not).
 
@@ -112,36 +101,6 @@ def check_writable(path: Path) -> None:
         ) from e
 
 
-def _resume_point(cfg: TrainConfig, accelerator: Any) -> tuple[Path | None, Path | None]:
-    """``(checkpoint to resume or None, run folder it continues or None)``, checked against ``cfg``."""
-    given = Path(cfg.output) / cfg.experiment if cfg.experiment else None
-    skipped: list[tuple[Path, list[str]]] = []
-    try:
-        resume_path = resolve_resume(cfg.resume, given, skipped)
-    except FileNotFoundError:
-        # "auto" with a named run that has no checkpoint yet is a first launch: the same command
-        # line then serves the first start and every restart of a preemptible job.
-        if cfg.resume not in ("auto", "latest") or given is None:
-            raise
-        _log.info("--resume %s: no checkpoint under %s yet, starting from scratch", cfg.resume, given)
-        return None, None
-    for path, problems in skipped:
-        _log.warning("checkpoint %s is damaged (%s); passed over", path, "; ".join(problems))
-    check_recipe(resume_path, recipe_of(cfg, expected_num_classes(cfg)))
-    run_dir = given
-    if run_dir is None and resume_path.parent.name == "checkpoints":
-        run_dir = resume_path.parent.parent
-    if skipped:
-        _log.warning("resuming from %s, the newest intact checkpoint", resume_path)
-        # Damaged checkpoints newer than the one resumed would confuse rotation and the next
-        # --resume auto: set them aside (not deleted) when the run continues in their folder.
-        here = [(p, why) for p, why in skipped if run_dir is not None and p.parent == run_dir / "checkpoints"]
-        if accelerator.is_main_process:
-            set_aside(here)
-        accelerator.wait_for_everyone()
-    return resume_path, run_dir
-
-
 def run_folder(cfg: TrainConfig, accelerator: Any) -> tuple[Path, Path | None]:
     """The run folder (named once, on the main process) and the checkpoint to resume from.
 
@@ -152,7 +111,7 @@ def run_folder(cfg: TrainConfig, accelerator: Any) -> tuple[Path, Path | None]:
     from accelerate.utils import broadcast_object_list
 
     check_data(cfg)
-    resume_path, run_dir = _resume_point(cfg, accelerator) if cfg.resume is not None else (None, None)
+    resume_path, run_dir = resume_point(cfg, accelerator) if cfg.resume is not None else (None, None)
     if run_dir is None:
         method = (
             "baseline" if cfg.baseline else ("ortho" if cfg.modulation in (False, "auto") else "ortho-mod")

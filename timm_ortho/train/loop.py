@@ -26,7 +26,6 @@ the checkpoint names; the modulation's step is set from ``ortho_step`` by the op
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -43,11 +42,12 @@ from accelerate.logging import get_logger
 from torch import nn
 
 from . import build, optimization
-from .checkpoint import MARKER, CheckpointError, CheckpointManager, load_checkpoint, recipe_of, write_atomic
+from .checkpoint import CheckpointError, CheckpointManager, write_atomic
 from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args, validate_config
 from .data import DataError, SeededTransform, skipped_images
 from .evaluation import PreciseBN, evaluate, trivial_topk
 from .guards import Diverged, DivergenceMonitor, StopSignals, exit_code_for, resume_command
+from .resume import load_keeping_schedule, recipe_of, saved_total_updates
 from .tracking import JsonlTracker, format_summary, log_record, ratio_history, to_json
 
 __all__ = [
@@ -233,13 +233,12 @@ def _start(run: Run, resume_path: Path | None) -> None:
     }
     acc.init_trackers(run.run_dir.name, config=hparams)
     if resume_path is not None:
-        schedule = copy.deepcopy(run.scheduler.state_dict()) if run.scheduler is not None else None
-        load_checkpoint(acc, resume_path)
+        rebuilt = load_keeping_schedule(acc, resume_path, run.scheduler, run.progress)
         p = run.progress
         _log.info("resumed from %s: epoch %d, batch %d, update %d", resume_path, p.epoch, p.batch, p.updates)
         log_record(acc, {"type": "resume", "from": str(resume_path), **p.state_dict()}, step=p.updates)
-        if schedule is not None:
-            _keep_this_runs_schedule(run, schedule, resume_path)
+        if rebuilt:
+            _log_rebuilt_schedule(run, resume_path)
     elif run.scheduler is not None:
         run.scheduler.step_update(0)
     log_record(acc, info, step=run.progress.updates)
@@ -264,23 +263,9 @@ def _start(run: Run, resume_path: Path | None) -> None:
     )  # fmt: skip
 
 
-def _keep_this_runs_schedule(run: Run, schedule: dict[str, Any], resume_path: Path) -> None:
-    """After a resume: the schedule this run's flags built, at the checkpoint's update.
-
-    The checkpoint restores the scheduler of the run that saved it, settings included: resumed with
-    ``--epochs 4`` after a cosine run of 2, it would have reached its end and train on at lr 0.
-    timm's ``train.py`` builds its scheduler from the new flags and restores only the position; so
-    does the trainer (timm's schedulers are functions of the update count and their settings).
-    """
-    if run.scheduler.state_dict() == schedule:  # the same flags: the same schedule, nothing to say
-        return
-    run.scheduler.load_state_dict(schedule)
-    run.scheduler.step_update(run.progress.updates)
-    try:
-        saved = json.loads((resume_path / MARKER).read_text()).get("total_updates")
-    except (OSError, ValueError):
-        saved = None
-    info = run.info
+def _log_rebuilt_schedule(run: Run, resume_path: Path) -> None:
+    """Say that the schedule is this run's, not the checkpoint's (see :func:`load_keeping_schedule`)."""
+    saved, info = saved_total_updates(resume_path), run.info
     _log.info(
         "schedule rebuilt from this run's flags (--sched %s over %d updates, %d epochs) instead of the "
         "checkpoint's (%s), as timm's train.py does on resume: only the position is restored; update %d "
