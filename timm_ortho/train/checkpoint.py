@@ -213,6 +213,8 @@ class CheckpointManager:
         self.accelerator, self.root, self.keep, self.recipe = accelerator, Path(root), keep, recipe
         rescue = Path(tempfile.gettempdir()) / "timm_ortho-rescue" / self.root.parent.name / "checkpoints"
         self.fallback = Path(fallback) if fallback is not None else rescue
+        self.saved: tuple[int, Path] | None = None
+        """``(updates, folder)`` of the newest checkpoint this manager has written, or ``None``."""
 
     def save(self, updates: int, info: dict[str, Any] | None = None) -> Path:
         """Save the full training state as ``ckpt-<updates>``; returns its folder.
@@ -224,7 +226,8 @@ class CheckpointManager:
         for attempt in (1, 2):
             error = self._attempt(self.root, updates, info)
             if error is None:
-                return self.root / f"ckpt-{updates:09d}"
+                self.saved = (updates, self.root / f"ckpt-{updates:09d}")
+                return self.saved[1]
             if attempt == 1 and self.accelerator.is_main_process:
                 _log.warning(
                     "saving checkpoint %d into %s failed (%s); retrying once", updates, self.root, error
