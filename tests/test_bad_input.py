@@ -24,9 +24,10 @@ from timm_ortho.train.checkpoint import (
     list_checkpoints,
     write_atomic,
 )
-from timm_ortho.train.config import SCHEDULERS, ConfigError, validate_config
+from timm_ortho.train.config import SCHEDULERS, ConfigError
 from timm_ortho.train.loop import main, train
 from timm_ortho.train.resume import check_recipe, recipe_of, resolve_resume
+from timm_ortho.train.validation import validate_config
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 

@@ -21,10 +21,11 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 
-from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig, check_model_arguments
+from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig
 from .data import SeededTransform, build_datasets, build_loader, build_transforms, check_data
 from .resume import check_run_folder, resume_point
 from .tracking import JsonlTracker, banner
+from .validation import check_model_arguments
 
 __all__ = [
     "build_data",

@@ -28,12 +28,13 @@ from torch import nn
 
 from . import build, optimization
 from .checkpoint import CheckpointManager
-from .config import TrainConfig, validate_config
+from .config import TrainConfig
 from .data import SeededTransform
 from .evaluation import PreciseBN, trivial_topk
 from .guards import DivergenceMonitor, StopSignals
 from .resume import load_keeping_schedule, recipe_of, saved_total_updates
 from .tracking import JsonlTracker, log_record, to_json
+from .validation import validate_config
 
 __all__ = ["Run", "TrainProgress", "setup"]
 
