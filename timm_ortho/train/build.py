@@ -1,6 +1,6 @@
 """The pieces a training run is built from, each from its :class:`~timm_ortho.train.config.TrainConfig`.
 
-:func:`timm_ortho.train.loop.setup` calls them in the order Accelerate asks for: the accelerator and
+:func:`timm_ortho.train.setup.setup` calls them in the order Accelerate asks for: the accelerator and
 the run folder, the data, the model, the wrapped optimizer (before ``prepare``), the schedule and the
 loss (after it, on the prepared optimizer and loaders); the optimizer and the schedule are
 :mod:`timm_ortho.train.optimization`'s.
