@@ -21,14 +21,13 @@ from timm_ortho.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
     check_checkpoint,
-    check_recipe,
     list_checkpoints,
-    recipe_of,
-    resolve_resume,
     write_atomic,
 )
-from timm_ortho.train.config import SCHEDULERS, ConfigError, validate_config
+from timm_ortho.train.config import SCHEDULERS, ConfigError
 from timm_ortho.train.loop import main, train
+from timm_ortho.train.resume import check_recipe, recipe_of, resolve_resume
+from timm_ortho.train.validation import validate_config
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -112,7 +111,7 @@ def test_ortho_names_that_timm_lists_are_the_trainers_optimizers_too(tmp_path, c
     import timm
 
     from timm_ortho import OrthoModulated
-    from timm_ortho.train.build import build_optimizer
+    from timm_ortho.train.optimization import build_optimizer
 
     for name in ("ortho_sgd", "ortho_lookahead_momentum", "Ortho_Momentum"):
         validate_config(tiny(tmp_path, opt=name))

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from timm_ortho.train.config import build_parser, config_from_args, validate_config
+from timm_ortho.train.config import build_parser, config_from_args
 from timm_ortho.train.loop import main
+from timm_ortho.train.validation import validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ("training.md", "timm.md")

@@ -85,7 +85,7 @@ def test_the_factory_builds_exactly_the_users_literal_call():
     import timm
 
     from timm_ortho import OrthoModulated
-    from timm_ortho.train.experiments import _optimizer
+    from timm_ortho.train.regimes import regime_optimizer
 
     def train(make):
         torch.manual_seed(0)
@@ -100,7 +100,7 @@ def test_the_factory_builds_exactly_the_users_literal_call():
         return model, opt
 
     cfg = RunConfig(model="plain_cnn20", method="default", lr=0.1)
-    factory, f_opt = train(lambda m: _optimizer(cfg, m))
+    factory, f_opt = train(lambda m: regime_optimizer(cfg, m))
     literal, l_opt = train(lambda m: OrthoModulated(torch.optim.SGD(m.parameters(), 0.1, momentum=0.9), m))
     assert isinstance(f_opt, OrthoModulated) and type(f_opt.base_optimizer) is torch.optim.SGD
     assert len(f_opt.param_groups) == len(l_opt.param_groups) == 1

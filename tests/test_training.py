@@ -17,24 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from timm_ortho.train.build import build_schedule
-from timm_ortho.train.checkpoint import (
-    MARKER,
-    CheckpointManager,
-    latest_checkpoint,
-    list_checkpoints,
-    resolve_resume,
-)
+from timm_ortho.train.checkpoint import MARKER, CheckpointManager, latest_checkpoint, list_checkpoints
 from timm_ortho.train.config import (
     CIFAR_PROTOCOL,
     ConfigError,
     TrainConfig,
     build_parser,
     config_from_args,
-    validate_config,
 )
 from timm_ortho.train.loop import TrainResult, main, train
+from timm_ortho.train.optimization import build_schedule
+from timm_ortho.train.resume import resolve_resume
 from timm_ortho.train.tracking import ratio_history
+from timm_ortho.train.validation import validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,15 +1,15 @@
 """The pieces a training run is built from, each from its :class:`~timm_ortho.train.config.TrainConfig`.
 
-:func:`timm_ortho.train.loop.setup` calls them in the order Accelerate asks for: the accelerator and
+:func:`timm_ortho.train.setup.setup` calls them in the order Accelerate asks for: the accelerator and
 the run folder, the data, the model, the wrapped optimizer (before ``prepare``), the schedule and the
-loss (after it, on the prepared optimizer and loaders).
+loss (after it, on the prepared optimizer and loaders); the optimizer and the schedule are
+:mod:`timm_ortho.train.optimization`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -21,27 +21,20 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 
-from .checkpoint import check_recipe, check_run_folder, recipe_of, resolve_resume, set_aside
-from .config import (
-    DEFAULT_PRECISE_BN_BATCHES,
-    ConfigError,
-    TrainConfig,
-    base_optimizer_name,
-    check_model_arguments,
-)
+from .config import DEFAULT_PRECISE_BN_BATCHES, ConfigError, TrainConfig
 from .data import SeededTransform, build_datasets, build_loader, build_transforms, check_data
+from .resume import check_run_folder, resume_point
 from .tracking import JsonlTracker, banner
+from .validation import check_model_arguments
 
 __all__ = [
     "build_data",
     "build_loss",
-    "build_optimizer",
-    "build_schedule",
+    "build_model",
     "check_data",
     "check_writable",
     "create_model",
     "discard_failed_start",
-    "expected_num_classes",
     "make_accelerator",
     "precise_bn_loader",
     "run_folder",
@@ -86,16 +79,6 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     return accelerator
 
 
-def expected_num_classes(cfg: TrainConfig) -> int:
-    """The class count the data of ``cfg`` will have, as far as it is known without reading them.
-
-    An ImageFolder tree counts its class folders (``check_data`` has seen that there are some).
-    """
-    if cfg.num_classes is not None or check_data(cfg) != "imagefolder":
-        return cfg.num_classes or 10  # the synthetic set's default and CIFAR-10's
-    return sum(p.is_dir() for p in (Path(cfg.data_dir).expanduser() / cfg.train_split).iterdir())
-
-
 def check_writable(path: Path) -> None:
     """``path``, or the nearest folder above it that exists, takes new files (a ``ConfigError`` if not).
 
@@ -119,36 +102,6 @@ def check_writable(path: Path) -> None:
         ) from e
 
 
-def _resume_point(cfg: TrainConfig, accelerator: Any) -> tuple[Path | None, Path | None]:
-    """``(checkpoint to resume or None, run folder it continues or None)``, checked against ``cfg``."""
-    given = Path(cfg.output) / cfg.experiment if cfg.experiment else None
-    skipped: list[tuple[Path, list[str]]] = []
-    try:
-        resume_path = resolve_resume(cfg.resume, given, skipped)
-    except FileNotFoundError:
-        # "auto" with a named run that has no checkpoint yet is a first launch: the same command
-        # line then serves the first start and every restart of a preemptible job.
-        if cfg.resume not in ("auto", "latest") or given is None:
-            raise
-        _log.info("--resume %s: no checkpoint under %s yet, starting from scratch", cfg.resume, given)
-        return None, None
-    for path, problems in skipped:
-        _log.warning("checkpoint %s is damaged (%s); passed over", path, "; ".join(problems))
-    check_recipe(resume_path, recipe_of(cfg, expected_num_classes(cfg)))
-    run_dir = given
-    if run_dir is None and resume_path.parent.name == "checkpoints":
-        run_dir = resume_path.parent.parent
-    if skipped:
-        _log.warning("resuming from %s, the newest intact checkpoint", resume_path)
-        # Damaged checkpoints newer than the one resumed would confuse rotation and the next
-        # --resume auto: set them aside (not deleted) when the run continues in their folder.
-        here = [(p, why) for p, why in skipped if run_dir is not None and p.parent == run_dir / "checkpoints"]
-        if accelerator.is_main_process:
-            set_aside(here)
-        accelerator.wait_for_everyone()
-    return resume_path, run_dir
-
-
 def run_folder(cfg: TrainConfig, accelerator: Any) -> tuple[Path, Path | None]:
     """The run folder (named once, on the main process) and the checkpoint to resume from.
 
@@ -159,7 +112,7 @@ def run_folder(cfg: TrainConfig, accelerator: Any) -> tuple[Path, Path | None]:
     from accelerate.utils import broadcast_object_list
 
     check_data(cfg)
-    resume_path, run_dir = _resume_point(cfg, accelerator) if cfg.resume is not None else (None, None)
+    resume_path, run_dir = resume_point(cfg, accelerator) if cfg.resume is not None else (None, None)
     if run_dir is None:
         method = (
             "baseline" if cfg.baseline else ("ortho" if cfg.modulation in (False, "auto") else "ortho-mod")
@@ -247,97 +200,6 @@ def create_model(cfg: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
     return timm.create_model(cfg.model, init=init, **kwargs), init
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any, Any, list, str]:
-    """``(optimizer, probe, targets, description)``: timm's optimizer, wrapped for the method.
-
-    The targets are found once, here, and handed to the wrapper. Without modulation the probe is a
-    measure-only ErrorModulation (it changes no error), so both sides of a comparison record Fig. 3.
-    """
-    from timm.optim import create_optimizer_v2
-
-    import timm_ortho
-
-    from ..modulation import ErrorModulation
-    from ..targets import find_targets
-
-    extra = {"momentum": cfg.momentum, **({"eps": cfg.opt_eps} if cfg.opt_eps is not None else {})}
-    opt = base_optimizer_name(cfg.opt)  # the method is applied here, not selected by an ortho_ name
-    targets = [t for t in find_targets(model, exclude=cfg.ortho_exclude) if t.param.requires_grad]
-    if cfg.baseline:
-        optimizer = create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=cfg.weight_decay, **extra)
-        probe = ErrorModulation(model, targets=targets, measure_only=True) if cfg.error_stats else None
-        return optimizer, probe, targets, f"L2 weight decay {cfg.weight_decay:g}, no modulation"
-    # timm's parameter groups (no_weight_decay(), 1-D parameters), the targets without L2.
-    optimizer = timm_ortho.create_optimizer(
-        model,
-        opt,
-        lr=lr,
-        weight_decay=cfg.weight_decay,
-        ortho_decay=cfg.ortho_decay,
-        form=cfg.ortho_form,
-        modulation=cfg.modulation_setting(),
-        max_grad_ratio=cfg.max_grad_ratio or None,
-        target_kwargs={"targets": targets},
-        **extra,
-    )
-    ratio = optimizer.defaults["max_grad_ratio"]  # "auto" resolved by the wrapper from the model
-    bound = f"|grad| <= {ratio:.3g} |W| per layer" if ratio else "off"
-    probe = optimizer.modulation
-    if probe is not None:
-        m = probe
-        status = f"on (reference={m.reference}, mode={m.mode}, band={m.band:g}, schedule={m.schedule})"
-    else:
-        status = "off" + (" (error moments measured only)" if cfg.error_stats else "")
-        probe = (
-            ErrorModulation(model, targets=optimizer.targets, measure_only=True) if cfg.error_stats else None
-        )
-    method = (
-        f"orthonormality regularizer lambda={cfg.ortho_decay:g} on {len(optimizer.targets)} weights "
-        f"(no L2 on them), step bound {bound}, modulation {status}"
-    )
-    return optimizer, probe, optimizer.targets, method
-
-
-def build_schedule(cfg: TrainConfig, optimizer: Any, updates_per_epoch: int) -> tuple[Any, int, int]:
-    """``(scheduler or None, total updates, epochs)``; the schedule is counted in updates."""
-    from timm.scheduler import create_scheduler_v2
-
-    total = cfg.iterations if cfg.iterations is not None else cfg.epochs * updates_per_epoch
-    epochs = math.ceil(total / updates_per_epoch)
-    milestones = cfg.decay_steps or [round(m * updates_per_epoch) for m in cfg.decay_milestones]
-    if cfg.sched == "multistep":
-        # Here milestone m means: the first m updates run at the undecayed rate (the lr is divided
-        # "at 32k iterations"). timm's multistep schedule decays at index m - 1, hence the shift.
-        milestones = [m + 1 for m in milestones]
-    warmup = (
-        cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * updates_per_epoch)
-    )
-    decay = max(1, round(cfg.decay_epochs * updates_per_epoch))
-    # One schedule "epoch" is one update here, which lets milestones and warmup fall between epochs.
-    try:
-        scheduler, _ = create_scheduler_v2(
-            optimizer,
-            sched=cfg.sched,
-            num_epochs=total,
-            decay_epochs=decay,
-            decay_milestones=list(milestones),
-            decay_rate=cfg.decay_rate,
-            warmup_epochs=warmup,
-            warmup_lr=cfg.warmup_lr,
-            min_lr=cfg.min_lr,
-            step_on_epochs=False,
-            updates_per_epoch=1,
-            noise_seed=cfg.seed,
-        )
-    except (ValueError, AssertionError) as e:  # timm checks its arguments with both
-        raise ConfigError(
-            f"--sched {cfg.sched}: timm cannot build this schedule ({e}); the trainer gives it in updates: "
-            f"{total} in all (--epochs / --iterations), {warmup} of warm-up (--warmup-epochs / "
-            f"--warmup-steps), {decay} of decay (--decay-epochs)"
-        ) from e
-    return scheduler, total, epochs
-
-
 def build_loss(cfg: TrainConfig, num_classes: int) -> tuple[Any, nn.Module]:
     """``(mixup or None, training loss)`` as timm's ``train.py`` pairs them."""
     from timm.data import Mixup
@@ -401,11 +263,3 @@ def build_model(cfg: TrainConfig, accelerator: Any, num_classes: int) -> tuple[n
         else None
     )
     return model, ema, init
-
-
-def learning_rate(cfg: TrainConfig, global_batch: int) -> float:
-    """``--lr``, or ``--lr-base`` scaled (linearly or by the square root) by the global batch."""
-    if cfg.lr is not None:
-        return cfg.lr
-    scale = global_batch / cfg.lr_base_size
-    return cfg.lr_base * (scale if cfg.lr_base_scale == "linear" else math.sqrt(scale))

@@ -20,12 +20,10 @@ is exactly that difference: a temporary folder, a marker written last, an atomic
 rotation after it. The saving itself is ``accelerator.save_state``.
 
 What resume trusts: the marker records the size and CRC-32 of every file of the checkpoint and
-the *recipe* (model, classes, optimizer, method, modulation, EMA, whether there is an LR schedule:
-the settings that change the saved state's shapes). :func:`check_checkpoint` compares sizes and
-CRCs before anything is loaded; :func:`resolve_resume` passes over a damaged checkpoint of a run
-for the newest intact one and refuses a damaged one named explicitly; :func:`check_recipe` refuses
-a checkpoint of another recipe with the list of what differs. A save that fails is retried once,
-then written to a fallback folder, and the error says where the state went.
+the run's *recipe* (:func:`timm_ortho.train.resume.recipe_of`). :func:`check_checkpoint` compares
+sizes and CRCs before anything is loaded; :mod:`timm_ortho.train.resume` decides which checkpoint
+a ``--resume`` continues from and whether it fits the run. A save that fails is retried once, then
+written to a fallback folder, and the error says where the state went.
 """
 
 from __future__ import annotations
@@ -41,29 +39,26 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-from .config import ConfigError, base_optimizer_name
+from .config import ConfigError
 
 __all__ = [
     "MARKER",
+    "NAME_PATTERN",
     "CheckpointError",
     "CheckpointManager",
     "check_checkpoint",
-    "check_recipe",
-    "check_run_folder",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
-    "recipe_of",
-    "resolve_resume",
-    "set_aside",
+    "updates_of",
     "write_atomic",
 ]
 
 MARKER = "checkpoint.json"
-_NAME = re.compile(r"^ckpt-(\d+)$")
+NAME_PATTERN = re.compile(r"^ckpt-(\d+)$")
+"""A checkpoint folder's name, ``ckpt-<updates>`` (zero-padded as :class:`CheckpointManager` writes it)."""
 _log = logging.getLogger(__name__)
 
 
@@ -86,15 +81,15 @@ def _fsync_dir(path: Path) -> None:
 
 def list_checkpoints(root: str | Path) -> list[Path]:
     """Complete checkpoints under ``root`` (those with a marker), oldest first."""
-    found = [p for p in Path(root).glob("ckpt-*") if _NAME.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=_updates)
+    found = [p for p in Path(root).glob("ckpt-*") if NAME_PATTERN.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=updates_of)
 
 
-def _updates(path: Path) -> int:
+def updates_of(path: Path) -> int:
     """The update a checkpoint folder holds: from its name ``ckpt-<updates>``, else (a folder copied
     or renamed) from its marker, which a resume has checked by then."""
     # The name first: a damaged marker must not stop a comparison of folders named by rotation.
-    named = _NAME.match(path.name)
+    named = NAME_PATTERN.match(path.name)
     if named:
         return int(named.group(1))
     try:
@@ -154,133 +149,6 @@ def latest_checkpoint(root: str | Path, skipped: list[tuple[Path, list[str]]] | 
         if skipped is not None:
             skipped.append((found, problems))
     return None
-
-
-def resolve_resume(
-    resume: str, run_dir: Path | None, skipped: list[tuple[Path, list[str]]] | None = None
-) -> Path:
-    """The checkpoint folder that ``--resume`` names.
-
-    ``resume`` is a checkpoint folder, a run folder (its newest intact checkpoint is taken), a
-    ``checkpoints`` folder, or ``auto`` / ``latest`` for the newest intact checkpoint of ``run_dir``.
-    As with timm's ``--resume FILE``, it may also name a file: one inside a checkpoint folder stands
-    for that folder, and a run folder's ``last.pth`` for the run's newest checkpoint. Damaged
-    checkpoints passed over on the way are appended to ``skipped`` with what is wrong with them; a
-    damaged checkpoint named explicitly is a :class:`CheckpointError` naming its files.
-    """
-    skipped = [] if skipped is None else skipped
-    if resume in ("auto", "latest"):
-        if run_dir is None:
-            raise FileNotFoundError("--resume auto needs --experiment to name the run folder to resume")
-        candidates = [run_dir / "checkpoints"]
-    else:
-        path = Path(resume).expanduser()
-        if not path.exists() and path.name == "last.pth" and path.parent.is_dir():
-            path = path.parent  # a run stopped before its first epoch ended has checkpoints, no last.pth
-        if not path.exists():
-            raise FileNotFoundError(
-                f"--resume {resume}: {path} does not exist. Name a checkpoint folder ckpt-<updates>, a file "
-                "in one, a run folder or its last.pth, or pass --resume auto with --experiment"
-            )
-        if path.is_file():
-            # A file inside a checkpoint folder (complete or not) stands for the folder; a run's
-            # last.pth for the run folder, whose newest checkpoint is taken below.
-            in_checkpoint = (path.parent / MARKER).is_file() or _NAME.match(path.parent.name)
-            if not in_checkpoint and path.name != "last.pth":
-                raise FileNotFoundError(
-                    f"--resume {resume}: this file is not part of a checkpoint (weights files such as "
-                    "model_best.pth hold no optimizer state). Name a checkpoint folder ckpt-<updates>, "
-                    "a file in one, a run folder or its last.pth"
-                )
-            path = path.parent
-        if (path / MARKER).is_file():
-            problems = check_checkpoint(path)
-            if problems:
-                raise CheckpointError(
-                    f"checkpoint {path} is damaged: {'; '.join(problems)}. Resume from its run folder "
-                    f"{path.parent.parent} to take the newest intact checkpoint"
-                )
-            return path
-        if path.is_dir() and _NAME.match(path.name):
-            raise FileNotFoundError(
-                f"{path} is an incomplete checkpoint (no {MARKER}: the save was interrupted); "
-                f"resume from the run folder {path.parent.parent} to take its newest complete checkpoint"
-            )
-        candidates = [path / "checkpoints", path]
-    for c in candidates:
-        found = latest_checkpoint(c, skipped)
-        if found is not None:
-            return found
-    if skipped:
-        listed = "; ".join(f"{p}: {', '.join(problems)}" for p, problems in skipped)
-        raise CheckpointError(
-            f"--resume {resume}: every checkpoint found is damaged ({listed}). Nothing intact is left "
-            "to resume from: start a new run (another --experiment, without --resume)"
-        )
-    raise FileNotFoundError(
-        f"no complete checkpoint found for --resume {resume!r} (looked in "
-        f"{', '.join(str(c) for c in candidates)}); a checkpoint is a folder ckpt-<updates> holding {MARKER}"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# the recipe: what must match for a checkpoint's state to load
-# ----------------------------------------------------------------------------------------------
-def recipe_of(cfg: Any, num_classes: int | None) -> dict[str, Any]:
-    """The settings of ``cfg`` (a ``TrainConfig``) that decide the shapes of the saved state.
-
-    Model and classes shape the weights; the optimizer, the method (its parameter groups) and the
-    modulation shape the optimizer state; the EMA and an LR schedule (any ``--sched`` but ``none``)
-    each add a registered object. The schedule's settings are not part of it: a resume rebuilds the
-    schedule from its own flags.
-    """
-    recipe = {
-        "model": cfg.model,
-        "model_kwargs": dict(cfg.model_kwargs),
-        "num_classes": num_classes,
-        "opt": base_optimizer_name(cfg.opt),
-        "method": "baseline" if cfg.baseline else "orthonormality regularizer",
-        "modulation": cfg.modulation is not False,
-        "model_ema": bool(cfg.model_ema),
-        "lr_scheduler": cfg.sched != "none",
-    }
-    return json.loads(json.dumps(recipe, default=str))  # as a marker stores it
-
-
-def _saved_recipe(path: Path) -> dict[str, Any] | None:
-    """The recipe of the checkpoint at ``path``: its marker's, or its run's ``config.json``'s."""
-    marker = json.loads((path / MARKER).read_text())
-    if isinstance(marker.get("recipe"), dict):
-        return marker["recipe"]
-    config = path.parent.parent / "config.json"
-    if path.parent.name != "checkpoints" or not config.is_file():
-        return None
-    try:  # the saved settings, read like a TrainConfig
-        info = json.loads(config.read_text())
-        return recipe_of(SimpleNamespace(**info["config"]), info.get("num_classes"))
-    except (ValueError, KeyError, AttributeError, TypeError):
-        return None
-
-
-def check_recipe(path: Path, recipe: dict[str, Any]) -> None:
-    """Refuse (a :class:`CheckpointError`) to resume ``path`` with another ``recipe`` than it was saved with.
-
-    Settings that are ``None`` in ``recipe`` (not known yet) are not compared, nor are checkpoints
-    that record no recipe.
-    """
-    saved = _saved_recipe(path)
-    if saved is None:
-        return
-    differences = [
-        f"{key} {saved[key]!r} in the checkpoint, {value!r} now"
-        for key, value in recipe.items()
-        if value is not None and key in saved and saved[key] != value
-    ]
-    if differences:
-        raise CheckpointError(
-            f"checkpoint {path} was saved by another recipe: {'; '.join(differences)}. Resume with the "
-            "checkpoint's settings, or start a new run (another --experiment, without --resume)"
-        )
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> None:
@@ -345,6 +213,8 @@ class CheckpointManager:
         self.accelerator, self.root, self.keep, self.recipe = accelerator, Path(root), keep, recipe
         rescue = Path(tempfile.gettempdir()) / "timm_ortho-rescue" / self.root.parent.name / "checkpoints"
         self.fallback = Path(fallback) if fallback is not None else rescue
+        self.saved: tuple[int, Path] | None = None
+        """``(updates, folder)`` of the newest checkpoint this manager has written, or ``None``."""
 
     def save(self, updates: int, info: dict[str, Any] | None = None) -> Path:
         """Save the full training state as ``ckpt-<updates>``; returns its folder.
@@ -356,7 +226,8 @@ class CheckpointManager:
         for attempt in (1, 2):
             error = self._attempt(self.root, updates, info)
             if error is None:
-                return self.root / f"ckpt-{updates:09d}"
+                self.saved = (updates, self.root / f"ckpt-{updates:09d}")
+                return self.saved[1]
             if attempt == 1 and self.accelerator.is_main_process:
                 _log.warning(
                     "saving checkpoint %d into %s failed (%s); retrying once", updates, self.root, error
@@ -432,36 +303,3 @@ class CheckpointManager:
         for stale in list_checkpoints(final.parent)[: -self.keep]:
             if stale != final:
                 shutil.rmtree(stale, ignore_errors=True)
-
-
-def check_run_folder(run_dir: Path, resume_path: Path | None) -> None:
-    """Refuse to mix two timelines in one folder of rotating checkpoints (a ``ConfigError``).
-
-    A fresh run into a folder that holds checkpoints, or a resume from a checkpoint older than the
-    folder's newest, would interleave its checkpoints with the others, and a later ``--resume auto``
-    would pick the wrong one.
-    """
-    existing = list_checkpoints(run_dir / "checkpoints")
-    if not existing:
-        return
-    if resume_path is None:
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints ({existing[-1].name} is the newest): continue it with "
-            f"--resume auto (and --experiment {run_dir.name}), or choose another --experiment"
-        )
-    newest = existing[-1]
-    if resume_path.resolve() != newest.resolve() and _updates(resume_path) < _updates(newest):
-        raise ConfigError(
-            f"resuming from {resume_path} would continue in {run_dir}, which holds the newer "
-            f"{newest.name}; pass --experiment NAME to branch into a new run folder"
-        )
-
-
-def set_aside(damaged: list[tuple[Path, list[str]]]) -> None:
-    """Rename damaged checkpoints to ``<name>.damaged`` (main process): resume and rotation then
-    ignore them, and they stay for inspection. Each one is logged."""
-    for path, _ in damaged:
-        target = path.with_name(f"{path.name}.damaged")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(path, target)
-        _log.warning("set aside as %s (delete it when no longer needed)", target)

@@ -5,27 +5,25 @@
 the argparse type, ``nargs`` and choices, and its default is the imagenet preset's (``CIFAR_PROTOCOL``
 overrides some for the cifar preset). The data settings are
 :class:`~timm_ortho.train.data.DataConfig`'s fields, inherited. :func:`build_parser` generates the
-options from the fields, :func:`config_from_args` maps them back by name and :func:`validate_config`
-checks the ranges and choices they declare, so adding a setting is adding one field.
+options from the fields (:mod:`timm_ortho.train.flags` says how), :func:`config_from_args` maps them
+back by name and :func:`~timm_ortho.train.validation.validate_config` checks the ranges and choices
+they declare, so adding a setting is adding one field.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import inspect
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from timm.utils import ParseKwargs
 
-from ..defaults import DEFAULT_MAX_GRAD_RATIO, DEFAULT_MODULATION, DEFAULT_ORTHO_DECAY, MODULATION_PRESETS
+from ..defaults import DEFAULT_MAX_GRAD_RATIO, DEFAULT_MODULATION, DEFAULT_ORTHO_DECAY
 from ..factory import ORTHO_PREFIX
 from .data import DataConfig
+from .flags import MODULATION_ALIASES, ModulationAction, cli, flag_of, from_hint, number_or_auto
 
 __all__ = [
     "CIFAR_PROTOCOL",
@@ -36,9 +34,8 @@ __all__ = [
     "TrainConfig",
     "base_optimizer_name",
     "build_parser",
-    "check_model_arguments",
     "config_from_args",
-    "validate_config",
+    "field_specs",
 ]
 
 Preset = Literal["imagenet", "cifar"]
@@ -49,96 +46,6 @@ DEFAULT_PRECISE_BN_BATCHES = 100
 
 class ConfigError(ValueError):
     """Flags that contradict each other or are out of range."""
-
-
-def cli(
-    help: str | None = None,
-    *,
-    group: str | None = None,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float = math.inf,
-    **argparse_kwargs: Any,
-) -> dict[str, Any]:
-    """The command-line side of a :class:`TrainConfig` field, as ``Annotated[type, cli(...)]``.
-
-    ``group`` opens a new argparse group at this field; ``ge``/``gt`` and ``le`` give the range of a
-    number (of each number of a list; ``None`` passes), which argparse does not check (``nan``,
-    ``-1``): :func:`validate_config` does. ``flags`` adds short or timm-style spellings (a long one
-    replaces the flag derived from the name); ``aliases`` maps extra flags to the argparse keywords
-    that make them write into this field; the other keywords go to ``add_argument`` over what the
-    type hint implies. A field without it gets a flag from its name and type alone. Every option
-    without a help text shows its default.
-    """
-    bounds = None if ge is None and gt is None else (gt if ge is None else ge, le, ge is not None)
-    return {"help": help or "(default: %(default)s)", "group": group, "bounds": bounds, **argparse_kwargs}
-
-
-def _number_or_auto(text: str) -> float | str:
-    """argparse type of a number that may also be left to the library (``auto``)."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-
-
-class _ModulationAction(ParseKwargs):
-    """``--modulation [auto | top | paper | KEY=VALUE ...]``: alone, on (the ``top`` rule); a preset
-    name, that preset; pairs, ErrorModulation options; ``--no-modulation``: off. Not given: ``auto``
-    (on for plain chains only). With a ``key``, a ``--mod-*`` alias: sets that one option, which takes
-    effect once ``--modulation`` is on, given before or after it.
-    """
-
-    def __init__(self, *args: Any, key: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.key = key
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        pending, current = getattr(namespace, "_mod_options", {}), getattr(namespace, self.dest)
-        if self.key is not None:
-            namespace._mod_options = {**pending, self.key: self.const if self.nargs == 0 else values}
-            if current is False or isinstance(current, str):  # not (yet) on with options of its own
-                return
-            options = {**(current if isinstance(current, dict) else {}), **namespace._mod_options}
-        elif option_string == "--no-modulation":
-            options = False
-        elif len(values) == 1 and "=" not in values[0]:
-            if values[0] not in _MODULATION_NAMES:
-                raise argparse.ArgumentError(
-                    self,
-                    f"expected one of {', '.join(_MODULATION_NAMES)} or KEY=VALUE pairs, got {values[0]!r}",
-                )
-            options = values[0]
-        else:
-            super().__call__(parser, namespace, values, option_string)
-            options = {**pending, **getattr(namespace, self.dest)} or True
-        setattr(namespace, self.dest, options)
-
-
-_MODULATION_NAMES = ("auto", *MODULATION_PRESETS)
-
-
-def _mod_alias(key: str, help: str = "ErrorModulation's option", **argparse_kwargs: Any) -> dict[str, Any]:
-    return dict(
-        action=_ModulationAction, key=key, help=f"same as --modulation {key}=...; {help}", **argparse_kwargs
-    )
-
-
-_MODULATION_ALIASES = {
-    # The ErrorModulation options as their own flags; each sets one key of --modulation's dict.
-    "--mod-band": _mod_alias("band", "quasi-isometry constant A >= 1", type=float, metavar="A"),
-    "--mod-mode": _mod_alias("mode", choices=["clamp", "match"]),
-    "--mod-statistic": _mod_alias("statistic", choices=["total", "mean"]),
-    "--mod-include-classifier": _mod_alias("include_classifier", nargs=0, const=True),
-    "--no-mod-include-classifier": _mod_alias("include_classifier", nargs=0, const=False),
-    "--mod-max-scale": _mod_alias("max_scale", type=float, metavar="S"),
-    "--mod-reference": _mod_alias("reference", choices=["previous", "top"]),
-    "--mod-schedule": _mod_alias(
-        "schedule", "modulate during the first N updates only (0: always)", type=int, metavar="N"
-    ),
-}
 
 
 # The command-line side of the data settings, which DataConfig declares (TrainConfig inherits them).
@@ -203,7 +110,7 @@ class TrainConfig(DataConfig):
             "step bound: every regularized weight's gradient is scaled so that |grad| <= RATIO |W| "
             "(per layer, inside the optimizer step); auto: min(0.01, 1/L) for L regularized layers; "
             "0 turns it off",
-            type=_number_or_auto,
+            type=number_or_auto,
             metavar="RATIO",
             ge=0,
         ),
@@ -219,10 +126,10 @@ class TrainConfig(DataConfig):
             "pairs (band, mode, statistic, include_classifier, max_scale, reference, schedule), "
             "ErrorModulation with those",
             flags=["--modulation", "--no-modulation"],
-            action=_ModulationAction,
+            action=ModulationAction,
             nargs="*",
             metavar="KEY=VALUE",
-            aliases=_MODULATION_ALIASES,
+            aliases=MODULATION_ALIASES,
         ),
     ] = DEFAULT_MODULATION
     """As :func:`timm_ortho.create_optimizer` takes it: "auto", False, True, a preset name or a dict of
@@ -370,30 +277,7 @@ CIFAR_PROTOCOL: dict[str, Any] = {
 # ----------------------------------------------------------------------------------------------
 # the parser, generated from the fields
 # ----------------------------------------------------------------------------------------------
-def _from_hint(hint: Any) -> dict[str, Any]:
-    """argparse keywords implied by a field's type hint (``X | None`` reads as ``X``)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        kept = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(kept) > 1:
-            return {}
-        hint = kept[0]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return {"choices": list(args)}
-    if hint is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if origin is list:
-        return {"type": args[0], "nargs": "+"}
-    if origin is tuple:
-        return {"type": args[0], "nargs": len(args)}
-    return {"type": hint} if hint in (int, float) else {}
-
-
-def _flag(name: str) -> str:
-    return f"--{name.replace('_', '-')}"
-
-
-def _fields() -> typing.Iterator[tuple[str, Any, dict[str, Any]]]:
+def field_specs() -> typing.Iterator[tuple[str, Any, dict[str, Any]]]:
     """``(name, type hint, cli spec)`` of every :class:`TrainConfig` field, in declaration order."""
     hints = typing.get_type_hints(TrainConfig, include_extras=True)
     for f in dataclasses.fields(TrainConfig):
@@ -421,14 +305,14 @@ def build_parser(preset: Preset = "imagenet", prog: str | None = None) -> argpar
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     group = None
-    for name, hint, spec in _fields():
+    for name, hint, spec in field_specs():
         if spec["group"] or group is None:
             group = parser.add_argument_group(spec["group"])
         meta = {k: v for k, v in spec.items() if k not in ("group", "bounds")}
         # A long flag in ``flags`` replaces the one derived from the name (--pin-mem for pin_memory).
         extra, aliases = meta.pop("flags", []), meta.pop("aliases", {})
-        long = [] if any(x.startswith("--") for x in extra) else [_flag(name)]
-        group.add_argument(*long, *extra, dest=name, default=defaults[name], **{**_from_hint(hint), **meta})
+        long = [] if any(x.startswith("--") for x in extra) else [flag_of(name)]
+        group.add_argument(*long, *extra, dest=name, default=defaults[name], **{**from_hint(hint), **meta})
         for alias, kwargs in aliases.items():  # an alias shows no default: the flag it stands for does
             group.add_argument(
                 alias, dest=name, default=argparse.SUPPRESS, **{"action": "store_const", **kwargs}
@@ -458,107 +342,3 @@ def base_optimizer_name(opt: str) -> str:
     """
     name = opt.lower()
     return name[len(ORTHO_PREFIX) :] if name.startswith(ORTHO_PREFIX) else name
-
-
-def _did_you_mean(name: str, known: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
-    return f"; did you mean {', '.join(close)}?" if close else ""
-
-
-def _check_fields(cfg: TrainConfig) -> None:
-    """Every number in its field's range, every name among its field's choices.
-
-    argparse lets ``nan``, ``inf`` and ``-1`` through, and a :class:`TrainConfig` built in Python
-    meets no parser at all.
-    """
-    for name, hint, spec in _fields():
-        value, implied = getattr(cfg, name), _from_hint(hint)
-        if value is not None and "choices" in implied and value not in implied["choices"]:
-            raise ConfigError(f"{_flag(name)} must be one of {', '.join(implied['choices'])}, got {value!r}")
-        if value is None or value == "auto" or spec["bounds"] is None:  # "auto": resolved when built
-            continue
-        low, high, inclusive = spec["bounds"]
-        if implied.get("type") is int:
-            rule, high, inclusive = f"at least {low}", math.inf, True
-        else:
-            upper = "" if high == math.inf else f" and <= {high:g}"
-            rule = f"a finite number {'>=' if inclusive else '>'} {low:g}{upper}"
-        for v in value if isinstance(value, list) else [value]:
-            below = v < low if inclusive else v <= low
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or below or v > high:
-                raise ConfigError(f"{_flag(name)} must be {rule}, got {value}")
-    if cfg.precise_bn is not None and cfg.precise_bn < 0:
-        raise ConfigError(f"--precise-bn takes a number of batches >= 0 (0: off), got {cfg.precise_bn}")
-    if cfg.epochs < 1 and cfg.iterations is None:
-        raise ConfigError(f"--epochs must be positive, got {cfg.epochs}")
-
-
-def _check_names(cfg: TrainConfig) -> None:
-    """The model, optimizer and scheduler exist in timm's registries (close names suggested)."""
-    import timm
-    from timm.models import split_model_name_tag
-    from timm.optim import list_optimizers
-
-    arch = split_model_name_tag(cfg.model)[0]
-    if not timm.is_model(arch):
-        raise ConfigError(
-            f"--model {cfg.model}: timm knows no such model{_did_you_mean(arch, timm.list_models())}"
-        )
-    # timm reads "lookahead_<name>" as <name> wrapped in Lookahead, and only that prefix.
-    *prefix, opt = base_optimizer_name(cfg.opt).split("_")
-    if prefix not in ([], ["lookahead"]) or opt not in list_optimizers():
-        given = cfg.opt.lower()
-        with_prefix = given.startswith(ORTHO_PREFIX)
-        known = [ORTHO_PREFIX + n if with_prefix else n for n in list_optimizers()]
-        raise ConfigError(
-            f"--opt {cfg.opt}: timm has no such optimizer{_did_you_mean(given, known)} "
-            "(timm.optim.list_optimizers() lists them; lookahead_<name> wraps one in Lookahead; ortho_<name> "
-            "is <name> here, the trainer applies the method itself)"
-        )
-    if cfg.sched not in SCHEDULERS:
-        raise ConfigError(
-            f"--sched {cfg.sched}: timm has no such scheduler{_did_you_mean(cfg.sched, SCHEDULERS)} "
-            f"(one of {', '.join(SCHEDULERS)})"
-        )
-    if cfg.sched == "plateau":
-        raise ConfigError(
-            "--sched plateau lowers the lr once per epoch when an evaluation metric stalls; the trainer "
-            "steps its schedule per update and gives it no metric: choose another (cosine, multistep, ...)"
-        )
-
-
-def check_model_arguments(cfg: TrainConfig) -> None:
-    """The regularization flags fit the model (a :class:`ConfigError` otherwise)."""
-    from timm.models import model_entrypoint, split_model_name_tag
-
-    from ..models.plain_cnn import StagedCnn
-
-    # The package's own architectures say in their signature which regularization they take.
-    entrypoint = model_entrypoint(split_model_name_tag(cfg.model)[0])
-    own = entrypoint.__module__.startswith(StagedCnn.__module__.rpartition(".")[0])
-    if own and cfg.drop_path is not None and "drop_path_rate" not in inspect.signature(StagedCnn).parameters:
-        raise ConfigError(
-            f"--drop-path: {cfg.model} takes no drop_path_rate (a plain net has no residual branch "
-            "to drop); leave --drop-path out for this model"
-        )
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """Raise :class:`ConfigError` for settings out of range, unknown names, or contradictions.
-
-    Nothing here touches the file system or builds anything: it runs first, before any work.
-    """
-    _check_fields(cfg)
-    _check_names(cfg)
-    check_model_arguments(cfg)
-    if cfg.baseline and cfg.modulation not in (False, "auto"):
-        raise ConfigError("--baseline means no modulation; drop --modulation or --baseline")
-    if cfg.baseline and base_optimizer_name(cfg.opt) != cfg.opt.lower():
-        raise ConfigError(
-            f"--opt {cfg.opt} asks for the orthonormality method, which --baseline turns off; use "
-            f"--opt {base_optimizer_name(cfg.opt)} with --baseline, or drop --baseline"
-        )
-    if cfg.baseline and cfg.init == "orthonormal":
-        raise ConfigError("--baseline means MSRA init; drop --init orthonormal or --baseline")
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
-        raise ConfigError(f"mixup/cutmix need an even --batch-size, got {cfg.batch_size}")

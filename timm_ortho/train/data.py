@@ -9,10 +9,12 @@ applied on top):
 - CIFAR-10 from a local ``cifar-10-batches-py`` directory (the python pickle release: ``data_batch_1``
   .. ``data_batch_5``, ``test_batch``, ``batches.meta``), read by ``torchvision.datasets.CIFAR10``;
   nothing is downloaded;
-- an embedded synthetic set, :class:`SyntheticImages`: procedurally generated, deterministic from a
-  seed, learnable (each class has its own oriented grating, colours and blob), at any image size and
-  number of classes. It is what the scripts train on when no data directory is given, so that every
-  command in the docs runs on a fresh machine.
+- an embedded synthetic set, :class:`~timm_ortho.train.synthetic.SyntheticImages`: procedurally
+  generated, deterministic from a seed, learnable, at any image size and number of classes. It is
+  what the scripts train on when no data directory is given, so that every command in the docs runs
+  on a fresh machine.
+
+The augmentation on top is :func:`~timm_ortho.train.transforms.build_transforms`'s.
 
 Exact resume needs data that depend only on ``(seed, epoch, index)``, not on which worker process
 loaded a sample or how many batches were skipped: :class:`EpochShuffleSampler` draws the order of an
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -35,13 +36,15 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageDataset
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CIFAR10
 
 # One definition of the CIFAR-10 statistics: the models' pretrained_cfg and the data pipeline agree.
 from ..constants import CIFAR10_MEAN, CIFAR10_STD
 from .sampling import EpochShuffleSampler, SeededTransform
+from .synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD, SyntheticImages
+from .transforms import build_transforms
 
 __all__ = [
     "CIFAR_LAYOUT",
@@ -60,10 +63,6 @@ __all__ = [
     "detect_dataset",
     "skipped_images",
 ]
-
-# The synthetic images are built around mid-grey with colours spread over [0, 1].
-SYNTHETIC_MEAN = (0.5, 0.5, 0.5)
-SYNTHETIC_STD = (0.25, 0.25, 0.25)
 
 IMAGEFOLDER_LAYOUT = """\
   <data-dir>/train/<class name>/<image>.jpg|.jpeg|.png|...   (one folder per class)
@@ -163,78 +162,6 @@ class Datasets:
     @property
     def synthetic(self) -> bool:
         return self.kind == "synthetic"
-
-
-# ----------------------------------------------------------------------------------------------
-# the synthetic set
-# ----------------------------------------------------------------------------------------------
-class SyntheticImages(Dataset):
-    """Procedural images with class-dependent structure, deterministic from ``(seed, split, index)``.
-
-    Every class owns a prototype drawn once from ``seed``: a sinusoidal grating (orientation and
-    spatial frequency) between two colours, and a soft blob (position, radius and colour). A sample
-    renders its class prototype with per-sample jitter of every parameter, a random grating phase,
-    contrast and brightness changes and pixel noise. Colour, orientation and layout all carry the
-    label, so a small CNN learns the set in a few epochs, yet no single pixel does.
-
-    Args:
-        num_samples: length of the split.
-        num_classes: classes; labels are ``index % num_classes`` (balanced).
-        img_size: square image side in pixels; the prototypes are defined in relative coordinates,
-            so the same seed gives the same classes at every size.
-        seed: chooses the class prototypes and, with ``split``, every sample.
-        split: samples of different splits never coincide (``0`` train, ``1`` validation).
-    """
-
-    def __init__(self, num_samples: int, num_classes: int, img_size: int, seed: int = 0, split: int = 0):
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        if img_size < 4:
-            raise ValueError(f"img_size must be at least 4 pixels, got {img_size}")
-        self.num_samples, self.num_classes, self.img_size = num_samples, num_classes, img_size
-        self.seed, self.split = seed, split
-        proto = np.random.default_rng([seed, 0x5EED, num_classes])
-        self._theta = proto.uniform(0.0, np.pi, num_classes)
-        self._freq = proto.uniform(1.5, 5.0, num_classes)  # cycles per image side
-        self._colour_a = proto.uniform(0.0, 1.0, (num_classes, 3))
-        self._colour_b = proto.uniform(0.0, 1.0, (num_classes, 3))
-        self._blob_xy = proto.uniform(0.25, 0.75, (num_classes, 2))
-        self._blob_r = proto.uniform(0.10, 0.22, num_classes)
-        self._blob_colour = proto.uniform(0.0, 1.0, (num_classes, 3))
-        coords = (np.arange(img_size, dtype=np.float32) + 0.5) / img_size
-        self._yy, self._xx = np.meshgrid(coords, coords, indexing="ij")
-        self.classes = [f"synthetic_{c:04d}" for c in range(num_classes)]
-        self.targets = [i % num_classes for i in range(num_samples)]
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def render(self, index: int) -> np.ndarray:
-        """Sample ``index`` as a ``(img_size, img_size, 3)`` uint8 array."""
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        c = index % self.num_classes
-        rng = np.random.default_rng([self.seed, self.split, index])
-        theta = self._theta[c] + rng.normal(0.0, 0.12)
-        freq = self._freq[c] * np.exp(rng.normal(0.0, 0.12))
-        phase = rng.uniform(0.0, 2.0 * np.pi)
-        u = self._xx * np.cos(theta) + self._yy * np.sin(theta)
-        g = (0.5 + 0.5 * np.sin(2.0 * np.pi * freq * u + phase))[..., None]
-        colour_a = np.clip(self._colour_a[c] + rng.normal(0.0, 0.2, 3), 0.0, 1.0)
-        colour_b = np.clip(self._colour_b[c] + rng.normal(0.0, 0.2, 3), 0.0, 1.0)
-        img = colour_b * (1.0 - g) + colour_a * g
-        cx, cy = self._blob_xy[c] + rng.normal(0.0, 0.06, 2)
-        radius = self._blob_r[c] * np.exp(rng.normal(0.0, 0.15))
-        blob = np.exp(-((self._xx - cx) ** 2 + (self._yy - cy) ** 2) / (2.0 * radius**2))[..., None]
-        img = img * (1.0 - blob) + self._blob_colour[c] * blob
-        img = (img - 0.5) * rng.uniform(0.6, 1.0) + 0.5 + rng.normal(0.0, 0.05)
-        img = img + rng.normal(0.0, 0.10, img.shape)
-        return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.render(index)), self.targets[index]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,65 +390,6 @@ def build_datasets(cfg: DataConfig) -> Datasets:
         std=tuple(cfg.std or std),
         native_size=native,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# transforms
-# ----------------------------------------------------------------------------------------------
-def build_transforms(
-    cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...], native_size: int | None = None
-) -> tuple[Callable[[Image.Image], torch.Tensor], Callable[[Image.Image], torch.Tensor]]:
-    """``(train_transform, eval_transform)`` for PIL images, both ending in a normalized tensor.
-
-    ``native_size`` is the side of the stored images when known; the ``cifar`` and ``none``
-    pipelines resize only when it differs from ``cfg.img_size``.
-    """
-    if cfg.augment not in ("timm", "cifar", "none"):
-        raise ValueError(f"augment must be 'timm', 'cifar' or 'none', got {cfg.augment!r}")
-    size = cfg.img_size
-    if cfg.augment == "timm":
-        common = dict(interpolation=cfg.interpolation, mean=mean, std=std)
-        eval_tf = create_transform(size, is_training=False, crop_pct=cfg.crop_pct, **common)
-        train_tf = create_transform(
-            size,
-            is_training=True,
-            scale=cfg.scale,
-            ratio=cfg.ratio,
-            hflip=cfg.hflip,
-            color_jitter=cfg.color_jitter,
-            auto_augment=cfg.aa,
-            re_prob=cfg.reprob,
-            re_mode=cfg.remode,
-            re_count=cfg.recount,
-            **common,
-        )
-        return train_tf, eval_tf
-
-    from torchvision import transforms as T
-
-    # These pipelines keep the whole image: resize only when the run asks for another size.
-    resize = [] if native_size == size else [T.Resize(size)]
-    tail = [T.ToTensor(), T.Normalize(mean, std)]
-    eval_tf = T.Compose([*resize, T.CenterCrop(size), *tail])
-    if cfg.augment == "none":
-        return eval_tf, eval_tf
-    ops: list[Any] = [*resize, T.RandomCrop(size, padding=max(1, size // 8))]
-    if cfg.hflip > 0:
-        ops.append(T.RandomHorizontalFlip(cfg.hflip))
-    if cfg.aa:
-        from timm.data.auto_augment import rand_augment_transform
-
-        if not cfg.aa.startswith("rand"):
-            raise ValueError(
-                f"the cifar pipeline supports RandAugment policies ('rand-...') only, got {cfg.aa!r}"
-            )
-        ops.append(rand_augment_transform(cfg.aa, {"translate_const": int(size * 0.45)}))
-    ops += tail
-    if cfg.reprob > 0:
-        from timm.data.random_erasing import RandomErasing
-
-        ops.append(RandomErasing(cfg.reprob, mode=cfg.remode, max_count=cfg.recount, device="cpu"))
-    return T.Compose(ops), eval_tf
 
 
 def build_loader(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..precise_bn import bn_layers, modes_restored, recompute_bn_statistics
 
-__all__ = ["TOPK", "evaluate", "precise_bn_for_eval", "recalibrate_bn", "trivial_topk"]
+__all__ = ["TOPK", "PreciseBN", "evaluate", "trivial_topk"]
 
 TOPK = (1, 5)
 """The top-k accuracies an evaluation measures, where they mean something (see :func:`trivial_topk`)."""
@@ -60,36 +61,51 @@ def evaluate(
     return {"loss": loss_sum / n, **topk}
 
 
-def recalibrate_bn(model: nn.Module, run: Any) -> int:
-    """Precise BN in a (possibly distributed) run: recompute, then average the statistics over processes.
+@dataclass
+class PreciseBN:
+    """Precise BN in a (possibly distributed) run: BN statistics recomputed over ``batches`` batches of
+    its own ``loader`` (own order and generator, see :func:`~timm_ortho.train.build.precise_bn_loader`)."""
 
-    Each process averages over its own shard of ``run.precise_bn`` batches; the per-process results
-    are then averaged (every process saw as many batches, so that is the mean over all of them).
-    """
-    acc, channels_last = run.accelerator, run.cfg.channels_last
+    loader: Any
+    batches: int
+    channels_last: bool = False
 
-    def images_of(batch: Any) -> torch.Tensor:
-        return batch[0].contiguous(memory_format=torch.channels_last) if channels_last else batch[0]
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
 
-    with acc.autocast():
-        used = recompute_bn_statistics(model, run.bn_loader, run.precise_bn, prepare=images_of)
-    if acc.num_processes > 1:
-        for layer in bn_layers(model):
-            for buffer in (layer.running_mean, layer.running_var):
-                buffer.copy_(acc.reduce(buffer.clone(), reduction="mean"))
-    return used
+    def recalibrate(self, model: nn.Module, accelerator: Any) -> int:
+        """Recompute ``model``'s statistics, then average them over the processes; returns the batches used.
 
+        Each process averages over its own shard of ``batches`` batches; the per-process results
+        are then averaged (every process saw as many batches, so that is the mean over all of them).
+        """
+        from timm.utils import distribute_bn
 
-@contextlib.contextmanager
-def precise_bn_for_eval(model: nn.Module, run: Any) -> Iterator[None]:
-    """Recomputed BN statistics inside the block (evaluation, saving the evaluated weights), the
-    training ones restored after it: evaluating never changes the state that training continues
-    from, so a run resumed from any checkpoint ends exactly where an uninterrupted one does."""
-    buffers = [b for m in bn_layers(model) for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
-    saved = [b.clone() for b in buffers]
-    recalibrate_bn(model, run)
-    try:
-        yield
-    finally:
-        for buffer, value in zip(buffers, saved, strict=True):
-            buffer.copy_(value)
+        def images_of(batch: Any) -> torch.Tensor:
+            return batch[0].contiguous(memory_format=torch.channels_last) if self.channels_last else batch[0]
+
+        with accelerator.autocast():
+            used = recompute_bn_statistics(model, self.loader, self.batches, prepare=images_of)
+        if accelerator.num_processes > 1:
+            # timm's all-reduce (a sum divided by the process count, in place) of every buffer named
+            # running_mean / running_var: the same arithmetic as accelerator.reduce(..., "mean"), on
+            # the buffers bn_layers() holds (and on those of any other layer so named, which DDP
+            # keeps equal on every process already). It calls torch.distributed itself: the
+            # launchers the trainer supports (multi-GPU, gloo on CPUs) all initialize it.
+            distribute_bn(model, accelerator.num_processes, reduce=True)
+        return used
+
+    @contextlib.contextmanager
+    def for_eval(self, model: nn.Module, accelerator: Any) -> Iterator[None]:
+        """Recomputed BN statistics inside the block (evaluation, saving the evaluated weights), the
+        training ones restored after it: evaluating never changes the state that training continues
+        from, so a run resumed from any checkpoint ends exactly where an uninterrupted one does."""
+        layers = bn_layers(model)
+        buffers = [b for m in layers for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+        saved = [b.clone() for b in buffers]
+        self.recalibrate(model, accelerator)
+        try:
+            yield
+        finally:
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)

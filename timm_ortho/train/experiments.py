@@ -23,11 +23,32 @@ Every ``record_every`` steps it records the training loss, the mean absolute cos
 same batches in the same order and start from the same RNG state, so differences come from the
 regime alone.
 
-This is a second, light training loop beside the trainer (:mod:`timm_ortho.train.loop`): it holds
-the data in memory as tensors and uses no Accelerate, no data loader and no checkpoints, because
-``scripts/reproduce.py`` and ``scripts/depth_suite.py`` run thousands of tiny runs with it, on one
-device, where the trainer's start-up would cost more than the run. Its optimizers come from the same
-factory as the trainer's (:func:`timm_ortho.create_optimizer`).
+The regimes' models and optimizers are :mod:`timm_ortho.train.regimes`'s, the data
+:mod:`timm_ortho.train.tensor_data`'s; :func:`run_many` and :func:`run_lr_grid` run many
+configurations in worker processes.
+
+This loop is not the trainer's (:mod:`timm_ortho.train.loop`), and the two share no step function,
+for three reasons:
+
+- *What a run costs.* ``scripts/reproduce.py``, ``depth_suite.py`` and ``convergence_suites.py``
+  run thousands of runs of 300 to 1,500 steps on 8-32 px tensors held in memory, many at once in
+  worker processes. A trainer run starts an ``Accelerator`` (process-wide state that a worker would
+  have to reset between runs), a run folder, loaders with their samplers and worker processes,
+  trackers and rotating checkpoints, each costing more than such a run, and none of them used.
+- *What the step is.* The trainer's step is shaped by what these runs never have: accumulation
+  windows under ``accelerator.accumulate``, the GradScaler's skipped steps, the window of
+  non-finite losses to skip, clipping after unscaling. It lacks what they need: the logits (the
+  warm-up watches the training error) and, for the bare-optimizer regimes, the step bound between
+  the clip and the step. One function for both would take hooks from each side to share the five
+  lines they have in common (forward, loss, backward, clip, step).
+- *What has been recorded.* The measurements in docs/results.md come from this loop's arithmetic:
+  its batch order (:func:`_epoch_batches`, not the trainer's epoch-seeded sampler) and its schedule
+  (:func:`_lr_at`, not timm's). On the trainer's step every recorded number would change.
+
+Everything below the loop is shared with the trainer: the models, the optimizer factory
+(:func:`timm_ortho.create_optimizer`), the modulation probe, the diagnostics, precise BN's
+:func:`~timm_ortho.precise_bn.recompute_bn_statistics` and the data readers (the synthetic set,
+CIFAR-10).
 """
 
 from __future__ import annotations
@@ -38,22 +59,20 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..defaults import DEFAULT_ORTHO_DECAY
 from ..diagnostics import filter_correlation
-from ..factory import create_optimizer
 from ..modulation import ErrorModulation
 from ..precise_bn import recompute_bn_statistics
-from ..step_bound import auto_max_grad_ratio, bound_gradients_
+from ..step_bound import bound_gradients_
 from ..targets import find_targets
+from .regimes import baseline_bound, regime_model, regime_optimizer
+from .tensor_data import TensorData, load_tensor_data
 
 __all__ = [
     "GridResult",
@@ -67,7 +86,6 @@ __all__ = [
 ]
 
 Method = Literal["l2", "none", "default", "ortho", "ortho_mod"]
-DatasetName = Literal["synthetic", "digits", "cifar10"]
 
 
 @dataclass
@@ -113,128 +131,6 @@ class RunConfig:
     precise_bn: int = 0
     """Batches of training data to recompute BN statistics with before the second evaluation
     (``val_acc_precise``); 0 for none."""
-
-
-@dataclass
-class TensorData:
-    """Normalized images and labels held in memory (train and held-out)."""
-
-    x_train: Tensor
-    y_train: Tensor
-    x_val: Tensor
-    y_val: Tensor
-    num_classes: int
-    source: str
-
-
-def _digits(img_size: int, n_train: int, seed: int) -> tuple[list[np.ndarray], list[Tensor], str]:
-    """scikit-learn's 1,797 handwritten digits (8x8, grey levels 0-16) as RGB uint8, fixed split."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # an optional dependency: the experiments extra
-        raise ImportError(
-            "the digits data set needs scikit-learn: pip install 'timm_ortho[experiments]'"
-        ) from e
-    bunch = load_digits()
-    images = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)
-    images = np.repeat(images[..., None], 3, axis=-1)  # the models' stems take 3 channels
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).numpy()
-    n_train = min(n_train, len(images) - 297)
-    split = [order[:n_train], order[len(images) - 297 :]]
-    arrays = [images[i] for i in split]
-    labels = [torch.from_numpy(bunch.target[i]).long() for i in split]
-    source = f"scikit-learn digits ({n_train} train / 297 test, 8px -> {img_size}px, split seed {seed})"
-    return arrays, labels, source
-
-
-def load_tensor_data(
-    data_dir: str | Path | None = None,
-    img_size: int = 16,
-    n_train: int = 4096,
-    n_val: int = 1024,
-    num_classes: int = 10,
-    seed: int = 0,
-    dataset: DatasetName | None = None,
-    label_noise: float = 0.0,
-) -> TensorData:
-    """The embedded synthetic set, scikit-learn's digits or CIFAR-10's python batches, as tensors.
-
-    ``dataset`` defaults to ``"cifar10"`` when ``data_dir`` is given and ``"synthetic"`` otherwise.
-    Images are resized to ``img_size`` when it differs and normalized per channel with the training
-    split's mean and standard deviation. ``label_noise``: the fraction of *training* labels replaced
-    by a different class drawn uniformly (fixed by ``seed``); the held-out labels stay clean.
-    """
-    if not 0.0 <= label_noise < 1.0:
-        raise ValueError(f"label_noise must be a fraction in [0, 1), got {label_noise!r}")
-    from .data import Cifar10, SyntheticImages
-
-    dataset = dataset or ("cifar10" if data_dir is not None else "synthetic")
-    if dataset not in ("synthetic", "digits", "cifar10"):
-        raise ValueError(f"dataset must be 'synthetic', 'digits' or 'cifar10', got {dataset!r}")
-    if dataset == "cifar10" and data_dir is None:
-        raise ValueError("dataset='cifar10' needs data_dir (a cifar-10-batches-py folder)")
-    if dataset == "digits":
-        arrays, labels, source = _digits(img_size, n_train, seed)
-    elif dataset == "synthetic":
-        train = SyntheticImages(n_train, num_classes, img_size, seed=seed, split=0)
-        val = SyntheticImages(n_val, num_classes, img_size, seed=seed, split=1)
-        arrays = [np.stack([d.render(i) for i in range(len(d))]) for d in (train, val)]
-        labels = [torch.tensor(d.targets[: len(d)]) for d in (train, val)]
-        source = f"embedded synthetic set ({num_classes} classes, {img_size}px, seed {seed})"
-    else:
-        train, val = Cifar10(data_dir, train=True), Cifar10(data_dir, train=False)
-        n_train, n_val = min(n_train, len(train)), min(n_val, len(val))
-        arrays = [train.data[:n_train], val.data[:n_val]]  # (N, 32, 32, 3) uint8
-        labels = [torch.tensor(train.targets[:n_train]), torch.tensor(val.targets[:n_val])]
-        source = f"CIFAR-10 from {data_dir} ({n_train} train / {n_val} test images)"
-    # contiguous: an NHWC-strided batch would send every conv and BN down the channels-last path.
-    tensors = [torch.from_numpy(a).permute(0, 3, 1, 2).float().div_(255.0).contiguous() for a in arrays]
-    if tensors[0].shape[-1] != img_size:
-        tensors = [F.interpolate(t, size=img_size, mode="bilinear", antialias=True) for t in tensors]
-    mean = tensors[0].mean(dim=(0, 2, 3), keepdim=True)
-    std = tensors[0].std(dim=(0, 2, 3), keepdim=True)
-    x_train, x_val = ((t - mean) / std for t in tensors)
-    num_classes = num_classes if dataset == "synthetic" else 10  # digits and CIFAR-10 have ten
-    if label_noise:
-        labels[0] = _noisy(labels[0], label_noise, num_classes, seed)
-        source += f", {label_noise:.0%} of the training labels replaced"
-    return TensorData(x_train, labels[0], x_val, labels[1], num_classes, source)
-
-
-def _noisy(labels: Tensor, fraction: float, num_classes: int, seed: int) -> Tensor:
-    """``labels`` with ``round(fraction * n)`` of them (a seeded choice) moved to another class."""
-    generator = torch.Generator().manual_seed(0x7A1 + seed)
-    chosen = torch.randperm(len(labels), generator=generator)[: round(fraction * len(labels))]
-    shift = torch.randint(1, num_classes, (len(chosen),), generator=generator)
-    noisy = labels.clone()
-    noisy[chosen] = (labels[chosen] + shift) % num_classes
-    return noisy
-
-
-def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The regime's optimizer; every wrapped one comes from :func:`timm_ortho.create_optimizer`.
-
-    timm's ``"momentum"`` is torch's SGD without Nesterov and, with ``weight_decay=0``, takes
-    ``model.parameters()`` as its one group: ``"default"`` is therefore exactly the user's
-    ``OrthoModulated(torch.optim.SGD(model.parameters(), lr, momentum=0.9), model)``.
-    """
-    if cfg.method in ("l2", "none"):  # the baselines are a bare optimizer
-        weight_decay = cfg.weight_decay if cfg.method == "l2" else 0.0
-        if cfg.opt == "momentum":  # every parameter decayed, as He et al.
-            return torch.optim.SGD(
-                model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=weight_decay
-            )
-        from timm.optim import create_optimizer_v2
-
-        return create_optimizer_v2(
-            model, cfg.opt, lr=cfg.lr, weight_decay=weight_decay, momentum=cfg.momentum
-        )
-    if cfg.method == "default":  # the library's defaults; ablations change one option in cfg.wrapper
-        options = cfg.wrapper
-    else:
-        modulation = (dict(cfg.modulation) or True) if cfg.method == "ortho_mod" else False
-        options = dict(ortho_decay=cfg.ortho_decay, max_grad_ratio=cfg.max_grad_ratio, modulation=modulation)
-    return create_optimizer(model, cfg.opt, lr=cfg.lr, weight_decay=0.0, momentum=cfg.momentum, **options)
 
 
 @torch.no_grad()
@@ -315,46 +211,47 @@ class _Warmup:
             self.on, self.steps = False, step + 1
 
 
-def _model(cfg: RunConfig, data: TensorData) -> nn.Module:
-    """The regime's model: MSRA init for the baselines, orthonormal for the method's regimes, the
-    model as created for ``"default"`` (unless ``cfg.init`` says otherwise).
-
-    This package's nets take ``init`` (and ``act_layer``) as creation arguments. Any other timm model
-    keeps its own initialization for ``"msra"`` (timm's ResNets: He et al.'s) and gets orthonormal
-    filters from :func:`timm_ortho.init_weights_` (biases kept) for ``"orthonormal"``, as the trainer.
-    """
-    from timm.models import model_entrypoint
-
-    from ..init import init_weights_
-
-    init = cfg.init or {"l2": "msra", "none": "msra", "default": None}.get(cfg.method, "orthonormal")
-    kwargs = dict(in_chans=data.x_train.shape[1], act_layer=cfg.act_layer, **cfg.model_kwargs)
-    own = model_entrypoint(cfg.model).__module__.startswith(__package__.rpartition(".")[0] + ".models")
-    if own:
-        kwargs["init"] = init
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    model = timm.create_model(cfg.model, num_classes=data.num_classes, **kwargs)
-    if not own and init == "orthonormal":
-        init_weights_(model, "orthonormal", zero_bias=False)
-    return model
-
-
 def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Train one configuration and return its record (config, history, final values, timing)."""
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    model = _model(cfg, data).to(device)
-    opt = _optimizer(cfg, model)
+    model = regime_model(cfg, data).to(device)
+    opt = regime_optimizer(cfg, model)
     # The modulation that measures (or modulates) the error moments.
     probe = getattr(opt, "modulation", None) or ErrorModulation(model, measure_only=True)
+    trained = _train(cfg, data, device, model, opt, probe)
+    final = _final_values(cfg, data, device, model, probe, trained)
+    probe.remove()
+    return {"config": asdict(cfg), "history": trained.history, "final": final, "seconds": trained.seconds}
+
+
+@dataclass
+class _Trained:
+    """What the steps of one run leave for its record."""
+
+    history: list[dict[str, float]]
+    losses: list[Tensor]
+    """Every step's training loss (on the device)."""
+    diverged: bool
+    order: Tensor | None
+    """The order of the epoch the last batch came from (precise BN draws its batches from it)."""
+    warmup_steps: int | None
+    seconds: float
+
+
+def _train(
+    cfg: RunConfig, data: TensorData, device: torch.device, model: nn.Module, opt: Any, probe: ErrorModulation
+) -> _Trained:
+    """The steps of one run; every ``record_every`` steps a point of the history. A non-finite
+    window of losses ends the run (diverged)."""
     targets = find_targets(model)  # found once: the diagnostics keep one engine per target list
-    bound = _baseline_bound(cfg, model, targets)
+    bound = baseline_bound(cfg, model, targets)
     warmup = _Warmup(cfg.steps) if cfg.warmup else None
     base_lrs = [group["lr"] for group in opt.param_groups]
     batches = _epoch_batches(len(data.y_train), cfg.batch_size, seed=10_000 + cfg.seed)
     history: list[dict[str, float]] = []
     losses: list[Tensor] = []
-    diverged = False
+    diverged, perm = False, None
     start = time.perf_counter()
     for step in range(cfg.steps):
         warming = warmup is not None and warmup.on
@@ -389,8 +286,20 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
                 diverged = True
                 break
     seconds = time.perf_counter() - start
-    # The final values: losses, error moments per layer, validation (also after precise BN).
-    stats = probe.last_stats()
+    warmup_steps = None if warmup is None else (warmup.steps if not warmup.on else cfg.steps)
+    return _Trained(history, losses, diverged, perm, warmup_steps, seconds)
+
+
+def _final_values(
+    cfg: RunConfig,
+    data: TensorData,
+    device: torch.device,
+    model: nn.Module,
+    probe: ErrorModulation,
+    trained: _Trained,
+) -> dict[str, Any]:
+    """The final values: losses, error moments per layer, validation (also after precise BN)."""
+    stats, losses, diverged = probe.last_stats(), trained.losses, trained.diverged
     tail = max(1, len(losses) // 10)
     final = {
         "train_loss": torch.stack(losses[-tail:]).mean().item(),
@@ -400,28 +309,18 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
         "layer_scales": stats.scale.double().cpu().tolist(),
         **_evaluate(model, data, device, diverged),
         **_evaluate(model, data, device, diverged, split="train"),
-        "warmup_steps": None if warmup is None else (warmup.steps if not warmup.on else cfg.steps),
+        "warmup_steps": trained.warmup_steps,
     }
     if cfg.precise_bn:
         if not diverged:
             # The first batches of the last epoch's order: training data, drawn without new randomness.
-            bn_batches = (data.x_train[i].to(device) for i in perm.split(cfg.batch_size))
+            bn_batches = (data.x_train[i].to(device) for i in trained.order.split(cfg.batch_size))
             recompute_bn_statistics(model, bn_batches, cfg.precise_bn)
         for split in ("val", "train"):
             final.update(
                 {f"{k}_precise": v for k, v in _evaluate(model, data, device, diverged, split).items()}
             )
-    probe.remove()
-    return {"config": asdict(cfg), "history": history, "final": final, "seconds": seconds}
-
-
-def _baseline_bound(cfg: RunConfig, model: nn.Module, targets: list) -> tuple[list, float] | None:
-    """For the bare-optimizer regimes: the step bound the wrapper would apply, as ``(weights, ratio)``."""
-    if cfg.method not in ("l2", "none") or cfg.max_grad_ratio is None:
-        return None
-    weights = [t.param for t in targets]
-    ratio = auto_max_grad_ratio(model, len(weights)) if cfg.max_grad_ratio == "auto" else cfg.max_grad_ratio
-    return None if ratio is None else (weights, ratio)
+    return final
 
 
 def best_by_loss(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,9 +3,9 @@
 One loop runs both sides of every comparison in the paper: the method (orthonormal init,
 :class:`~timm_ortho.OrthoModulated` with the orthonormality regularizer in place of L2 weight decay,
 optional backward error modulation) and, with ``--baseline``, the usual recipe (MSRA init, L2 weight
-decay, no modulation). It has the shape of Accelerate's examples: :func:`setup` builds a :class:`Run`
-(from the pieces of :mod:`timm_ortho.train.build`), :func:`train_one_epoch` and :func:`validate`
-advance it, :func:`train` orchestrates. Mixed precision, processes and device come from
+decay, no modulation). It has the shape of Accelerate's examples: :func:`~timm_ortho.train.setup.setup`
+builds a :class:`~timm_ortho.train.setup.Run` (the loop's state), :func:`train_one_epoch` and
+:func:`validate` advance it, :func:`train` orchestrates. Mixed precision, processes and device come from
 ``accelerate launch``; the optimizer is wrapped *before* ``accelerator.prepare`` so that the
 regularizer sees unscaled gradients, once per update under gradient accumulation.
 
@@ -26,11 +26,9 @@ the checkpoint names; the modulation's step is set from ``ortho_step`` by the op
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -42,13 +40,13 @@ import torch
 from accelerate.logging import get_logger
 from torch import nn
 
-from . import build
-from .checkpoint import MARKER, CheckpointError, CheckpointManager, load_checkpoint, recipe_of, write_atomic
-from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args, validate_config
-from .data import DataError, SeededTransform, skipped_images
-from .evaluation import evaluate, precise_bn_for_eval, recalibrate_bn, trivial_topk
-from .guards import Diverged, DivergenceMonitor, StopSignals, exit_code_for, resume_command
-from .tracking import JsonlTracker, format_summary, log_record, ratio_history, to_json
+from .checkpoint import CheckpointError, write_atomic
+from .config import ConfigError, Preset, TrainConfig, build_parser, config_from_args
+from .data import DataError, skipped_images
+from .evaluation import evaluate
+from .guards import Diverged, StopSignals, exit_code_for, resume_command
+from .setup import Run, TrainProgress, setup
+from .tracking import format_summary, log_record, to_json
 
 __all__ = [
     "Run",
@@ -75,221 +73,6 @@ class TrainResult:
     ema_model: nn.Module | None = None
     stopped_by: str | None = None
     """``"SIGTERM"`` or ``"SIGINT"`` when a signal stopped the run (after a checkpoint); else None."""
-
-
-@dataclass
-class TrainProgress:
-    """Where the run stands; saved in every checkpoint (``register_for_checkpointing``)."""
-
-    epoch: int = 0
-    batch: int = 0
-    """Micro-batches of ``epoch`` already consumed; ``skip_first_batches`` skips them on resume."""
-    updates: int = 0
-    """The run's clock: optimizer updates applied (see the module's docstring)."""
-    best_top1: float | None = None
-    best_epoch: int | None = None
-    last_eval: dict[str, float] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        vars(self).update(state)
-
-
-@dataclass
-class Run:
-    """What :func:`setup` builds and the loop advances (prepared objects where Accelerate wraps them)."""
-
-    cfg: TrainConfig
-    accelerator: Any
-    run_dir: Path
-    model: nn.Module
-    optimizer: Any
-    scheduler: Any
-    ema: Any
-    loss_fn: nn.Module
-    mixup_fn: Any
-    train_set: SeededTransform
-    train_loader: Any
-    val_loader: Any
-    bn_loader: Any
-    """Precise BN's own loader (own order and generator), or ``None`` when precise BN is off."""
-    precise_bn: int
-    probe: Any
-    """The ErrorModulation whose statistics are logged: the method's own, or a measure-only one."""
-    targets: list
-    info: dict[str, Any]
-    """The run's description: the ``config`` record of ``metrics.jsonl``."""
-    checkpoints: CheckpointManager
-    progress: TrainProgress = dataclasses.field(default_factory=TrainProgress)
-    divergence: DivergenceMonitor = dataclasses.field(default_factory=DivergenceMonitor)
-    stop: StopSignals = dataclasses.field(default_factory=StopSignals)
-    stopped_by: str | None = None
-    """The signal that stopped the run after the current update (``None``: it was not stopped)."""
-    last_checkpoint: Path | None = None
-    last_checkpoint_update: int = -1
-    last_logged_update: int = -1
-    samples_seen: int = 0
-    train_seconds: float = 0.0
-    ema_eval: dict[str, float] | None = None
-
-    @property
-    def eager_model(self) -> nn.Module:
-        """The model without DDP and torch.compile: precise BN's cumulative averages (momentum=None)
-        would make a compiled model recompile and break its graph."""
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-
-    @property
-    def models(self) -> list[nn.Module]:
-        """The eager model and, with an EMA, the EMA's: what is evaluated, saved and returned."""
-        return [self.eager_model, *([self.ema.module] if self.ema is not None else [])]
-
-
-# ----------------------------------------------------------------------------------------------
-# setup
-# ----------------------------------------------------------------------------------------------
-
-
-def setup(cfg: TrainConfig) -> Run:
-    """Everything a run needs: the settings and inputs checked, the run folder, then the pieces."""
-    validate_config(cfg)
-    accelerator = build.make_accelerator(cfg)
-    run_dir, resume_path = build.run_folder(cfg, accelerator)  # checks inputs before creating it
-    try:
-        return _build_run(cfg, accelerator, run_dir, resume_path)
-    except BaseException:
-        if accelerator.is_main_process:  # a failed start leaves no run folder of its own behind
-            build.discard_failed_start(run_dir)
-        raise
-
-
-def _build_run(cfg: TrainConfig, accelerator: Any, run_dir: Path, resume_path: Path | None) -> Run:
-    """The run's pieces, in the order Accelerate asks for (wrap, then ``prepare``)."""
-    from accelerate.utils import set_seed
-
-    datasets, train_set, train_loader, val_loader = build.build_data(cfg, accelerator)
-    model, ema, init = build.build_model(cfg, accelerator, datasets.num_classes)
-    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum_steps
-    lr = build.learning_rate(cfg, global_batch)
-    optimizer, probe, targets, method = build.build_optimizer(cfg, model, lr)
-    bn_loader, precise_bn = build.precise_bn_loader(cfg, model, train_set)
-    method = f"{'baseline: ' if cfg.baseline else ''}{init} init, {method}, precise BN " + (
-        f"over up to {precise_bn} batches" if precise_bn else "off"
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    if cfg.torchcompile:
-        model = torch.compile(model, backend=cfg.torchcompile)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader
-    )
-    bn_loader = accelerator.prepare(bn_loader) if bn_loader is not None else None
-    set_seed(cfg.seed, device_specific=True)  # per-process randomness (dropout, mixup) from here on
-    updates_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    scheduler, total_updates, epochs = build.build_schedule(cfg, optimizer, updates_per_epoch)
-    mixup_fn, loss_fn = build.build_loss(cfg, datasets.num_classes)
-    info = {
-        "type": "config",
-        "time": time.time(),
-        "run_dir": str(run_dir),
-        "model": cfg.model,
-        "params": n_params,
-        "method": method,
-        "data": datasets.description,
-        "synthetic": datasets.synthetic,
-        "num_classes": datasets.num_classes,
-        "processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "device": str(accelerator.device),
-        "global_batch": global_batch,
-        "lr": lr,
-        "updates_per_epoch": updates_per_epoch,
-        "total_updates": total_updates,
-        "stop_at": min(total_updates, cfg.max_steps) if cfg.max_steps else total_updates,
-        "epochs": epochs,
-        "layers": [t.name for t in targets],
-        "config": dataclasses.asdict(cfg),
-    }
-    checkpoints = CheckpointManager(
-        accelerator, run_dir / "checkpoints", keep=cfg.checkpoint_hist,
-        recipe=recipe_of(cfg, datasets.num_classes),
-    )  # fmt: skip
-    run = Run(
-        cfg, accelerator, run_dir, model, optimizer, scheduler, ema, loss_fn, mixup_fn, train_set,
-        train_loader, val_loader, bn_loader, precise_bn, probe, targets, info, checkpoints,
-        divergence=DivergenceMonitor(skip=cfg.skip_nonfinite),
-    )  # fmt: skip
-    _start(run, resume_path)
-    return run
-
-
-def _start(run: Run, resume_path: Path | None) -> None:
-    """Register the checkpointed state, open the trackers, resume, and describe the run."""
-    acc, cfg, info = run.accelerator, run.cfg, run.info
-    acc.register_for_checkpointing(*[s for s in (run.progress, run.scheduler, run.ema) if s is not None])
-    jsonl = next(t for t in acc.log_with if isinstance(t, JsonlTracker))
-    jsonl.path = run.run_dir / "metrics.jsonl"
-    hparams = {
-        k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in info["config"].items()
-    }
-    acc.init_trackers(run.run_dir.name, config=hparams)
-    if resume_path is not None:
-        schedule = copy.deepcopy(run.scheduler.state_dict()) if run.scheduler is not None else None
-        load_checkpoint(acc, resume_path)
-        p = run.progress
-        _log.info("resumed from %s: epoch %d, batch %d, update %d", resume_path, p.epoch, p.batch, p.updates)
-        log_record(acc, {"type": "resume", "from": str(resume_path), **p.state_dict()}, step=p.updates)
-        if schedule is not None:
-            _keep_this_runs_schedule(run, schedule, resume_path)
-    elif run.scheduler is not None:
-        run.scheduler.step_update(0)
-    log_record(acc, info, step=run.progress.updates)
-    if acc.is_main_process:
-        (run.run_dir / "config.json").write_text(json.dumps(info, indent=1, default=to_json))
-    for k in trivial_topk(info["num_classes"]):
-        n = info["num_classes"]
-        _log.info(
-            "top-%d is not reported: with %d classes every label is in the top %d of any model", k, n, k
-        )
-    broken = sum(t.breaks_principle for t in run.targets)
-    _log.info(
-        "model %s (%.2fM params, %d target layers, %d with f_out > f_in); %s",
-        cfg.model, info["params"] / 1e6, len(run.targets), broken, info["method"],
-    )  # fmt: skip
-    _log.info(
-        "%d process(es) on %s, mixed precision %s; global batch %d (%d x %d processes x %d accumulation), "
-        "lr %.4g; %d updates per epoch, %d epochs, stopping after update %d; output %s",
-        acc.num_processes, acc.device, acc.mixed_precision, info["global_batch"], cfg.batch_size,
-        acc.num_processes, cfg.grad_accum_steps, info["lr"], info["updates_per_epoch"], info["epochs"],
-        info["stop_at"], run.run_dir,
-    )  # fmt: skip
-
-
-def _keep_this_runs_schedule(run: Run, schedule: dict[str, Any], resume_path: Path) -> None:
-    """After a resume: the schedule this run's flags built, at the checkpoint's update.
-
-    The checkpoint restores the scheduler of the run that saved it, settings included: resumed with
-    ``--epochs 4`` after a cosine run of 2, it would have reached its end and train on at lr 0.
-    timm's ``train.py`` builds its scheduler from the new flags and restores only the position; so
-    does the trainer (timm's schedulers are functions of the update count and their settings).
-    """
-    if run.scheduler.state_dict() == schedule:  # the same flags: the same schedule, nothing to say
-        return
-    run.scheduler.load_state_dict(schedule)
-    run.scheduler.step_update(run.progress.updates)
-    try:
-        saved = json.loads((resume_path / MARKER).read_text()).get("total_updates")
-    except (OSError, ValueError):
-        saved = None
-    info = run.info
-    _log.info(
-        "schedule rebuilt from this run's flags (--sched %s over %d updates, %d epochs) instead of the "
-        "checkpoint's (%s), as timm's train.py does on resume: only the position is restored; update %d "
-        "runs at lr %.4g",
-        run.cfg.sched, info["total_updates"], info["epochs"],
-        f"{saved} updates" if saved is not None else "other settings", run.progress.updates + 1,
-        run.optimizer.param_groups[0]["lr"],
-    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,7 +179,7 @@ def _after_update(run: Run, epoch: int, interval: _Interval, bar: Any) -> bool:
         return True
     if cfg.checkpoint_interval and progress.updates % cfg.checkpoint_interval == 0:
         _checkpoint(run)
-    if _stop_requested(run):
+    if _stop_requested(run.stop, acc, progress.updates):
         run.stopped_by = run.stop.received or "a signal to another process"
         return True
     return False
@@ -409,7 +192,7 @@ def _log_step(run: Run, epoch: int, interval: _Interval) -> float:
     loss = acc.reduce(interval.loss_sum / max(interval.count, 1), "mean").item()
     elapsed = time.perf_counter() - interval.start
     run.divergence.check(acc)  # the loss was just read: this costs no further wait
-    residuals, cosines, filters = _filters(run)
+    residuals, cosines, filters = _filters(run.targets)
     record: dict[str, Any] = {
         "type": "train",
         "epoch": epoch + 1,  # epochs count from 1 wherever they are shown
@@ -445,10 +228,10 @@ def validate(run: Run, epoch: int, epoch_seconds: float) -> None:
     acc, cfg, progress, ema = run.accelerator, run.cfg, run.progress, run.ema
     _check_finite(run)  # no evaluation, last.pth or model_best.pth of a diverged run
     with contextlib.ExitStack() as evaluation_state:
-        if run.bn_loader is not None:  # evaluated (and saved) with precise BN, trained on unchanged
-            run.bn_loader.set_epoch(epoch)
+        if run.precise_bn is not None:  # evaluated (and saved) with precise BN, trained on unchanged
+            run.precise_bn.set_epoch(epoch)
             for model in run.models:
-                evaluation_state.enter_context(precise_bn_for_eval(model, run))
+                evaluation_state.enter_context(run.precise_bn.for_eval(model, acc))
         evaluation = evaluate(run.model, run.val_loader, acc, cfg.channels_last)
         record = {"type": "eval", "epoch": epoch + 1, "step": progress.updates}
         record["epoch_seconds"] = epoch_seconds
@@ -535,10 +318,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 _STOP_POLL = 5
 
 
-def _stop_requested(run: Run) -> bool:
+def _stop_requested(stop: StopSignals, accelerator: Any, updates: int) -> bool:
     """One process: the signal flag (no sync). Several: every ``_STOP_POLL`` updates, all together."""
-    acc = run.accelerator
-    return (acc.num_processes == 1 or run.progress.updates % _STOP_POLL == 0) and run.stop.requested(acc)
+    return (accelerator.num_processes == 1 or updates % _STOP_POLL == 0) and stop.requested(accelerator)
 
 
 def _check_finite(run: Run) -> None:
@@ -552,17 +334,15 @@ def _checkpoint(run: Run) -> Path:
     _check_finite(run)
     progress = run.progress
     info = {"epoch": progress.epoch, "batch": progress.batch, "total_updates": run.info["total_updates"]}
-    run.last_checkpoint = run.checkpoints.save(progress.updates, info)
-    run.last_checkpoint_update = progress.updates
-    return run.last_checkpoint
+    return run.checkpoints.save(progress.updates, info)
 
 
 def _stopped(run: Run, wall_seconds: float) -> dict[str, Any]:
     """After a stop signal: the checkpoint and the command that resumes from it; returns the record."""
     acc, progress = run.accelerator, run.progress
-    newest = run.last_checkpoint
-    if newest is None or run.last_checkpoint_update != progress.updates:  # not saved at this update yet
-        newest = _checkpoint(run)
+    saved = run.checkpoints.saved
+    # The newest checkpoint of this run, unless it was not saved at this update yet.
+    newest = saved[1] if saved is not None and saved[0] == progress.updates else _checkpoint(run)
     command = resume_command(sys.argv, str(newest))
     who = run.stop.received or "another process's signal"
     _log.warning(
@@ -575,11 +355,11 @@ def _stopped(run: Run, wall_seconds: float) -> dict[str, Any]:
     return record
 
 
-def _filters(run: Run) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def _filters(targets: list) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Each target's orthonormality residual and mean filter cosine, and the whole model's."""
     from ..diagnostics import filter_statistics
 
-    residuals, cosines = filter_statistics(run.targets)  # one Gram pass for both
+    residuals, cosines = filter_statistics(targets)  # one Gram pass for both
     return residuals, cosines, {"ortho_residual": float(residuals.sum()), "filter_cos": float(cosines.mean())}
 
 
@@ -587,11 +367,16 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
     """Leave the returned model as evaluated, draw the plots, log and write the summary."""
     acc, progress = run.accelerator, run.progress
     trained = run.samples_seen > 0  # a backward ran in this process
-    if run.bn_loader is not None and trained:  # the returned model carries what was evaluated
+    if run.precise_bn is not None and trained:  # the returned model carries what was evaluated
         for module in run.models:
-            run.bn_loader.set_epoch(progress.epoch - 1 if progress.batch == 0 else progress.epoch)
-            recalibrate_bn(module, run)
-    pngs = _plots(run) if acc.is_main_process and trained else []
+            run.precise_bn.set_epoch(progress.epoch - 1 if progress.batch == 0 else progress.epoch)
+            run.precise_bn.recalibrate(module, acc)
+    if acc.is_main_process and trained:
+        from .plots import plot_run
+
+        pngs = plot_run(run.run_dir, run.cfg.model, run.probe, progress.updates)
+    else:
+        pngs = []
     skipped = skipped_images(run.train_set, acc)  # a collective: every process calls it
     keys = ("run_dir", "model", "params", "method", "data", "synthetic", "processes", "mixed_precision")
     summary: dict[str, Any] = {
@@ -603,7 +388,7 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
         "ema_eval": run.ema_eval,
         "best_top1": progress.best_top1,
         "best_epoch": progress.best_epoch,
-        **_filters(run)[2],
+        **_filters(run.targets)[2],
         "wall_seconds": wall_seconds,
         "train_samples_per_s": run.samples_seen / run.train_seconds if run.train_seconds > 0 else None,
         "plots": pngs,
@@ -614,32 +399,6 @@ def _finish(run: Run, wall_seconds: float) -> dict[str, Any]:
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=to_json))
         _log.info("\n%s", format_summary(summary))
     return summary
-
-
-def _plots(run: Run) -> list[str]:
-    """The loss and accuracy curves; with a probe, the error moments of this process's last backward
-    and the bottom/top ratio over the run."""
-    from .plots import plot_error_moments, plot_ratio_history, plot_training_curves
-
-    cfg, modulated = run.cfg, run.probe is not None and not run.probe.measure_only
-    metrics = run.run_dir / "metrics.jsonl"
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    curves = plot_training_curves([json.loads(line) for line in lines], run.run_dir / "training_curves.png")
-    pngs = [str(curves)] if curves is not None else []
-    if run.probe is None:
-        return pngs
-    # With modulation, what the same forward gives without it and what the weight gradients saw;
-    # without, the measured moments.
-    which = ("unmodulated", "after") if modulated else ("before",)
-    title = f"{cfg.model}: error second moments at update {run.progress.updates}"
-    moments = plot_error_moments(
-        run.probe.last_stats(), run.run_dir / "error_moments.png", which=which, title=title
-    )
-    pngs.append(str(moments))
-    history = ratio_history(metrics, unmodulated=modulated)
-    if history:
-        pngs.append(str(plot_ratio_history(history, run.run_dir / "bottom_top_ratio.png", title=cfg.model)))
-    return pngs
 
 
 def main(argv: Sequence[str] | None = None, preset: Preset = "imagenet", prog: str | None = None) -> int:

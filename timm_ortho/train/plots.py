@@ -5,6 +5,7 @@
   it. The paper's Fig. 3 quantity is the ratio of the rightmost to the leftmost point.
 - :func:`plot_ratio_history`: the bottom/top ratio over the updates (the paper's Fig. 3 itself).
 - :func:`plot_training_curves`: the loss and the validation accuracy over the updates.
+- :func:`plot_run`: those of a run, from its ``metrics.jsonl`` and its probe (what the trainer draws).
 
 Every axis that counts optimizer updates is labelled ``update`` (the run's one clock), layer axes
 have integer ticks, and a value that a log axis cannot show (zero, negative, not finite) is left out;
@@ -16,6 +17,7 @@ they touch no global backend state and work in headless training jobs.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,9 +29,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..modulation import ModulationStats
+from ..modulation import ErrorModulation, ModulationStats
+from .tracking import ratio_history
 
-__all__ = ["plot_error_moments", "plot_ratio_history"]
+__all__ = ["plot_error_moments", "plot_ratio_history", "plot_run", "plot_training_curves"]
 
 Which = Literal["before", "after", "unmodulated"]
 
@@ -165,3 +168,26 @@ def plot_training_curves(
         if any(v is not None for v in top5):
             acc_ax.plot(steps, top5, marker="s", ms=4, ls="--", label="top-5")
     return _save(fig, path, dpi)
+
+
+def plot_run(run_dir: Path, model_name: str, probe: ErrorModulation | None, updates: int) -> list[str]:
+    """A run's figures, from its ``metrics.jsonl``: the loss and accuracy curves; with a probe, the
+    error moments of this process's last backward and the bottom/top ratio over the run. Returns
+    the paths written."""
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    curves = plot_training_curves([json.loads(line) for line in lines], run_dir / "training_curves.png")
+    pngs = [str(curves)] if curves is not None else []
+    if probe is None:
+        return pngs
+    # With modulation, what the same forward gives without it and what the weight gradients saw;
+    # without, the measured moments.
+    modulated = not probe.measure_only
+    which = ("unmodulated", "after") if modulated else ("before",)
+    title = f"{model_name}: error second moments at update {updates}"
+    moments = plot_error_moments(probe.last_stats(), run_dir / "error_moments.png", which=which, title=title)
+    pngs.append(str(moments))
+    history = ratio_history(metrics, unmodulated=modulated)
+    if history:
+        pngs.append(str(plot_ratio_history(history, run_dir / "bottom_top_ratio.png", title=model_name)))
+    return pngs
