@@ -36,6 +36,7 @@ the generalization gap (training minus test accuracy, both in eval mode), the fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -205,8 +206,22 @@ def run_cells(
     processes: int,
     deadline: float | None,
     on_result: Callable[[dict[str, Any]], None],
+    saved: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(results, grid)`` entries: each cell's seeds at its chosen lr, and the first seed at every lr."""
+    """``(results, grid)`` entries: each cell's seeds at its chosen lr, and the first seed at every lr.
+
+    ``saved``: entries of an interrupted run of the same plan (``<suite>.partial.json``); a run found
+    there (same cell, lr and seed) is taken from it instead of run again.
+    """
+    by_run = {
+        _run_key(e["dataset"], e["model"], e["regime"], e["budget"], e["record"]["config"]): e
+        for e in saved or []
+    }
+
+    def known(index: int, cfg: RunConfig) -> dict[str, Any] | None:
+        c = cells[index]
+        found = by_run.get(_run_key(c.dataset, c.model, c.regime, c.budget, dataclasses.asdict(cfg)))
+        return None if found is None else found["record"]
 
     def entry(index: int, record: dict[str, Any]) -> dict[str, Any]:
         c = cells[index]
@@ -226,11 +241,17 @@ def run_cells(
             processes,
             deadline=deadline,
             on_result=lambda j, record, indices=indices: on_result(entry(indices[j], record)),
+            known=lambda j, cfg, indices=indices: known(indices[j], cfg),
         )
         for i, cell in zip(indices, outcome, strict=True):
             results += [entry(i, r) for r in cell.seeds if r is not None]
             grid += [entry(i, r) for r in cell.grid if r is not None]
     return results, grid
+
+
+def _run_key(dataset: str, model: str, regime: str, budget: str, config: dict[str, Any]) -> str:
+    """One run's identity: its cell and its whole configuration (lr and seed included)."""
+    return json.dumps([dataset, model, regime, budget, config], sort_keys=True, default=str)
 
 
 def _flatness(record: dict[str, Any]) -> float:

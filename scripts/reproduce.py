@@ -386,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument(
         "--append", action="store_true", help="keep the runs in --out's JSON and run only the missing ones"
     )
+    depth.add_argument(
+        "--resume",
+        action="store_true",
+        help="models, regularizer, hardness: reuse the runs an interrupted call left in <suite>.partial.json",
+    )
     return parser
 
 
@@ -585,9 +590,17 @@ def run_convergence(args: argparse.Namespace) -> None:
         warmup=f"residual twins from {suites.WARMUP_DEPTH} layers: lr 0.01 until training error < 80 %",
         data={**suites.DATASETS, "16 px for": "resnet18, resnet50, mobilenetv3_small_100, test_vit"},
     )
+    saved: list[dict[str, Any]] = []
+    partial_path = args.out / f"{name}.partial.json"
+    if args.resume:
+        if not partial_path.exists():
+            raise SystemExit(f"--resume: {partial_path} does not exist (nothing was interrupted in --out)")
+        saved = json.loads(partial_path.read_text())["results"]
+        print(f"resuming: {len(saved)} runs saved in {partial_path} are not run again")
     print(f"{name} suite: {len(cells)} cells, {planned} runs on {args.device} in {processes} processes")
     bar = tqdm(total=planned, desc=name, unit="run")
-    finished: list[dict[str, Any]] = []
+    finished: list[dict[str, Any]] = list(saved)  # the partial file keeps them if cut short again
+    bar.update(len(saved))
     start = time.perf_counter()
 
     def on_result(entry: dict[str, Any]) -> None:
@@ -598,7 +611,7 @@ def run_convergence(args: argparse.Namespace) -> None:
                 finished, [], {**budget, "finished_runs": len(finished)}, args.out, f"{name}.partial"
             )
 
-    results, grid = suites.run_cells(cells, seeds, args.device, processes, args.deadline, on_result)
+    results, grid = suites.run_cells(cells, seeds, args.device, processes, args.deadline, on_result, saved)
     bar.close()
     budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
     rows = suites.write(previous["results"] + results, previous["grid"] + grid, budget, args.out, name)

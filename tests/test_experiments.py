@@ -139,6 +139,28 @@ def test_lr_grid_runs_every_lr_on_the_first_seed_then_the_best_on_the_others(dat
     assert cell.seeds[1]["config"]["lr"] == cell.lr and len(finished) == 3
 
 
+def test_lr_grid_resumes_from_known_runs_without_running_them_again(data):
+    from timm_ortho.train.experiments import run_lr_grid
+
+    cfg = RunConfig(model="plain_cnn20", method="l2", steps=3, batch_size=8, record_every=3)
+    kwargs = {"img_size": 8, "n_train": 64, "n_val": 32}
+    (full,) = run_lr_grid([(cfg, kwargs)], [0.01, 1e-9], [5, 6])
+    saved = {(r["config"]["lr"], r["config"]["seed"]): r for r in full.grid + full.seeds}
+    asked, finished = [], []
+
+    def known(index, config):  # an interrupted suite that kept the grid but not the second seed
+        asked.append((index, config.lr, config.seed))
+        return saved[(config.lr, config.seed)] if config.seed == 5 else None
+
+    (resumed,) = run_lr_grid(
+        [(cfg, kwargs)], [0.01, 1e-9], [5, 6], known=known, on_result=lambda i, r: finished.append(r)
+    )
+    assert asked == [(0, 0.01, 5), (0, 1e-9, 5), (0, full.lr, 6)]
+    assert resumed.lr == full.lr and resumed.grid == full.grid  # the same choice from the saved grid
+    assert [r["config"]["seed"] for r in finished] == [6]  # only the missing run ran and was reported
+    assert finished[0]["final"]["train_loss"] == full.seeds[1]["final"]["train_loss"]
+
+
 def test_warmup_holds_the_lr_until_the_training_error_falls(data):
     from timm_ortho.train.experiments import WARMUP_LR
 

@@ -422,6 +422,7 @@ def run_lr_grid(
     *,
     deadline: float | None = None,
     on_result: Callable[[int, dict[str, Any]], None] | None = None,
+    known: Callable[[int, RunConfig], dict[str, Any] | None] | None = None,
 ) -> list[GridResult]:
     """Every cell ``(config, data_kwargs)`` at each lr of ``lrs`` on the first seed, then the other seeds
     at the lr whose final training loss was lowest (diverged runs count as +inf).
@@ -429,7 +430,9 @@ def run_lr_grid(
     The selection reads no held-out data. Both phases run every cell's runs together in ``jobs``
     processes; ``on_result(cell index, record)`` is called as each run finishes. ``deadline``: seconds
     from now after which no run starts (its record is None; a cell whose grid did not finish runs no
-    further seeds).
+    further seeds). ``known(cell index, config)``: a record saved by an earlier, interrupted call for
+    that exact run, or None; known runs are not run again (nor passed to ``on_result``), so a suite
+    resumes where it stopped and makes the same lr choices.
     """
     if not lrs or not seeds:
         raise ValueError("run_lr_grid needs at least one lr and one seed")
@@ -439,18 +442,24 @@ def run_lr_grid(
         return None if stop_at is None else max(0.0, stop_at - time.time())
 
     def phase(plan: list[tuple[int, RunConfig]]) -> list[dict[str, Any] | None]:
+        records = [None if known is None else known(i, cfg) for i, cfg in plan]
+        missing = [k for k, r in enumerate(records) if r is None]
+
         def finished(index: int, record: dict[str, Any]) -> None:
             if on_result is not None:
-                on_result(plan[index][0], record)
+                on_result(plan[missing[index]][0], record)
 
-        return run_many(
-            [cfg for _, cfg in plan],
-            [cells[i][1] for i, _ in plan],
+        ran = run_many(
+            [plan[k][1] for k in missing],
+            [cells[plan[k][0]][1] for k in missing],
             device,
             jobs,
             deadline=left(),
             on_result=finished,
         )
+        for k, record in zip(missing, ran, strict=True):
+            records[k] = record
+        return records
 
     first = [(i, replace(cfg, lr=lr, seed=seeds[0])) for i, (cfg, _) in enumerate(cells) for lr in lrs]
     grid = phase(first)

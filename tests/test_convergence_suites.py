@@ -1,0 +1,44 @@
+"""``reproduce.py models | regularizer | hardness``: the plans, and a suite resumed from its partial file."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import convergence_suites as suites
+
+TINY = {"img_size": 8, "n_train": 64, "n_val": 32}
+
+
+def _tiny(cells):
+    return [
+        dataclasses.replace(c, cfg=dataclasses.replace(c.cfg, steps=3, record_every=3), data=TINY)
+        for c in cells
+    ]
+
+
+def test_the_regularizer_plan_has_every_regime_and_modulation_on_chains_only():
+    cells = suites.plan_regularizer(["digits", "hard"])
+    labels = {(c.model, c.regime) for c in cells}
+    assert len(labels) == 3 * 2 * 4 + 3 * 3 + 3  # plain rows: 4 regimes; residual rows: no modulation
+    assert all(c.cfg.steps == suites.CONVERGED_STEPS and c.lrs == suites.SGD_LRS for c in cells)
+    twins = [c for c in cells if c.model == "cifar_resnet110"]
+    assert twins and all(c.cfg.warmup for c in twins)  # He et al.'s warm-up from 56 layers
+    assert not any(c.cfg.warmup for c in cells if c.model.startswith("plain_cnn"))
+
+
+def test_a_suite_resumed_from_its_saved_runs_runs_only_the_missing_ones():
+    cells = _tiny(suites.plan_hardness()[:2])
+    cells = [dataclasses.replace(c, lrs=(0.05, 0.01)) for c in cells]
+    done: list = []
+    results, grid = suites.run_cells(cells, [0, 1], "cpu", 1, None, done.append)
+    assert len(done) == len(cells) * 3  # two lrs on seed 0, then seed 1 at the chosen one
+
+    # Cut short after the grid: the saved runs are the seed-0 ones.
+    saved = [e for e in done if e["record"]["config"]["seed"] == 0]
+    again: list = []
+    resumed, resumed_grid = suites.run_cells(cells, [0, 1], "cpu", 1, None, again.append, saved)
+    assert [e["record"]["config"]["seed"] for e in again] == [1, 1]
+    assert [e["record"]["config"]["lr"] for e in resumed] == [e["record"]["config"]["lr"] for e in results]
+    assert [e["record"]["final"] for e in resumed] == [e["record"]["final"] for e in results]
+    assert resumed_grid == grid
