@@ -378,8 +378,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
             ax.set(ylabel=label, title=f"{name}, {budget}")
             ax.grid(axis="y", alpha=0.3)
-        axes[0][col].set_ylim(0, 1)
-        axes[0][col].legend(fontsize=7, loc="lower left")
+        axes[0][col].set_ylim(0, 1.15)  # headroom for the legend above the bars
+        axes[0][col].legend(fontsize=7, loc="upper center", ncol=len(regimes))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
