@@ -18,11 +18,12 @@ batches. Cells are ordered by priority (the headline comparison at 110 layers fi
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from convergence_suites import mean_sd
 
 from timm_ortho.train.experiments import RunConfig, run_lr_grid
 
@@ -241,14 +242,6 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _mean_sd(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| data | depth | regime | lr | test acc (final BN) | test acc (precise BN) | per seed (precise) "
@@ -261,8 +254,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         seeds = " / ".join(f"{v:.3f}" for v in r["acc_precise"])
         lines.append(
             f"| {r['dataset']} | {r['depth']} | {r['regime']} | {r.get('lr', 0.1):g} | "
-            f"{_mean_sd(r['acc'])} | "
-            f"{_mean_sd(r['acc_precise'])} | {seeds} | {r['diverged']} |"
+            f"{mean_sd(r['acc'])} | "
+            f"{mean_sd(r['acc_precise'])} | {seeds} | {r['diverged']} |"
         )
     return "\n".join(lines)
 
