@@ -138,3 +138,28 @@ def test_the_method_defaults_live_in_one_module():
     assert options["band"].default == defaults.DEFAULT_MODULATION_BAND
     assert options["mode"].default == defaults.DEFAULT_MODULATION_MODE
     assert options["reference"].default == defaults.DEFAULT_MODULATION_REFERENCE
+
+
+# Size limits that keep each module one concept and each function readable on one screen.
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+
+
+def _package_sources() -> Iterator[Path]:
+    for folder in (ROOT / "timm_ortho", ROOT / "plugins"):
+        yield from sorted(folder.rglob("*.py"))
+
+
+def test_no_module_and_no_function_is_over_its_size_limit():
+    too_long = []
+    for path in _package_sources():
+        source = path.read_text()
+        lines = len(source.splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{path.relative_to(ROOT)}: {lines} lines")
+        for node in ast.walk(ast.parse(source, filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines")
+    assert too_long == []

@@ -413,6 +413,37 @@ class GridResult:
     """The first seed's records at every lr of the grid, in grid order."""
 
 
+def _run_phase(
+    plan: list[tuple[int, RunConfig]],
+    data: Sequence[dict[str, Any]],
+    device: str,
+    jobs: int,
+    deadline: float | None,
+    on_result: Callable[[int, dict[str, Any]], None] | None,
+    known: Callable[[int, RunConfig], dict[str, Any] | None] | None,
+) -> list[dict[str, Any] | None]:
+    """One phase of :func:`run_lr_grid`: the runs ``(cell index, config)`` of ``plan`` that ``known`` does
+    not already hold, together in ``jobs`` processes; the records in ``plan``'s order."""
+    records = [None if known is None else known(i, cfg) for i, cfg in plan]
+    missing = [k for k, r in enumerate(records) if r is None]
+
+    def finished(index: int, record: dict[str, Any]) -> None:
+        if on_result is not None:
+            on_result(plan[missing[index]][0], record)
+
+    ran = run_many(
+        [plan[k][1] for k in missing],
+        [data[plan[k][0]] for k in missing],
+        device,
+        jobs,
+        deadline=deadline,
+        on_result=finished,
+    )
+    for k, record in zip(missing, ran, strict=True):
+        records[k] = record
+    return records
+
+
 def run_lr_grid(
     cells: Sequence[tuple[RunConfig, dict[str, Any]]],
     lrs: Sequence[float],
@@ -437,29 +468,11 @@ def run_lr_grid(
     if not lrs or not seeds:
         raise ValueError("run_lr_grid needs at least one lr and one seed")
     stop_at = None if deadline is None else time.time() + deadline
-
-    def left() -> float | None:
-        return None if stop_at is None else max(0.0, stop_at - time.time())
+    data = [data_kwargs for _, data_kwargs in cells]
 
     def phase(plan: list[tuple[int, RunConfig]]) -> list[dict[str, Any] | None]:
-        records = [None if known is None else known(i, cfg) for i, cfg in plan]
-        missing = [k for k, r in enumerate(records) if r is None]
-
-        def finished(index: int, record: dict[str, Any]) -> None:
-            if on_result is not None:
-                on_result(plan[missing[index]][0], record)
-
-        ran = run_many(
-            [plan[k][1] for k in missing],
-            [cells[plan[k][0]][1] for k in missing],
-            device,
-            jobs,
-            deadline=left(),
-            on_result=finished,
-        )
-        for k, record in zip(missing, ran, strict=True):
-            records[k] = record
-        return records
+        left = None if stop_at is None else max(0.0, stop_at - time.time())
+        return _run_phase(plan, data, device, jobs, left, on_result, known)
 
     first = [(i, replace(cfg, lr=lr, seed=seeds[0])) for i, (cfg, _) in enumerate(cells) for lr in lrs]
     grid = phase(first)
