@@ -153,13 +153,11 @@ REGULARIZER_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def plan_regularizer(datasets: list[str], models: list[str] | None = None) -> list[Cell]:
+def plan_regularizer(datasets: list[str]) -> list[Cell]:
     """Every regime on every model and data set at the converged budget (modulation on chains only)."""
     cells = []
     for name in datasets:
         for label, (model, overrides) in REGULARIZER_MODELS.items():
-            if models is not None and label not in models:
-                continue
             data = (UPSAMPLED if model == "resnet18" else DATASETS)[name]
             for regime, regime_overrides in REGULARIZER_REGIMES.items():
                 if regime_overrides["method"] == "ortho_mod" and not model.startswith("plain_cnn"):

@@ -365,7 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="depth suites: digits synthetic; models: digits; regularizer: digits hard",
     )
     depth.add_argument(
-        "--models", nargs="+", default=None, metavar="LABEL", help="regularizer suite: only these model rows"
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="models, regularizer: only these model rows",
     )
     depth.add_argument(
         "--budgets", nargs="+", default=None, choices=["300 steps", "converged"], help="models suite"
@@ -560,11 +564,11 @@ def run_convergence(args: argparse.Namespace) -> None:
     if name == "models":
         cells = suites.plan_models(args.datasets or ["digits"], args.budgets or ["300 steps", "converged"])
     elif name == "regularizer":
-        cells = suites.plan_regularizer(args.datasets or ["digits", "hard"], args.models)
+        cells = suites.plan_regularizer(args.datasets or ["digits", "hard"])
     else:
         cells = suites.plan_hardness()
-    if args.regimes:
-        cells = [c for c in cells if c.regime in args.regimes]
+    cells = select(cells, "model", args.models, "--models")
+    cells = select(cells, "regime", args.regimes, "--regimes")
     if args.steps:  # a smoke run of the suite's plan at another budget
         cells = [dataclasses.replace(c, cfg=dataclasses.replace(c.cfg, steps=args.steps)) for c in cells]
     if args.lrs:
@@ -617,6 +621,18 @@ def run_convergence(args: argparse.Namespace) -> None:
     rows = suites.write(previous["results"] + results, previous["grid"] + grid, budget, args.out, name)
     (args.out / f"{name}.partial.json").unlink(missing_ok=True)
     print(suites.table(rows))
+
+
+def select(cells: list[Any], field: str, wanted: list[str] | None, flag: str) -> list[Any]:
+    """The cells whose ``field`` is one of ``wanted`` (all of them for None); a label no cell has is
+    refused with the labels there are."""
+    if not wanted:
+        return cells
+    labels = list(dict.fromkeys(getattr(c, field) for c in cells))
+    unknown = [w for w in wanted if w not in labels]
+    if unknown:
+        raise SystemExit(f"{flag}: no planned run is labelled {unknown}; the labels are {labels}")
+    return [c for c in cells if getattr(c, field) in wanted]
 
 
 def run_paper(args: argparse.Namespace) -> None:

@@ -42,3 +42,15 @@ def test_a_suite_resumed_from_its_saved_runs_runs_only_the_missing_ones():
     assert [e["record"]["config"]["lr"] for e in resumed] == [e["record"]["config"]["lr"] for e in results]
     assert [e["record"]["final"] for e in resumed] == [e["record"]["final"] for e in results]
     assert resumed_grid == grid
+
+
+def test_model_and_regime_rows_are_selected_by_label_and_an_unknown_label_is_named(capsys):
+    import pytest
+    import reproduce
+
+    cells = suites.plan_models(["digits"], ["300 steps"])
+    picked = reproduce.select(cells, "model", ["resnet18", "plain-110 row"], "--models")
+    assert {c.model for c in picked} == {"resnet18", "plain-110 row"}
+    assert reproduce.select(cells, "regime", None, "--regimes") == cells
+    with pytest.raises(SystemExit, match=r"--models: no planned run is labelled \['resnet81'\]"):
+        reproduce.select(cells, "model", ["resnet81"], "--models")
