@@ -27,6 +27,7 @@ seed see the same batches in the same order.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -575,11 +576,16 @@ def run_convergence(args: argparse.Namespace) -> None:
         cells = [dataclasses.replace(c, lrs=tuple(args.lrs)) for c in cells]
     previous: dict[str, list[dict[str, Any]]] = {"results": [], "grid": []}
     if args.append and path.exists():
-        saved = json.loads(path.read_text())
-        previous = {"results": saved["results"], "grid": saved["grid"]}
-        have = {(e["dataset"], e["model"], e["regime"], e["budget"]) for e in previous["results"]}
-        cells = [c for c in cells if (c.dataset, c.model, c.regime, c.budget) not in have]
-        print(f"appending to {len(previous['results'])} finished runs in {path}")
+        # Cells with all their seeds are kept; a cell a deadline cut short is planned again (its
+        # finished runs come back from the partial file with --resume).
+        record = json.loads(path.read_text())
+        count = collections.Counter(_cell_key(e) for e in record["results"])
+        complete = {key for key, n in count.items() if n >= len(seeds)}
+        previous = {
+            part: [e for e in record[part] if _cell_key(e) in complete] for part in ("results", "grid")
+        }
+        cells = [c for c in cells if _cell_key(vars(c)) not in complete]
+        print(f"appending to {len(previous['results'])} finished runs of complete cells in {path}")
     processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
     planned = sum(len(c.lrs) + len(seeds) - 1 for c in cells)
     budget = dict(
@@ -619,8 +625,22 @@ def run_convergence(args: argparse.Namespace) -> None:
     bar.close()
     budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
     rows = suites.write(previous["results"] + results, previous["grid"] + grid, budget, args.out, name)
-    (args.out / f"{name}.partial.json").unlink(missing_ok=True)
     print(suites.table(rows))
+    count = collections.Counter(_cell_key(e) for e in results)
+    cut = [c for c in cells if count[_cell_key(vars(c))] < len(seeds)]
+    if cut:  # keep every finished run for the call that completes them
+        suites.write(finished, [], {**budget, "finished_runs": len(finished)}, args.out, f"{name}.partial")
+        print(
+            f"{len(cut)} of {len(cells)} cells did not finish (--deadline): {path} holds what did; the same "
+            f"command with --append --resume runs only the missing runs"
+        )
+    else:
+        partial_path.unlink(missing_ok=True)
+
+
+def _cell_key(entry: dict[str, Any]) -> tuple[str, str, str, str]:
+    """A suite cell's identity: (data set, model row, regime, budget)."""
+    return entry["dataset"], entry["model"], entry["regime"], entry["budget"]
 
 
 def select(cells: list[Any], field: str, wanted: list[str] | None, flag: str) -> list[Any]:

@@ -54,3 +54,29 @@ def test_model_and_regime_rows_are_selected_by_label_and_an_unknown_label_is_nam
     assert reproduce.select(cells, "regime", None, "--regimes") == cells
     with pytest.raises(SystemExit, match=r"--models: no planned run is labelled \['resnet81'\]"):
         reproduce.select(cells, "model", ["resnet81"], "--models")
+
+
+def test_a_suite_cut_by_its_deadline_keeps_its_runs_and_append_resume_completes_it(tmp_path, capsys):
+    import json
+
+    import reproduce
+
+    def call(*extra: str) -> None:
+        argv = ["regularizer", "--models", "cifar_resnet20", "--regimes", "none (MSRA init)"]
+        argv += ["--datasets", "digits", "--steps", "2", "--seeds", "0", "1", "--lrs", "0.05", "0.01"]
+        argv += ["--jobs", "1", "--device", "cpu", "--out", str(tmp_path), *extra]
+        reproduce.run_convergence(reproduce.build_parser().parse_args(argv))
+
+    call("--deadline", "0")  # no run may start: the one cell is cut
+    assert "did not finish" in capsys.readouterr().out
+    assert (tmp_path / "regularizer.partial.json").exists()
+    assert json.loads((tmp_path / "regularizer.json").read_text())["results"] == []
+
+    call("--append", "--resume")
+    record = json.loads((tmp_path / "regularizer.json").read_text())
+    assert sorted(e["record"]["config"]["seed"] for e in record["results"]) == [0, 1]
+    assert len(record["grid"]) == 2  # both lrs on seed 0
+    assert not (tmp_path / "regularizer.partial.json").exists()
+
+    call("--append")  # complete now: nothing is planned again
+    assert "0 cells, 0 runs" in capsys.readouterr().out
