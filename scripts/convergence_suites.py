@@ -324,20 +324,39 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def comparisons(rows: list[dict[str, Any]], baseline: str, others: list[str]) -> str:
-    """Each regime's test accuracy minus the baseline regime's, per model: mean difference and whether it
-    exceeds the two seed spreads (the larger standard deviation)."""
-    index = {(r["dataset"], r["budget"], r["model"], r["regime"]): r for r in rows}
-    lines = [f"| data | budget | model | regime | vs {baseline} | beyond the spread |", "| --- " * 6 + "|"]
-    for (name, budget, model, regime), r in index.items():
-        if regime not in others or (name, budget, model, baseline) not in index:
+BASELINES = {
+    "models": ("bare, usual weight decay", "cifar_resnet110 (fair twin), MSRA + L2"),
+    "regularizer": ("L2 (MSRA init)",),
+    "hardness": ("l2",),
+}
+"""Each suite's reference regimes: every other regime of a row is compared with the row's reference."""
+
+
+def comparisons(rows: list[dict[str, Any]], baselines: tuple[str, ...]) -> str:
+    """Each regime's test accuracy minus its row's baseline regime's (one of ``baselines``), per data set,
+    budget and model: the mean difference, the difference in the generalization gap and the filters'
+    mean |cos|, and whether the accuracy difference exceeds the seed spread (the larger of the two
+    standard deviations; with one seed there is no spread to exceed)."""
+    base = {(r["dataset"], r["budget"], r["model"]): r for r in rows if r["regime"] in baselines}
+    lines = [
+        "| data | budget | model | regime | vs | test acc diff | beyond the spread | gap diff "
+        "| mean abs cos |",
+        "| --- " * 9 + "|",
+    ]
+    for r in rows:
+        b = base.get((r["dataset"], r["budget"], r["model"]))
+        if b is None or r is b:
             continue
-        b = index[(name, budget, model, baseline)]
         diff = statistics.fmean(r["test_acc"]) - statistics.fmean(b["test_acc"])
-        spread = max(statistics.stdev(x) if len(x) > 1 else 0.0 for x in (r["test_acc"], b["test_acc"]))
-        verdict = "yes" if abs(diff) > spread else "no"
+        spreads = [statistics.stdev(x) for x in (r["test_acc"], b["test_acc"]) if len(x) > 1]
+        verdict = (
+            f"{'yes' if abs(diff) > max(spreads) else 'no'} (sd {max(spreads):.3f})" if spreads else "n/a"
+        )
+        gap = statistics.fmean(r["gap"]) - statistics.fmean(b["gap"])
+        cos = f"{statistics.fmean(r['cosine']):.4f} vs {statistics.fmean(b['cosine']):.4f}"
         lines.append(
-            f"| {name} | {budget} | {model} | {regime} | {diff:+.3f} | {verdict} (sd {spread:.3f}) |"
+            f"| {r['dataset']} | {r['budget']} | {r['model']} | {r['regime']} | {b['regime']} | "
+            f"{diff:+.3f} | {verdict} | {gap:+.3f} | {cos} |"
         )
     return "\n".join(lines)
 

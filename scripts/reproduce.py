@@ -557,7 +557,8 @@ def run_convergence(args: argparse.Namespace) -> None:
     path = args.out / f"{name}.json"
     if args.plot_only:
         record = json.loads(path.read_text())
-        print(suites.table(suites.write(record["results"], record["grid"], record["budget"], args.out, name)))
+        rows = suites.write(record["results"], record["grid"], record["budget"], args.out, name)
+        print(suites.table(rows), suites.comparisons(rows, suites.BASELINES[name]), sep="\n\n")
         return
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -625,7 +626,7 @@ def run_convergence(args: argparse.Namespace) -> None:
     bar.close()
     budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
     rows = suites.write(previous["results"] + results, previous["grid"] + grid, budget, args.out, name)
-    print(suites.table(rows))
+    print(suites.table(rows), suites.comparisons(rows, suites.BASELINES[name]), sep="\n\n")
     count = collections.Counter(_cell_key(e) for e in results)
     cut = [c for c in cells if count[_cell_key(vars(c))] < len(seeds)]
     if cut:  # keep every finished run for the call that completes them

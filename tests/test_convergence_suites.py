@@ -80,3 +80,27 @@ def test_a_suite_cut_by_its_deadline_keeps_its_runs_and_append_resume_completes_
 
     call("--append")  # complete now: nothing is planned again
     assert "0 cells, 0 runs" in capsys.readouterr().out
+
+
+def test_comparisons_give_each_regime_against_its_rows_baseline_with_the_spread():
+    def row(model, regime, acc, gap=(0.0, 0.0), cos=(0.1, 0.1)):
+        return dict(
+            dataset="digits",
+            budget="converged",
+            model=model,
+            regime=regime,
+            test_acc=list(acc),
+            gap=list(gap),
+            cosine=list(cos),
+        )
+
+    rows = [
+        row("net", "L2 (MSRA init)", (0.90, 0.92)),  # mean 0.91, sd 0.01414
+        row("net", "ortho (orthonormal init)", (0.95, 0.95), gap=(0.1, 0.3), cos=(0.01, 0.03)),
+        row("net", "none (MSRA init)", (0.915, 0.915)),
+        row("alone", "none (MSRA init)", (0.5, 0.5)),  # no baseline in its row: not compared
+    ]
+    lines = suites.comparisons(rows, suites.BASELINES["regularizer"]).splitlines()[2:]
+    assert len(lines) == 2
+    assert "| +0.040 | yes (sd 0.014) | +0.200 | 0.0200 vs 0.1000 |" in lines[0]
+    assert "| +0.005 | no (sd 0.014) |" in lines[1]
