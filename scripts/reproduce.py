@@ -607,11 +607,14 @@ def run_convergence(args: argparse.Namespace) -> None:
         if not partial_path.exists():
             raise SystemExit(f"--resume: {partial_path} does not exist (nothing was interrupted in --out)")
         saved = json.loads(partial_path.read_text())["results"]
-        print(f"resuming: {len(saved)} runs saved in {partial_path} are not run again")
+    planned_cells = {_cell_key(vars(c)) for c in cells}
+    known = sum(_cell_key(e) in planned_cells for e in saved)
+    if args.resume:
+        print(f"resuming: {known} runs of this plan are saved in {partial_path} and not run again")
     print(f"{name} suite: {len(cells)} cells, {planned} runs on {args.device} in {processes} processes")
     bar = tqdm(total=planned, desc=name, unit="run")
+    bar.update(known)
     finished: list[dict[str, Any]] = list(saved)  # the partial file keeps them if cut short again
-    bar.update(len(saved))
     start = time.perf_counter()
 
     def on_result(entry: dict[str, Any]) -> None:
