@@ -14,6 +14,10 @@ Sections:
   3. the regularizer's share of a resnet50 iteration at batch 8, 64 and 256, from the measured
      regularizer time and the measured per-image cost of forward + backward.
   4. the same variants as in 2 on resnet50.
+  5. where the modulation's cost goes on plain_cnn56: its Python per layer (forward, and forward +
+     backward) at batch 2 and 8 px, where the ops themselves cost nothing, and the backward at
+     batch 64, 32 px without the modulation, with it, and with it but the norm of each error
+     replaced by a constant (what the norms and the rescales cost).
 
 Every timing is the median of interleaved repetitions (A, B, A, B, ...), so that load from other
 processes hits both sides alike. Nothing here is asserted: read the ratios.
@@ -205,12 +209,69 @@ def section_resnet(repeats: int, batch: int, size: int) -> None:
     report(t)
 
 
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def section_modulation_parts(repeats: int) -> None:
+    import timm_ortho.modulation_function as function
+
+    model = timm.create_model("plain_cnn56")
+    layers = len(find_targets(model)) - 1  # the classifier is not modulated
+    print(f"\n[5] where the modulation's cost goes, plain_cnn56 ({layers} modulated layers)")
+    small = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+    full = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+    def forward(x, y) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(x), y)
+
+    def backward_seconds(x, y) -> float:
+        loss = forward(x, y)
+        start = time.perf_counter()
+        loss.backward()
+        return time.perf_counter() - start
+
+    n = 20 * repeats
+    bare = median_seconds(lambda: forward(*small), n), median_seconds(lambda: forward(*small).backward(), n)
+    with ErrorModulation(model):
+        hooked = (
+            median_seconds(lambda: forward(*small), n),
+            median_seconds(lambda: forward(*small).backward(), n),
+        )
+    per_layer = [(h - b) / layers * 1e6 for h, b in zip(hooked, bare, strict=True)]
+    print(
+        f"    Python per layer (batch 2, 8 px): forward {per_layer[0]:.0f} us, "
+        f"forward + backward {per_layer[1]:.0f} us"
+    )
+    norm = function._host_norm
+    times: dict[str, list[float]] = {"off": [], "on": [], "on, norm replaced by 1": []}
+    for _ in range(repeats):  # alternating, so that load from other processes hits all alike
+        times["off"].append(backward_seconds(*full))
+        with ErrorModulation(model):
+            times["on"].append(backward_seconds(*full))
+            function._host_norm = lambda g, dtype: 1.0  # every layer "equal": no norm, no rescale
+            try:
+                times["on, norm replaced by 1"].append(backward_seconds(*full))
+            finally:
+                function._host_norm = norm
+    for label, values in times.items():
+        print(
+            f"    backward at batch 64, 32 px, modulation {label:24s} "
+            f"{statistics.median(values) * 1e3:7.1f} ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="few repetitions and small batches")
-    parser.add_argument("--sections", default="1234", help="which sections to run, e.g. 12")
+    parser.add_argument("--sections", default="12345", help="which sections to run, e.g. 12")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per variant (default 9)")
     args = parser.parse_args()
@@ -230,6 +291,8 @@ def main() -> None:
         )
     if "4" in args.sections:
         section_resnet(repeats, 4 if args.quick else 32, 64 if args.quick else 224)
+    if "5" in args.sections:
+        section_modulation_parts(repeats)
 
 
 if __name__ == "__main__":
