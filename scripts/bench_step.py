@@ -209,15 +209,6 @@ def section_resnet(repeats: int, batch: int, size: int) -> None:
     report(t)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def section_modulation_parts(repeats: int) -> None:
     import timm_ortho.modulation_function as function
 
@@ -236,14 +227,11 @@ def section_modulation_parts(repeats: int) -> None:
         loss.backward()
         return time.perf_counter() - start
 
-    n = 20 * repeats
-    bare = median_seconds(lambda: forward(*small), n), median_seconds(lambda: forward(*small).backward(), n)
+    small_steps = {"forward": lambda: forward(*small), "step": lambda: forward(*small).backward()}
+    bare = interleaved(small_steps, 20 * repeats)
     with ErrorModulation(model):
-        hooked = (
-            median_seconds(lambda: forward(*small), n),
-            median_seconds(lambda: forward(*small).backward(), n),
-        )
-    per_layer = [(h - b) / layers * 1e6 for h, b in zip(hooked, bare, strict=True)]
+        hooked = interleaved(small_steps, 20 * repeats)
+    per_layer = [(hooked[k] - bare[k]) / layers * 1e6 for k in small_steps]
     print(
         f"    Python per layer (batch 2, 8 px): forward {per_layer[0]:.0f} us, "
         f"forward + backward {per_layer[1]:.0f} us"
