@@ -452,12 +452,21 @@ def test_resnet18_inplace_relu_shortcuts() -> None:
 # -- several forwards, checkpointing, loss scale, autocast -------------------------------------------
 
 
+@pytest.fixture(params=["host", "tensor"])
+def state_path(request, monkeypatch) -> str:
+    """Both ways the chain's state travels: as Python floats (CPU errors, the default here) and as
+    the token's gradient (a GPU's, forced on CPU tensors): the flows below hold on each."""
+    if request.param == "tensor":
+        monkeypatch.setattr(modulation_function, "runs_on_host", lambda g: False)
+    return request.param
+
+
 def _run_alone(model, em, x, y):
     g = grads(model, x, y)
     return g, em.last_stats().scale.clone()
 
 
-def test_gradient_accumulation_and_retain_graph() -> None:
+def test_gradient_accumulation_and_retain_graph(state_path: str) -> None:
     model, x, y = make_chain(10, seed=2)
     x1, y1, x2, y2 = x[:2], y[:2], x[2:], y[2:]
     with ErrorModulation(model, band=1.3) as em:
@@ -492,7 +501,7 @@ def test_gradient_accumulation_and_retain_graph() -> None:
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing(use_reentrant: bool) -> None:
+def test_gradient_checkpointing(use_reentrant: bool, state_path: str) -> None:
     model, x, y = make_chain(10, seed=3)
     with ErrorModulation(model, band=1.3) as em:
         want, want_s = _run_alone(model, em, x, y)
@@ -523,7 +532,7 @@ def test_gradient_checkpointing(use_reentrant: bool) -> None:
         assert_close({n: p.grad for n, p in model.named_parameters()}, {k: g1[k] + g2[k] for k in g1}, 1e-10)
 
 
-def test_create_graph_treats_the_factor_as_a_constant() -> None:
+def test_create_graph_treats_the_factor_as_a_constant(state_path: str) -> None:
     model, x, y = make_chain(6, seed=8)
     with ErrorModulation(model, band=1.3) as em:
         want, s = _run_alone(model, em, x, y)
@@ -572,7 +581,7 @@ def test_bf16_autocast_cpu() -> None:
         assert torch.linalg.vector_norm(mod[w] - want) <= 3e-2 * torch.linalg.vector_norm(want), name
 
 
-def test_nonfinite_error_passes_through_and_does_not_poison() -> None:
+def test_nonfinite_error_passes_through_and_does_not_poison(state_path: str) -> None:
     # An overflow in the error must stay visible (GradScaler) and not become the reference.
     model, x, y = make_chain(6, seed=6, dtype=torch.float32)
     seen = []
@@ -598,7 +607,7 @@ def test_nonfinite_error_passes_through_and_does_not_poison() -> None:
     assert not model.blocks[0][0].weight.grad.isfinite().any()  # visible to a GradScaler
 
 
-def test_several_passes_ending_in_one_backward() -> None:
+def test_several_passes_ending_in_one_backward(state_path: str) -> None:
     # Each pass is modulated as its own chain. Eager, last_stats reports the pass whose bottom layer
     # ran last (the engine runs the later forward's graph first); compiled, both records reach the
     # one sink and last_stats reports their per-layer mean (geometric for the scales).
@@ -635,7 +644,7 @@ class _Branchy(nn.Module):
         return self.fc(self.twice(self.twice(x)).mean((2, 3)))
 
 
-def test_chains_beyond_the_plain_forward() -> None:
+def test_chains_beyond_the_plain_forward(state_path: str) -> None:
     model, x, y = make_chain(8, seed=5)
     with ErrorModulation(model, band=1.2) as em:
         _, want = _run_alone(model, em, x, y)
@@ -829,7 +838,7 @@ def test_ops_per_hook(options: dict, per_layer: dict[str, int], dispatched, monk
     # 14), all on private autograd APIs; the traced identity used under torch.compile then
     # (TracedModulation) dispatched 27 per layer when run eagerly, one of them a copy of the output.
     # The device path (a GPU's): the rule as 0-d tensor arithmetic, forced here on CPU tensors.
-    monkeypatch.setattr(modulation_function, "runs_on_host", lambda g, state: False)
+    monkeypatch.setattr(modulation_function, "runs_on_host", lambda g: False)
     layers = 8
     model, x, y = make_chain(layers, dtype=torch.float32)
     plain = step_ops(model, x, y, dispatched)
@@ -849,8 +858,10 @@ def test_ops_per_hook(options: dict, per_layer: dict[str, int], dispatched, monk
     "options", [{"measure_only": True}, {"band": 1.3}, {"band": 1.3, "reference": "previous"}]
 )
 def test_ops_per_hook_on_the_host(options: dict, dispatched) -> None:
-    # On CPU tensors the rule runs on Python floats: one dot product for the norm, the row written
-    # with one slice_scatter (select_scatter when measuring), and the multiply only where s != 1.
+    # On CPU tensors the state stays in Python: per layer the token's view and the norm (a view of
+    # the error, one dot product, one read), the multiply only where s != 1, and one tensor per
+    # backward for the record. No slice_scatter, select or lift_fresh per layer (the state as a
+    # tensor cost 4-5 more dispatched ops per layer, and about 30 us of them on a 2-core CPU).
     layers = 8
     model, x, y = make_chain(layers, dtype=torch.float32)
     plain = step_ops(model, x, y, dispatched)
@@ -859,17 +870,11 @@ def test_ops_per_hook_on_the_host(options: dict, dispatched) -> None:
         stats = em.last_stats()
     extra = hooked - plain
     rescaled = int((stats.scale != 1).sum())
-    measuring = options.get("measure_only", False)
-    per_layer = {"view": 2, "dot": 1, "lift_fresh": 1}
-    per_layer |= (
-        {"select_scatter": 1, "_local_scalar_dense": 1}
-        if measuring
-        else {"slice_scatter": 1, "select": 1, "_local_scalar_dense": 2}
-    )
-    expected = {op: n * layers for op, n in per_layer.items()} | ({"mul": rescaled} if rescaled else {})
-    assert extra == expected, extra
+    per_layer = {"view": 2, "dot": 1, "_local_scalar_dense": 1}
+    expected = {op: n * layers for op, n in per_layer.items()} | {"lift_fresh": 1}
+    assert extra == expected | ({"mul": rescaled} if rescaled else {}), extra
     assert not {"clone", "copy_", "_to_copy"} & set(extra)
-    if not measuring:
+    if not options.get("measure_only"):
         assert rescaled >= 2  # the rule ran, and only those layers were multiplied
 
 
@@ -886,7 +891,7 @@ def test_host_and_device_paths_agree(options: dict, monkeypatch) -> None:
     results = []
     for host in (True, False):
         if not host:
-            monkeypatch.setattr(modulation_function, "runs_on_host", lambda g, state: False)
+            monkeypatch.setattr(modulation_function, "runs_on_host", lambda g: False)
         with ErrorModulation(model, **options) as em:
             g = grads(model, x, y)
             results.append((g, em.last_stats()))

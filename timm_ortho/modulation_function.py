@@ -12,8 +12,11 @@ the bottom is the record of that backward (:class:`Record`); :func:`stats` turns
 
 In eager mode the backward may also run Python (:class:`EagerLink`): it passes errors through once the
 hooks are removed, publishes the record at the bottom, and splices a reentrant checkpoint's recomputed
-layers into the chain (:class:`Splice`). Under ``torch.compile`` none of that exists: the backward is
-tensor arithmetic that AOT autograd traces and inductor fuses.
+layers into the chain (:class:`Splice`). Where every output of an eager chain lives in host memory,
+the state is a list of Python floats instead (:func:`_backward_host`: the same rule, the token's
+gradient then only orders the layers), since reading a CPU tensor synchronizes with nothing and a
+dozen 0-d tensor ops per layer would cost more than the rule. Under ``torch.compile`` none of that
+exists: the backward is tensor arithmetic that AOT autograd traces and inductor fuses.
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ class Chain:
     modulate: bool
     reserved: dict[str, list[int]] = field(default_factory=dict)
     """Slots kept in forward for targets a reentrant checkpoint will recompute in backward."""
+    host: bool = True
+    """Every output of the chain lives in host memory: its backward keeps the state in Python."""
+    rows: list[float] | None = None
+    """That state (laid out as the state tensor) once its backward began: Python floats."""
 
     def free_slot(self, name: str, filled: set[int]) -> int | None:
         return next((s for s in self.reserved.get(name, ()) if s not in filled), None)
@@ -112,9 +119,11 @@ class Splice:
         """``flight`` left a recomputed segment: it supersedes the next layer's own state."""
         self.filled: set[int] = set()
         """Reserved slots a recompute has written since the chain last ended."""
+        self.rows: list[float] | None = None
+        """``flight`` of a chain whose state is kept on the host."""
 
     def reset(self) -> None:
-        self.side, self.flight, self.spliced = None, None, False
+        self.side, self.flight, self.rows, self.spliced = None, None, None, False
         self.filled.clear()
 
     def resume(self, state: Tensor | None, splice: bool) -> Tensor | None:
@@ -131,6 +140,15 @@ class Splice:
             self.reset()
         else:  # the next layer down, or a segment below still to be recomputed
             self.flight, self.spliced = out, bottom and link.splice
+
+    def emitted_on_host(self, link: EagerLink, rows: list[float], bottom: bool, slot: int) -> None:
+        """:meth:`emitted` for a state kept on the host (``rows``, see :func:`_backward_host`)."""
+        if bottom and link.chain is not None:
+            self._publish(link.seed.new_tensor(rows), link.chain, self.filled)
+        if bottom and slot == 0:
+            self.reset()
+        else:
+            self.rows, self.spliced = rows, bottom and link.splice
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,6 +186,8 @@ class Modulate(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         ctx.slot, ctx.rule, ctx.bottom, ctx.link = slot, rule, bottom, link
         ctx.set_materialize_grads(False)  # eager: the top's unused token arrives as None, not zeros
+        if link is not None and link.chain is not None and not link.splice and y.device.type != "cpu":
+            link.chain.host = False  # one layer on a device: the whole chain's state is a tensor
         if torch.compiler.is_compiling() or y._base is not None:
             # Compiling: a pointwise copy that inductor fuses into y's consumers. Declaring y dirty
             # instead lost the rescaling where dynamo compiled the conv as a frame of its own (after a
@@ -192,12 +212,17 @@ class Modulate(torch.autograd.Function):
         ``lt``, ``where`` (the next reference); ``stack``, ``slice_scatter`` (the row); ``mul`` (the
         error). 15 with ``"previous"`` (+ ``mul``, the rescaled norm). ``statistic="mean"`` adds a
         ``mul``, ``max_scale`` a ``clamp``. The top runs the same ops (it reads ref = 0: ``s = 1``
-        exactly). No value is read on the host. Under ``torch.compile`` inductor fuses all this.
+        exactly). No value is read on the host. Under ``torch.compile`` inductor fuses all this. A chain
+        in host memory runs :func:`_backward_host` instead: the same rule on Python floats, 3 ops
+        per layer (the norm) and the multiply only where ``s != 1``.
         """
         link: EagerLink | None = ctx.link
         if link is not None:  # eager: Python runs here
             if link.owner.removed:  # removed after this forward: the error passes untouched
                 return g, None, None, None, None, None
+            chain = link.chain
+            if chain is not None and chain.host and runs_on_host(g):
+                return _backward_host(ctx, g, state, link, chain)
             state = link.owner.resume(state, link.splice)
             if state is None:
                 state = link.seed
@@ -210,13 +235,13 @@ class Modulate(torch.autograd.Function):
             link.owner.emitted(out, link, ctx.bottom, ctx.slot)
         if g is not None and scale is not None:
             # g * 1.0 is exact (also for inf, nan and -0.0): layers inside the band stay bit-identical.
-            if isinstance(scale, Tensor) and scale.device != g.device:
+            if scale.device != g.device:
                 scale = scale.to(g.device, non_blocking=True)
             g = g * scale
         return g, (out if not ctx.bottom or sinked else None), None, None, None, None
 
 
-def step(g: Tensor | None, state: Tensor, slot: int, rule: Rule) -> tuple[Tensor, Tensor | float | None]:
+def step(g: Tensor | None, state: Tensor, slot: int, rule: Rule) -> tuple[Tensor, Tensor | None]:
     """This layer's row of the state and the factor ``s`` of its error (None when only measuring).
 
     With ``n = ||e||`` (times ``numel ** -0.5`` for ``statistic="mean"``) and ``ref`` the norm the layer
@@ -226,8 +251,6 @@ def step(g: Tensor | None, state: Tensor, slot: int, rule: Rule) -> tuple[Tensor
     ``create_graph=True``), without a branch on a value; the norm is one fused reduction in float32
     (float64 stays float64), exact under autocast, without a ``g * g`` temporary.
     """
-    if g is not None and runs_on_host(g, state):
-        return _step_host(g, state, slot, rule)
     with torch.no_grad():
         if g is None:  # only the token reached this layer: its output does not lead to the loss
             norm = state.new_zeros(())
@@ -250,36 +273,60 @@ def step(g: Tensor | None, state: Tensor, slot: int, rule: Rule) -> tuple[Tensor
         return state.slice_scatter(row, 0, at, at + ROW), scale
 
 
-def runs_on_host(g: Tensor, state: Tensor) -> bool:
-    """The error and the state live in host memory (and no graph is being traced): :func:`step`
-    evaluates the rule on Python floats there."""
-    return g.device.type == state.device.type == "cpu" and not torch.compiler.is_compiling()
+def runs_on_host(g: Tensor | None) -> bool:
+    """The error lives in host memory (or is None) and no graph is being traced: an eager chain whose
+    outputs are all on the CPU then keeps its state in Python (:func:`_backward_host`)."""
+    return (g is None or g.device.type == "cpu") and not torch.compiler.is_compiling()
 
 
-@torch.no_grad()
-def _step_host(g: Tensor, state: Tensor, slot: int, rule: Rule) -> tuple[Tensor, Tensor | float | None]:
-    """:func:`step` for an error in host memory: the same rule on Python floats
-    (:func:`~timm_ortho.modulation_rule.log_scale_host`), so a factor of exactly 1 comes back as None
-    and the error is not multiplied. Reading a CPU tensor synchronizes with no device.
+def _backward_host(
+    ctx: Any, g: Tensor | None, state: Tensor | None, link: EagerLink, chain: Chain
+) -> tuple[Tensor | None, ...]:
+    """:meth:`Modulate.backward` for a chain in host memory: :func:`step`'s rule on Python floats
+    (:func:`~timm_ortho.modulation_rule.log_scale_host`), the state a list of them (``chain.rows``).
 
-    Per layer: one reduction for the norm (a float32 or float64 contiguous error: ``dot(e, e)``, one
-    BLAS call, about twice as fast as ``vector_norm`` on a CPU; ``vector_norm`` where that overflows or
-    the error is another dtype or strided), the row written in one ``slice_scatter`` (two ops with
-    the ``tensor`` of its values), and the multiply only where ``s != 1``.
+    Reading a CPU tensor synchronizes with no device, so the state need not travel as a tensor: the
+    token's gradient only orders the layers (passed on as it came, or the zeros of ``seed``), and a
+    layer reads the row above its own in the list. The top of a backward (no gradient on its token)
+    starts a list of zeros, as the tensor path starts from ``seed``. A reentrant checkpoint's
+    recomputed layers, and the layer just below them, continue the list in flight (:class:`Splice`).
+    Per layer the only ops dispatched are the error's norm (``view``, ``dot``, one read) and its
+    multiply, only where ``s != 1``; the record is one tensor, made at the bottom.
     """
-    norm = _host_norm(g, state.dtype)
-    if rule.statistic == "mean":
-        norm *= g.numel() ** -0.5
+    rule, slot, owner = ctx.rule, ctx.slot, link.owner
+    owner.side = None  # a backward runs: the next call outside a root forward starts a new chain
+    spliced, owner.spliced = owner.spliced, False  # a recomputed segment ended just above this layer
+    if link.splice or spliced:
+        rows = owner.rows
+        if rows is None:
+            rows = [0.0] * link.seed.numel()
+        if not link.splice:  # below the segment: the chain goes on from the segment's rows
+            chain.rows = rows
+    elif state is None or chain.rows is None:
+        rows = chain.rows = [0.0] * link.seed.numel()
+    else:
+        rows = chain.rows
+    norm = 0.0
+    if g is not None:  # (detached: under create_graph=True the norm is a constant too)
+        norm = _host_norm(g.detach() if g.requires_grad else g, link.seed.dtype)
+        if rule.statistic == "mean":
+            norm *= g.numel() ** -0.5
     at = ROW * slot
-    if not rule.modulate:
-        return state.select_scatter(state.new_tensor(norm), 0, at + NORM), None
-    ref = float(state[at + ROW + REF])
-    log_n, log_ref = host_log(norm), host_log(ref)
-    log_s = log_scale_host(log_n, log_ref, rule.band, rule.mode, rule.max_scale)
-    scale = math.exp(log_s)
-    after = norm * scale if rule.reference == "previous" else norm
-    row = state.new_tensor([norm, next_ref_host(ref, log_ref, after, log_n, rule.reference), log_s])
-    return state.slice_scatter(row, 0, at, at + ROW), (None if scale == 1.0 else scale)
+    scale = 1.0
+    if rule.modulate:
+        ref = rows[at + ROW + REF]
+        log_n, log_ref = host_log(norm), host_log(ref)
+        log_s = log_scale_host(log_n, log_ref, rule.band, rule.mode, rule.max_scale)
+        scale = math.exp(log_s)
+        after = norm * scale if rule.reference == "previous" else norm
+        rows[at : at + ROW] = norm, next_ref_host(ref, log_ref, after, log_n, rule.reference), log_s
+    else:
+        rows[at + NORM] = norm
+    owner.emitted_on_host(link, rows, ctx.bottom, slot)
+    if g is not None and scale != 1.0:  # inside the band the error is passed on untouched
+        g = g * scale
+    token = None if ctx.bottom else (state if state is not None else link.seed)
+    return g, token, None, None, None, None
 
 
 def _host_norm(g: Tensor, dtype: torch.dtype) -> float:
