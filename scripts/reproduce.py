@@ -494,12 +494,15 @@ def run_depth(args: argparse.Namespace) -> None:
             raise SystemExit(f"--regimes: no planned run is labelled {sorted(unknown)}")
         cells = [cell for cell in cells if cell[1] in args.regimes]
     previous: dict[str, list[dict[str, Any]]] = {"results": [], "grid": []}
-    if args.append and (args.out / f"{name}.json").exists():
-        saved = json.loads((args.out / f"{name}.json").read_text())
-        previous = {"results": saved["results"], "grid": saved.get("grid", [])}
-        have = {(e["dataset"], e["regime"], e["depth"]) for e in previous["results"]}
-        cells = [c for c in cells if (c[0], c[1], c[2]) not in have]
-        print(f"appending to {len(previous['results'])} finished runs in {args.out / f'{name}.json'}")
+    path = args.out / f"{name}.json"
+    if args.append and path.exists():
+        # Cells with all their seeds are kept; a cell a deadline cut short is planned again whole.
+        saved = json.loads(path.read_text())
+        count = collections.Counter(_depth_key(e) for e in saved["results"])
+        complete = {key for key, n in count.items() if n >= len(seeds)}
+        previous = {part: [e for e in saved.get(part, []) if _depth_key(e) in complete] for part in previous}
+        cells = [c for c in cells if (c[0], c[1], c[2]) not in complete]
+        print(f"appending to {len(previous['results'])} finished runs of complete cells in {path}")
     processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     planned = len(cells) * (len(lrs) + len(seeds) - 1)
@@ -640,6 +643,11 @@ def run_convergence(args: argparse.Namespace) -> None:
         )
     else:
         partial_path.unlink(missing_ok=True)
+
+
+def _depth_key(entry: dict[str, Any]) -> tuple[str, str, int]:
+    """A depth-suite cell's identity: (data set, regime, depth)."""
+    return entry["dataset"], entry["regime"], entry["depth"]
 
 
 def _cell_key(entry: dict[str, Any]) -> tuple[str, str, str, str]:
