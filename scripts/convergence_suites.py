@@ -24,7 +24,8 @@ and 110 layers and on timm ``resnet18``, trained to the converged budget with
 
 every regime with the step bound the wrapper's ``"auto"`` gives the model (``min(0.01, 1/L)`` on plain
 chains, none on the others), so that the regimes differ in the regularizer alone; on digits and on
-the harder synthetic set (:data:`DATASETS`, chosen by ``hardness``).
+the harder synthetic set (:data:`DATASETS`, chosen by ``hardness``). ``--budgets "4,000 steps"`` runs
+the same plan at :data:`LONG_STEPS`, for the rows the hard set leaves still fitting at 1,500.
 
 Every regime of both suites gets the same lr grid (SGD 0.02 and 0.1; AdamW 3e-4 and 1e-3): each lr
 on the first seed, the other seeds at the lr with the lowest final training loss. Residual twins of
@@ -51,6 +52,11 @@ CONVERGED_STEPS = 1500
 """Batch 32 on 1,500 digits: 32 epochs, cosine to 0; the training loss is flat by the end (the tables'
 "flat" column: its change over the last fifth of the run)."""
 SHORT_STEPS = 300
+LONG_STEPS = 4000
+"""The regularizer suite's longer budget, for the plain chains that the hard set leaves still fitting at
+:data:`CONVERGED_STEPS` (64 epochs of its 2,000 images)."""
+BUDGETS: dict[str, int] = {"300 steps": SHORT_STEPS, "converged": CONVERGED_STEPS, "4,000 steps": LONG_STEPS}
+"""A budget's label (the tables' ``budget`` column) and its number of steps."""
 SGD_LRS = (0.02, 0.1)
 ADAMW_LRS = (3e-4, 1e-3)
 WARMUP_DEPTH = 56
@@ -122,8 +128,8 @@ PLAIN_ROW = {
 
 def plan_models(datasets: list[str], budgets: list[str]) -> list[Cell]:
     """The defaults against the bare optimizer on each model, at each budget; the plain-110 row last."""
-    steps = {"300 steps": SHORT_STEPS, "converged": CONVERGED_STEPS}
     cells = []
+    steps = BUDGETS
     for budget in budgets:
         for name in datasets:
             for model, (overrides, lrs, upsampled) in MODELS.items():
@@ -153,17 +159,23 @@ REGULARIZER_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def plan_regularizer(datasets: list[str]) -> list[Cell]:
-    """Every regime on every model and data set at the converged budget (modulation on chains only)."""
+def plan_regularizer(
+    datasets: list[str], budgets: tuple[str, ...] | list[str] = ("converged",)
+) -> list[Cell]:
+    """Every regime on every model and data set at each budget (by default the converged one;
+    the modulation on plain chains only)."""
     cells = []
-    for name in datasets:
-        for label, (model, overrides) in REGULARIZER_MODELS.items():
-            data = (UPSAMPLED if model == "resnet18" else DATASETS)[name]
-            for regime, regime_overrides in REGULARIZER_REGIMES.items():
-                if regime_overrides["method"] == "ortho_mod" and not model.startswith("plain_cnn"):
-                    continue
-                cfg = _config(model, CONVERGED_STEPS, max_grad_ratio="auto", **overrides, **regime_overrides)
-                cells.append(Cell(name, label, regime, "converged", cfg, data, SGD_LRS))
+    for budget in budgets:
+        for name in datasets:
+            for label, (model, overrides) in REGULARIZER_MODELS.items():
+                data = (UPSAMPLED if model == "resnet18" else DATASETS)[name]
+                for regime, regime_overrides in REGULARIZER_REGIMES.items():
+                    if regime_overrides["method"] == "ortho_mod" and not model.startswith("plain_cnn"):
+                        continue
+                    cfg = _config(
+                        model, BUDGETS[budget], max_grad_ratio="auto", **overrides, **regime_overrides
+                    )
+                    cells.append(Cell(name, label, regime, budget, cfg, data, SGD_LRS))
     return cells
 
 

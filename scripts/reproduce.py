@@ -373,7 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="models, regularizer: only these model rows",
     )
     depth.add_argument(
-        "--budgets", nargs="+", default=None, choices=["300 steps", "converged"], help="models suite"
+        "--budgets",
+        nargs="+",
+        default=None,
+        choices=["300 steps", "converged", "4,000 steps"],
+        help="models: 300 steps, converged (1,500 steps; both by default); "
+        "regularizer: converged (default), 4,000 steps",
     )
     paper = parser.add_argument_group("paper protocol")
     paper.add_argument("--synthetic", action="store_true", help="a CIFAR-shaped synthetic set (throughput)")
@@ -569,7 +574,7 @@ def run_convergence(args: argparse.Namespace) -> None:
     if name == "models":
         cells = suites.plan_models(args.datasets or ["digits"], args.budgets or ["300 steps", "converged"])
     elif name == "regularizer":
-        cells = suites.plan_regularizer(args.datasets or ["digits", "hard"])
+        cells = suites.plan_regularizer(args.datasets or ["digits", "hard"], args.budgets or ["converged"])
     else:
         cells = suites.plan_hardness()
     cells = select(cells, "model", args.models, "--models")
@@ -600,7 +605,7 @@ def run_convergence(args: argparse.Namespace) -> None:
         planned_runs=planned,
         batch_size=32,
         schedule="cosine",
-        steps={"300 steps": suites.SHORT_STEPS, "converged": suites.CONVERGED_STEPS},
+        steps=suites.BUDGETS,
         warmup=f"residual twins from {suites.WARMUP_DEPTH} layers: lr 0.01 until training error < 80 %",
         data={**suites.DATASETS, "16 px for": "resnet18, resnet50, mobilenetv3_small_100, test_vit"},
     )

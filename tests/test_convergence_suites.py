@@ -27,6 +27,20 @@ def test_the_regularizer_plan_has_every_regime_and_modulation_on_chains_only():
     assert not any(c.cfg.warmup for c in cells if c.model.startswith("plain_cnn"))
 
 
+def test_the_regularizer_plan_at_the_longer_budget_keeps_its_own_label():
+    cells = suites.plan_regularizer(["hard"], ["converged", "4,000 steps"])
+    by_budget = {b: [c for c in cells if c.budget == b] for b in ("converged", "4,000 steps")}
+    assert len(by_budget["converged"]) == len(by_budget["4,000 steps"]) == len(cells) // 2
+    assert {c.cfg.steps for c in by_budget["4,000 steps"]} == {suites.LONG_STEPS}
+    assert {c.cfg.record_every for c in by_budget["4,000 steps"]} == {suites.LONG_STEPS // 20}
+    # The same cell at two budgets is two cells: --append keeps the converged runs beside the longer ones.
+    import reproduce
+
+    assert len({reproduce._cell_key(vars(c)) for c in cells}) == len(cells)
+    args = reproduce.build_parser().parse_args(["regularizer", "--budgets", "4,000 steps"])
+    assert args.budgets == ["4,000 steps"]
+
+
 def test_a_suite_resumed_from_its_saved_runs_runs_only_the_missing_ones():
     cells = _tiny(suites.plan_hardness()[:2])
     cells = [dataclasses.replace(c, lrs=(0.05, 0.01)) for c in cells]
