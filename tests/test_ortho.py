@@ -192,6 +192,12 @@ def test_batched_engine_equals_per_layer_closed_form(seed):
         torch.testing.assert_close(scaled[i], c * products[i], rtol=1e-10, atol=1e-12)
     uniform = engine.residual_products([1, 2], [0.25, 0.25])
     torch.testing.assert_close(uniform[2], 0.25 * products[2], rtol=1e-10, atol=1e-12)
+    # Weights in channels_last memory (a user's model.to(memory_format=...)) give the same products.
+    model.to(memory_format=torch.channels_last)
+    assert not banks[1].param.is_contiguous()
+    strided = BatchedOrthonormality(banks).residual_products(reuse_buffers=True)
+    for i in range(len(banks)):
+        torch.testing.assert_close(strided[i], products[i], rtol=1e-10, atol=1e-12)
 
 
 def test_mean_abs_cosine_against_a_pairwise_loop():

@@ -55,11 +55,17 @@ class BatchedOrthonormality:
     def _blocks(self, i: int) -> Tensor:
         """Bank ``i``'s weight as ``(blocks, size, f_in)``, zero rows padding uneven groups."""
         e = self.entries[i]
+        if e.layout.gather is None:
+            # No padding: the blocks are the weight's rows in order, conv group then group then row,
+            # so one reshape (a view) does what to_groups does; it runs for every bank every step.
+            return e.bank.param.detach().reshape(e.blocks, e.layout.size, e.bank.f_in)
         w = to_groups(e.bank.matrix(e.bank.param.detach()), e.layout)
         return w.reshape(e.blocks, e.layout.size, e.bank.f_in)
 
     def _unblock(self, i: int, u: Tensor) -> Tensor:
         e = self.entries[i]
+        if e.layout.scatter is None:  # no padding to drop: the inverse of _blocks' reshape
+            return u.reshape(e.bank.param.shape)
         u = u.reshape(e.bank.conv_groups, e.layout.groups, e.layout.size, e.bank.f_in)
         return from_groups(u, e.layout).reshape(e.bank.param.shape)
 
