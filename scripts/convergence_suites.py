@@ -129,16 +129,15 @@ PLAIN_ROW = {
 def plan_models(datasets: list[str], budgets: list[str]) -> list[Cell]:
     """The defaults against the bare optimizer on each model, at each budget; the plain-110 row last."""
     cells = []
-    steps = BUDGETS
     for budget in budgets:
         for name in datasets:
             for model, (overrides, lrs, upsampled) in MODELS.items():
                 data = (UPSAMPLED if upsampled else DATASETS)[name]
                 for regime, regime_overrides in MODEL_REGIMES.items():
-                    cfg = _config(model, steps[budget], **overrides, **regime_overrides)
+                    cfg = _config(model, BUDGETS[budget], **overrides, **regime_overrides)
                     cells.append(Cell(name, model, regime, budget, cfg, data, lrs))
             for label, (model, overrides) in PLAIN_ROW.items():
-                cfg = _config(model, steps[budget], **overrides)
+                cfg = _config(model, BUDGETS[budget], **overrides)
                 cells.append(Cell(name, "plain-110 row", label, budget, cfg, DATASETS[name], SGD_LRS))
     return cells
 
@@ -381,14 +380,22 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["dataset"], r["budget"]) for r in rows})
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    # Data set by data set, each at its budgets from the shortest; a panel shows only its own models.
+    panels = sorted(
+        {(r["dataset"], r["budget"]) for r in rows},
+        key=lambda p: (datasets.index(p[0]), BUDGETS.get(p[1], 0)),
+    )
     regimes = list(dict.fromkeys(r["regime"] for r in rows))
-    models = list(dict.fromkeys(r["model"] for r in rows))
+    widest = max(len({r["model"] for r in rows if (r["dataset"], r["budget"]) == p}) for p in panels)
     fig, axes = plt.subplots(
-        2, len(panels), figsize=(max(7.0, 0.9 * len(models)) * len(panels), 8.5), squeeze=False
+        2, len(panels), figsize=(max(7.0, 0.9 * widest) * len(panels), 8.5), squeeze=False
     )
     width = 0.8 / len(regimes)
     for col, (name, budget) in enumerate(panels):
+        models = list(
+            dict.fromkeys(r["model"] for r in rows if (r["dataset"], r["budget"]) == (name, budget))
+        )
         for k, regime in enumerate(regimes):
             for row_i, key in enumerate(("test_acc", "cosine")):
                 ax = axes[row_i][col]
