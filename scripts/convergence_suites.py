@@ -429,9 +429,40 @@ def write(
     out: Path,
     name: str,
 ) -> list[dict[str, Any]]:
+    """Save the suite's runs as ``<name>.json`` (and its figure), returning the table's rows.
+
+    A run's per-layer error record (:data:`PER_LAYER`: a name, a moment and a scale per target) is
+    left out: no table of these suites reads it, and at 110 layers it is five sixths of a run's
+    record. The depth suites keep it. Numbers are written to 6 significant digits (the tables show
+    at most 4), which keeps the JSON of a few hundred runs under 2 MB.
+    """
+    results, grid = _without_layers(results), _without_layers(grid)
     rows = summarize(results)
     payload = {"budget": budget, "rows": rows, "results": results, "grid": grid}
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(_significant(payload), indent=1))
     if rows and not name.endswith(".partial"):
         plot(rows, out / f"{name}.png", f"reproduce.py {name}")
     return rows
+
+
+PER_LAYER = ("layer_names", "layer_moments", "layer_scales")
+
+
+def _without_layers(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries with their records' per-layer lists dropped (the entries themselves untouched)."""
+    out = []
+    for e in entries:
+        final = {k: v for k, v in e["record"]["final"].items() if k not in PER_LAYER}
+        out.append({**e, "record": {**e["record"], "final": final}})
+    return out
+
+
+def _significant(value: Any, digits: int = 6) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits (nan and inf kept)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [_significant(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _significant(v, digits) for k, v in value.items()}
+    return value

@@ -35,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -502,10 +503,7 @@ def run_depth(args: argparse.Namespace) -> None:
     path = args.out / f"{name}.json"
     if args.append and path.exists():
         # Cells with all their seeds are kept; a cell a deadline cut short is planned again whole.
-        saved = json.loads(path.read_text())
-        count = collections.Counter(_depth_key(e) for e in saved["results"])
-        complete = {key for key, n in count.items() if n >= len(seeds)}
-        previous = {part: [e for e in saved.get(part, []) if _depth_key(e) in complete] for part in previous}
+        previous, complete = _complete_cells(json.loads(path.read_text()), _depth_key, len(seeds))
         cells = [c for c in cells if (c[0], c[1], c[2]) not in complete]
         print(f"appending to {len(previous['results'])} finished runs of complete cells in {path}")
     processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
@@ -587,12 +585,7 @@ def run_convergence(args: argparse.Namespace) -> None:
     if args.append and path.exists():
         # Cells with all their seeds are kept; a cell a deadline cut short is planned again (its
         # finished runs come back from the partial file with --resume).
-        record = json.loads(path.read_text())
-        count = collections.Counter(_cell_key(e) for e in record["results"])
-        complete = {key for key, n in count.items() if n >= len(seeds)}
-        previous = {
-            part: [e for e in record[part] if _cell_key(e) in complete] for part in ("results", "grid")
-        }
+        previous, complete = _complete_cells(json.loads(path.read_text()), _cell_key, len(seeds))
         cells = [c for c in cells if _cell_key(vars(c)) not in complete]
         print(f"appending to {len(previous['results'])} finished runs of complete cells in {path}")
     processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
@@ -648,6 +641,17 @@ def run_convergence(args: argparse.Namespace) -> None:
         )
     else:
         partial_path.unlink(missing_ok=True)
+
+
+def _complete_cells(
+    record: dict[str, Any], key: Callable[[dict[str, Any]], Any], seeds: int
+) -> tuple[dict[str, list[dict[str, Any]]], set[Any]]:
+    """What ``--append`` keeps of a suite's saved ``record``: the runs (``results`` and ``grid``) of
+    the cells (identified by ``key``) that have all ``seeds`` seeds, and those cells' keys."""
+    count = collections.Counter(key(e) for e in record["results"])
+    complete = {k for k, n in count.items() if n >= seeds}
+    kept = {part: [e for e in record.get(part, []) if key(e) in complete] for part in ("results", "grid")}
+    return kept, complete
 
 
 def _depth_key(entry: dict[str, Any]) -> tuple[str, str, int]:

@@ -118,3 +118,18 @@ def test_comparisons_give_each_regime_against_its_rows_baseline_with_the_spread(
     assert len(lines) == 2
     assert "| +0.040 | yes (sd 0.014) | +0.200 | 0.0200 vs 0.1000 |" in lines[0]
     assert "| +0.005 | no (sd 0.014) |" in lines[1]
+
+
+def test_the_saved_json_leaves_out_per_layer_records_and_rounds_to_six_digits():
+    final = {"train_loss": 0.123456789, "layer_names": ["a"], "layer_moments": [1.0], "layer_scales": [1.0]}
+    entry = {
+        "model": "m",
+        "record": {"config": {"lr": 0.1}, "history": [{"loss": 2.0 / 3.0}], "final": final},
+    }
+    (kept,) = suites._without_layers([entry])
+    assert kept["record"]["final"] == {"train_loss": 0.123456789}
+    assert set(entry["record"]["final"]) == {"train_loss", *suites.PER_LAYER}  # the run itself untouched
+    rounded = suites._significant(kept)
+    assert rounded["record"]["final"]["train_loss"] == 0.123457
+    assert rounded["record"]["history"][0]["loss"] == 0.666667
+    assert rounded["record"]["config"] == {"lr": 0.1} and rounded["model"] == "m"
