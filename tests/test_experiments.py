@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from timm_ortho.train import experiments
 from timm_ortho.train.experiments import RunConfig, best_by_loss, load_tensor_data, run, run_many
 
 
@@ -40,6 +41,27 @@ def test_each_regime_records_the_mechanism_quantities(data, method):
     assert 0 <= final["val_acc"] <= 1 and not final["diverged"]
     if method != "ortho_mod":
         assert all(s == 1.0 for s in final["layer_scales"])
+
+
+@pytest.mark.parametrize(("model", "method"), [("plain_cnn20", "l2"), ("cifar_resnet20", "ortho")])
+def test_a_probe_on_record_steps_only_records_what_an_every_step_probe_does(data, monkeypatch, model, method):
+    # The measure-only probe is hooked on the recorded steps only; it changes no error, so the
+    # run's record (history, final per-layer moments, accuracies) is the every-step probe's, bit for bit.
+    cfg = RunConfig(model=model, method=method, steps=7, batch_size=8, record_every=3, precise_bn=2)
+    hooked_steps = []
+    original = experiments._RecordStepProbe.record
+
+    def spy(self, on):
+        hooked_steps.append(on)
+        original(self, on)
+
+    monkeypatch.setattr(experiments._RecordStepProbe, "record", spy)
+    gated = run(cfg, data)
+    assert hooked_steps == [False, False, True, False, False, True, True]  # steps 3, 6 and the last
+    monkeypatch.setattr(experiments._RecordStepProbe, "record", lambda self, on: original(self, True))
+    every_step = run(cfg, data)
+    gated.pop("seconds"), every_step.pop("seconds")
+    assert gated == every_step
 
 
 def test_same_seed_same_result_and_best_by_loss(data):
