@@ -64,6 +64,14 @@ def test_a_probe_on_record_steps_only_records_what_an_every_step_probe_does(data
     assert gated == every_step
 
 
+def test_a_record_names_the_code_it_comes_from(data):
+    record = run(RunConfig(model="plain_cnn20", method="l2", steps=1, batch_size=8, record_every=1), data)
+    assert record["code"] == experiments.code_version()
+    assert record["code"].startswith("timm_ortho ")
+    # From this checkout (tests run from one): the commit, and whether the code differs from it.
+    assert ", commit " in record["code"]
+
+
 def test_same_seed_same_result_and_best_by_loss(data):
     cfg = RunConfig(model="plain_cnn20", method="ortho", steps=3, batch_size=8, record_every=3)
     a, b = run(cfg, data), run(cfg, data)

@@ -56,15 +56,18 @@ from __future__ import annotations
 import functools
 import math
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import __version__
 from ..defaults import DEFAULT_ORTHO_DECAY
 from ..diagnostics import filter_correlation
 from ..modulation import ErrorModulation
@@ -80,6 +83,7 @@ __all__ = [
     "RunConfig",
     "TensorData",
     "best_by_loss",
+    "code_version",
     "load_tensor_data",
     "run",
     "run_lr_grid",
@@ -223,7 +227,43 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
     trained = _train(cfg, data, device, model, opt, probe)
     final = _final_values(cfg, data, device, model, probe, trained)
     probe.remove()
-    return {"config": asdict(cfg), "history": trained.history, "final": final, "seconds": trained.seconds}
+    return {
+        "config": asdict(cfg),
+        "history": trained.history,
+        "final": final,
+        "seconds": trained.seconds,
+        "code": code_version(),
+    }
+
+
+@functools.cache
+def code_version() -> str:
+    """The code a run's record comes from: ``timm_ortho <version>``, and the git commit when the
+    package runs from a checkout (``+ uncommitted changes`` if its code differs from the commit).
+
+    A suite's JSON collects runs from many calls; a later change to the arithmetic (a float32 state
+    kept as Python floats, a different summation order) changes the runs that follow it, and this
+    field tells which recorded rows a rerun would reproduce bit for bit.
+    """
+    version = f"timm_ortho {__version__}"
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return version  # an installed package: no commit to name
+    git = ["git", "-C", str(root)]
+    try:
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", "timm_ortho", "scripts"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}, commit {commit}" + (" + uncommitted changes" if changed else "")
 
 
 class _RecordStepProbe:
