@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from timm_ortho.train.experiments import RunConfig, run_lr_grid
+from timm_ortho.train.experiments import RunConfig
+from timm_ortho.train.many_runs import run_lr_grid
 
 CONVERGED_STEPS = 1500
 """Batch 32 on 1,500 digits: 32 epochs, cosine to 0; the training loss is flat by the end (the tables'

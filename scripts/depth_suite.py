@@ -25,7 +25,8 @@ from typing import Any
 
 from convergence_suites import mean_sd
 
-from timm_ortho.train.experiments import RunConfig, run_lr_grid
+from timm_ortho.train.experiments import RunConfig
+from timm_ortho.train.many_runs import run_lr_grid
 
 DEFAULT_LRS = (0.02, 0.1)
 """The learning-rate grid every regime gets (He et al.'s 0.1, and the fifth of it)."""
@@ -179,7 +180,7 @@ def run_suite(
     deadline: float | None,
     on_result: Callable[[dict[str, Any]], None],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run ``cells`` over the lr grid and ``seeds`` (:func:`~timm_ortho.train.experiments.run_lr_grid`)
+    """Run ``cells`` over the lr grid and ``seeds`` (:func:`~timm_ortho.train.many_runs.run_lr_grid`)
     in ``processes`` worker processes sharing one device, in priority order.
 
     Returns ``(results, grid)``: the entries at each cell's chosen lr, one per seed, and the first

@@ -52,9 +52,8 @@ from timm_ortho.train.experiments import (
     TensorData,
     best_by_loss,
     load_tensor_data,
-    run_lr_grid,
-    run_many,
 )
+from timm_ortho.train.many_runs import run_lr_grid, run_many
 
 REGIMES = {
     "(a) MSRA + L2": ("plain", "l2"),

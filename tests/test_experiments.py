@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from timm_ortho.train import experiments
-from timm_ortho.train.experiments import RunConfig, best_by_loss, load_tensor_data, run, run_many
+from timm_ortho.train.experiments import RunConfig, best_by_loss, load_tensor_data, run
+from timm_ortho.train.many_runs import run_many
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_run_many_takes_data_per_run_a_deadline_and_reports_each_result(data):
 
 
 def test_lr_grid_runs_every_lr_on_the_first_seed_then_the_best_on_the_others(data):
-    from timm_ortho.train.experiments import run_lr_grid
+    from timm_ortho.train.many_runs import run_lr_grid
 
     cfg = RunConfig(model="plain_cnn20", method="l2", steps=3, batch_size=8, record_every=3)
     kwargs = {"img_size": 8, "n_train": 64, "n_val": 32}
@@ -170,7 +171,7 @@ def test_lr_grid_runs_every_lr_on_the_first_seed_then_the_best_on_the_others(dat
 
 
 def test_lr_grid_resumes_from_known_runs_without_running_them_again(data):
-    from timm_ortho.train.experiments import run_lr_grid
+    from timm_ortho.train.many_runs import run_lr_grid
 
     cfg = RunConfig(model="plain_cnn20", method="l2", steps=3, batch_size=8, record_every=3)
     kwargs = {"img_size": 8, "n_train": 64, "n_val": 32}
