@@ -73,7 +73,7 @@ from ..modulation import ErrorModulation
 from ..modulation_rule import ModulationStats
 from ..precise_bn import recompute_bn_statistics
 from ..step_bound import bound_gradients_
-from ..targets import find_targets
+from ..targets import FilterBank, find_targets
 from .regimes import baseline_bound, regime_model, regime_optimizer
 from .tensor_data import TensorData, load_tensor_data
 
@@ -219,8 +219,9 @@ def run(cfg: RunConfig, data: TensorData, device: str | torch.device = "cpu") ->
     model = regime_model(cfg, data).to(device)
     opt = regime_optimizer(cfg, model)
     # The modulation that measures (or modulates) the error moments.
-    probe = getattr(opt, "modulation", None) or _RecordStepProbe(model)
-    trained = _train(cfg, data, device, model, opt, probe)
+    targets = find_targets(model)  # found once: the diagnostics keep one engine per target list
+    probe = getattr(opt, "modulation", None) or _RecordStepProbe(model, targets)
+    trained = _train(cfg, data, device, model, opt, probe, targets)
     final = _final_values(cfg, data, device, model, probe, trained)
     probe.remove()
     return {
@@ -271,9 +272,8 @@ class _RecordStepProbe:
     record). :meth:`record` before a step's forward puts the hooks on or takes them off.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.targets = find_targets(model)
+    def __init__(self, model: nn.Module, targets: list[FilterBank]) -> None:
+        self.model, self.targets = model, targets
         self.probe: ErrorModulation | None = None
         self.hooked = False
 
@@ -316,10 +316,10 @@ def _train(
     model: nn.Module,
     opt: Any,
     probe: ErrorModulation | _RecordStepProbe,
+    targets: list[FilterBank],
 ) -> _Trained:
     """The steps of one run; every ``record_every`` steps a point of the history. A non-finite
     window of losses ends the run (diverged)."""
-    targets = find_targets(model)  # found once: the diagnostics keep one engine per target list
     bound = baseline_bound(cfg, model, targets)
     warmup = _Warmup(cfg.steps) if cfg.warmup else None
     base_lrs = [group["lr"] for group in opt.param_groups]
