@@ -133,22 +133,20 @@ class Splice:
             return self.flight
         return self.flight if state is None and splice else state
 
-    def emitted(self, out: Tensor, link: EagerLink, bottom: bool, slot: int) -> None:
+    def emitted(self, out: Tensor | list[float], link: EagerLink, bottom: bool, slot: int) -> None:
+        """A layer handed its state down: ``out`` is the state tensor, or the rows of a chain whose
+        state is kept on the host (see :func:`_backward_host`)."""
+        on_host = isinstance(out, list)
         if bottom and link.chain is not None:  # the lowest layer run so far in an eager chain: publish
-            self._publish(out, link.chain, self.filled)
+            self._publish(link.seed.new_tensor(out) if on_host else out, link.chain, self.filled)
         if bottom and slot == 0:  # nothing below: the chain ends
             self.reset()
         else:  # the next layer down, or a segment below still to be recomputed
-            self.flight, self.spliced = out, bottom and link.splice
-
-    def emitted_on_host(self, link: EagerLink, rows: list[float], bottom: bool, slot: int) -> None:
-        """:meth:`emitted` for a state kept on the host (``rows``, see :func:`_backward_host`)."""
-        if bottom and link.chain is not None:
-            self._publish(link.seed.new_tensor(rows), link.chain, self.filled)
-        if bottom and slot == 0:
-            self.reset()
-        else:
-            self.rows, self.spliced = rows, bottom and link.splice
+            if on_host:
+                self.rows = out
+            else:
+                self.flight = out
+            self.spliced = bottom and link.splice
 
 
 @dataclass(frozen=True, eq=False)
@@ -322,7 +320,7 @@ def _backward_host(
         rows[at : at + ROW] = norm, next_ref_host(ref, log_ref, after, log_n, rule.reference), log_s
     else:
         rows[at + NORM] = norm
-    owner.emitted_on_host(link, rows, ctx.bottom, slot)
+    owner.emitted(rows, link, ctx.bottom, slot)
     if g is not None and scale != 1.0:  # inside the band the error is passed on untouched
         g = g * scale
     token = None if ctx.bottom else (state if state is not None else link.seed)
