@@ -87,7 +87,9 @@ class Cell:
     lrs: tuple[float, ...]
 
 
-def _config(model: str, steps: int, **overrides: Any) -> RunConfig:
+def suite_config(model: str, steps: int, **overrides: Any) -> RunConfig:
+    """A run of these suites: batch 32, cosine schedule, 20 records, precise BN for the plain chains,
+    He et al.'s warm-up for residual twins from ``WARMUP_DEPTH`` layers; ``overrides`` for the rest."""
     depth = int(model.removeprefix("cifar_resnet")) if model.startswith("cifar_resnet") else 0
     plain = model.startswith("plain_cnn")
     return RunConfig(
@@ -135,10 +137,10 @@ def plan_models(datasets: list[str], budgets: list[str]) -> list[Cell]:
             for model, (overrides, lrs, upsampled) in MODELS.items():
                 data = (UPSAMPLED if upsampled else DATASETS)[name]
                 for regime, regime_overrides in MODEL_REGIMES.items():
-                    cfg = _config(model, BUDGETS[budget], **overrides, **regime_overrides)
+                    cfg = suite_config(model, BUDGETS[budget], **overrides, **regime_overrides)
                     cells.append(Cell(name, model, regime, budget, cfg, data, lrs))
             for label, (model, overrides) in PLAIN_ROW.items():
-                cfg = _config(model, BUDGETS[budget], **overrides)
+                cfg = suite_config(model, BUDGETS[budget], **overrides)
                 cells.append(Cell(name, "plain-110 row", label, budget, cfg, DATASETS[name], SGD_LRS))
     return cells
 
@@ -172,7 +174,7 @@ def plan_regularizer(
                 for regime, regime_overrides in REGULARIZER_REGIMES.items():
                     if regime_overrides["method"] == "ortho_mod" and not model.startswith("plain_cnn"):
                         continue
-                    cfg = _config(
+                    cfg = suite_config(
                         model, BUDGETS[budget], max_grad_ratio="auto", **overrides, **regime_overrides
                     )
                     cells.append(Cell(name, label, regime, budget, cfg, data, SGD_LRS))
@@ -201,7 +203,7 @@ def plan_hardness() -> list[Cell]:
     for name, data in HARDNESS_CANDIDATES.items():
         for model in ("cifar_resnet20", "plain_cnn20"):
             for regime in ("l2", "none"):
-                cfg = _config(model, CONVERGED_STEPS, method=regime, max_grad_ratio="auto")
+                cfg = suite_config(model, CONVERGED_STEPS, method=regime, max_grad_ratio="auto")
                 cells.append(Cell(name, model, regime, "converged", cfg, data, (0.1,)))
     return cells
 
