@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from timm_ortho.train.experiments import RunConfig
+from timm_ortho.train.experiments import WARMUP_DEPTH, RunConfig
 from timm_ortho.train.many_runs import run_lr_grid
 
 CONVERGED_STEPS = 1500
@@ -60,7 +60,6 @@ BUDGETS: dict[str, int] = {"300 steps": SHORT_STEPS, "converged": CONVERGED_STEP
 """A budget's label (the tables' ``budget`` column) and its number of steps."""
 SGD_LRS = (0.02, 0.1)
 ADAMW_LRS = (3e-4, 1e-3)
-WARMUP_DEPTH = 56
 
 DATASETS: dict[str, dict[str, Any]] = {
     "digits": dict(dataset="digits", img_size=8, n_train=1500),

@@ -25,13 +25,11 @@ from typing import Any
 
 from convergence_suites import mean_sd
 
-from timm_ortho.train.experiments import RunConfig
+from timm_ortho.train.experiments import WARMUP_DEPTH, RunConfig
 from timm_ortho.train.many_runs import run_lr_grid
 
 DEFAULT_LRS = (0.02, 0.1)
 """The learning-rate grid every regime gets (He et al.'s 0.1, and the fifth of it)."""
-WARMUP_DEPTH = 56
-"""Residual twins from this depth on train with He et al.'s warm-up."""
 
 # label -> (family, RunConfig overrides). "default" is exactly the user's call on the model's defaults.
 REGIMES: dict[str, tuple[str, dict[str, Any]]] = {

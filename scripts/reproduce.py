@@ -48,9 +48,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm_ortho.train.experiments import (
+    WARMUP_DEPTH,
     RunConfig,
     TensorData,
     best_by_loss,
+    code_version,
     load_tensor_data,
 )
 from timm_ortho.train.many_runs import run_lr_grid, run_many
@@ -71,9 +73,16 @@ def compare(depth: int, args: argparse.Namespace, name: str) -> dict[str, Any]:
     plans = {}
     for label, (family, method) in REGIMES.items():
         model = f"plain_cnn{depth}" if family == "plain" else f"cifar_resnet{depth}"
+        # Residual twins from 56 layers on train as He et al. trained ResNet-110: with the warm-up.
+        warmup = family == "resnet" and depth >= WARMUP_DEPTH
         # The paper's exact Conv-BN-ReLU chain (the models' default activation is depth-shaped).
         plans[label] = dict(
-            model=model, method=method, steps=args.steps, batch_size=args.batch_size, act_layer="relu"
+            model=model,
+            method=method,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            act_layer="relu",
+            warmup=warmup,
         )
     grid_cfgs = [RunConfig(**plan, lr=lr, seed=args.seeds[0]) for plan in plans.values() for lr in args.lrs]
     grid = run_many(grid_cfgs, args.data_kwargs, args.device, args.jobs, on_result=lambda *_: bar.update())
@@ -397,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--append", action="store_true", help="keep the runs in --out's JSON and run only the missing ones"
     )
     depth.add_argument(
+        "--replace",
+        action="store_true",
+        help="depth suites: rerun the planned cells and put them, whole, in place of the same cells in "
+        "--out's JSON (the other cells are kept)",
+    )
+    depth.add_argument(
         "--resume",
         action="store_true",
         help="models, regularizer, hardness: reuse the runs an interrupted call left in <suite>.partial.json",
@@ -500,6 +515,12 @@ def run_depth(args: argparse.Namespace) -> None:
         cells = [cell for cell in cells if cell[1] in args.regimes]
     previous: dict[str, list[dict[str, Any]]] = {"results": [], "grid": []}
     path = args.out / f"{name}.json"
+    if args.replace and args.append:
+        raise SystemExit(
+            "--replace and --append exclude each other: --append keeps complete cells, --replace reruns them"
+        )
+    if args.replace and not path.exists():
+        raise SystemExit(f"--replace: there is no {path} to replace cells in; run the suite without it first")
     if args.append and path.exists():
         # Cells with all their seeds are kept; a cell a deadline cut short is planned again whole.
         previous, complete = _complete_cells(json.loads(path.read_text()), _depth_key, len(seeds))
@@ -520,7 +541,7 @@ def run_depth(args: argparse.Namespace) -> None:
         processes=processes,
         schedule="cosine",
         momentum=0.9,
-        warmup=f"residual twins from {depth_suite.WARMUP_DEPTH} layers: lr 0.01 until training error < 80 %",
+        warmup=f"residual twins from {WARMUP_DEPTH} layers: lr 0.01 until training error < 80 %",
         precise_bn_batches=20,
         planned_runs=planned,
         data={name: depth_suite.DATASETS[name] for name in args.datasets},
@@ -546,6 +567,20 @@ def run_depth(args: argparse.Namespace) -> None:
     results, grid = depth_suite.run_suite(cells, lrs, seeds, args.device, processes, args.deadline, on_result)
     bar.close()
     budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
+    if args.replace:
+        # Only a cell with all its seeds replaces a saved one (a deadline may cut the last cells short).
+        count = collections.Counter(_depth_key(e) for e in results)
+        whole = {cell for cell, n in count.items() if n >= len(seeds)}
+        for cell in sorted(set(count) - whole):
+            print(f"--replace: {cell} was cut short by the deadline; its saved runs are kept")
+        fresh = {"results": [e for e in results if _depth_key(e) in whole]}
+        fresh["grid"] = [e for e in grid if _depth_key(e) in whole]
+        saved = json.loads(path.read_text())
+        merged = replace_cells(saved, fresh, _depth_key)
+        rerun = {"cells": sorted(whole), "runs": len(finished)}
+        rerun.update(code=code_version(), seconds=budget["seconds"], command=" ".join(sys.argv[1:]))
+        saved["budget"].setdefault("reruns", []).append(rerun)
+        budget, previous, results, grid = saved["budget"], merged, [], []
     rows = depth_suite.write(previous["results"] + results, budget, args.out, name, previous["grid"] + grid)
     (args.out / f"{name}.partial.json").unlink(missing_ok=True)
     print(depth_suite.table(rows))
@@ -598,7 +633,7 @@ def run_convergence(args: argparse.Namespace) -> None:
         batch_size=32,
         schedule="cosine",
         steps=suites.BUDGETS,
-        warmup=f"residual twins from {suites.WARMUP_DEPTH} layers: lr 0.01 until training error < 80 %",
+        warmup=f"residual twins from {WARMUP_DEPTH} layers: lr 0.01 until training error < 80 %",
         data={**suites.DATASETS, "16 px for": "resnet18, resnet50, mobilenetv3_small_100, test_vit"},
     )
     saved: list[dict[str, Any]] = []
@@ -651,6 +686,33 @@ def _complete_cells(
     complete = {k for k, n in count.items() if n >= seeds}
     kept = {part: [e for e in record.get(part, []) if key(e) in complete] for part in ("results", "grid")}
     return kept, complete
+
+
+def replace_cells(
+    record: dict[str, Any], fresh: dict[str, Any], key: Callable[[dict[str, Any]], Any]
+) -> dict[str, list[dict[str, Any]]]:
+    """``record``'s runs (``results`` and ``grid``) with every cell (identified by ``key``) that
+    ``fresh`` ran replaced whole by ``fresh``'s runs of it: all its seeds and grid runs, so that no
+    cell mixes runs of two code versions. A replaced cell keeps its place (tables keep their order);
+    a cell ``record`` lacks goes at the end."""
+    rerun = {key(e) for part in ("results", "grid") for e in fresh.get(part, [])}
+    merged = {}
+    for part in ("results", "grid"):
+        by_cell: dict[Any, list[dict[str, Any]]] = collections.defaultdict(list)
+        for entry in fresh.get(part, []):
+            by_cell[key(entry)].append(entry)
+        kept: list[dict[str, Any]] = []
+        placed = set()
+        for entry in record.get(part, []):
+            cell = key(entry)
+            if cell not in rerun:
+                kept.append(entry)
+            elif cell not in placed:
+                kept += by_cell.get(cell, [])
+                placed.add(cell)
+        kept += [e for cell, entries in by_cell.items() if cell not in placed for e in entries]
+        merged[part] = kept
+    return merged
 
 
 def _depth_key(entry: dict[str, Any]) -> tuple[str, str, int]:

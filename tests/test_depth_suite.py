@@ -1,8 +1,11 @@
-"""``reproduce.py depth | defaults | deep | bounds``: what ``--append`` plans again."""
+"""``reproduce.py depth | defaults | deep | bounds``: what ``--append`` plans again, what ``--replace``
+puts in place, and the warm-up the paper-chain suites give deep twins."""
 
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import depth_suite
@@ -36,3 +39,92 @@ def test_append_plans_again_a_cell_a_deadline_cut_short_and_keeps_the_complete_o
     assert planned == [("digits", cut, 20)]  # the cut cell again, whole; the complete one not
     assert written["results"] == [entry(complete, 0), entry(complete, 1)]
     assert written["grid"] == [entry(complete, 0)]
+
+
+def _run(regime: str, seed: int, depth: int = 20, tag: str = "saved") -> dict:
+    return {"dataset": "digits", "regime": regime, "depth": depth, "seed": seed, "tag": tag}
+
+
+def test_replace_cells_puts_a_rerun_cell_whole_in_its_old_place_and_a_new_one_last():
+    a, b, c = depth_suite.CORE[:3]
+    saved = {
+        "results": [_run(a, 0), _run(a, 1), _run(b, 0), _run(b, 1), _run(c, 0)],
+        "grid": [_run(a, 0), _run(b, 0), _run(b, 0), _run(c, 0)],
+    }
+    # The rerun of b has one grid run (the saved cell had two) and a cell at 44 layers the record lacks.
+    fresh = {
+        "results": [_run(b, 0, tag="new"), _run(b, 1, tag="new"), _run(a, 0, 44, "new")],
+        "grid": [_run(b, 0, tag="new"), _run(a, 0, 44, "new")],
+    }
+    merged = reproduce.replace_cells(saved, fresh, reproduce._depth_key)
+    assert merged["results"] == [
+        _run(a, 0),
+        _run(a, 1),
+        _run(b, 0, tag="new"),
+        _run(b, 1, tag="new"),
+        _run(c, 0),
+        _run(a, 0, 44, "new"),
+    ]
+    # b's two saved grid runs are gone: no cell keeps runs of the code it was rerun to replace.
+    assert merged["grid"] == [_run(a, 0), _run(b, 0, tag="new"), _run(c, 0), _run(a, 0, 44, "new")]
+
+
+def test_replace_reruns_planned_cells_into_the_saved_json_and_keeps_a_cell_cut_short(tmp_path, monkeypatch):
+    whole, cut, other = depth_suite.CORE[:3]
+    saved = {
+        "budget": {"steps": 300},
+        "results": [_run(regime, seed) for regime in (whole, cut, other) for seed in (0, 1)],
+        "grid": [_run(whole, 0), _run(cut, 0), _run(other, 0)],
+    }
+    (tmp_path / "depth.json").write_text(json.dumps(saved))
+    written = {}
+
+    def run_suite(cells, *args, **kwargs):
+        assert [c[1] for c in cells] == [whole, cut]
+        # A deadline let the second cell run one seed of two.
+        results = [_run(whole, 0, tag="new"), _run(whole, 1, tag="new"), _run(cut, 0, tag="new")]
+        return results, [_run(whole, 0, tag="new"), _run(cut, 0, tag="new")]
+
+    def write(results, budget, out, name, grid=None):
+        written.update(results=results, grid=grid, budget=budget)
+        return []
+
+    monkeypatch.setattr(depth_suite, "run_suite", run_suite)
+    monkeypatch.setattr(depth_suite, "write", write)
+    argv = ["depth", "--depths", "20", "--datasets", "digits", "--regimes", whole, cut]
+    argv += ["--seeds", "0", "1", "--jobs", "1", "--device", "cpu", "--replace", "--out", str(tmp_path)]
+    reproduce.run_depth(reproduce.build_parser().parse_args(argv))
+    assert written["results"] == [
+        _run(whole, 0, tag="new"),
+        _run(whole, 1, tag="new"),
+        *saved["results"][2:],
+    ]
+    assert written["grid"] == [_run(whole, 0, tag="new"), *saved["grid"][1:]]
+    (rerun,) = written["budget"]["reruns"]
+    assert rerun["cells"] == [("digits", whole, 20)]
+    assert rerun["code"].startswith("timm_ortho") and written["budget"]["steps"] == 300
+
+
+def test_replace_refuses_append_and_a_missing_record(tmp_path):
+    base = ["depth", "--depths", "20", "--datasets", "digits", "--out", str(tmp_path), "--replace"]
+    with pytest.raises(SystemExit, match="exclude each other"):
+        reproduce.run_depth(reproduce.build_parser().parse_args([*base, "--append"]))
+    with pytest.raises(SystemExit, match="run the suite without it first"):
+        reproduce.run_depth(reproduce.build_parser().parse_args(base))
+
+
+@pytest.mark.parametrize("depth, warmed", [(44, False), (110, True)])
+def test_paper_chain_suites_warm_up_the_residual_twin_from_56_layers(depth, warmed, monkeypatch):
+    planned = []
+
+    def run_many(cfgs, *args, **kwargs):
+        planned.extend(cfgs)
+        return [{"config": {"lr": cfg.lr}, "final": {"train_loss": 1.0, "diverged": False}} for cfg in cfgs]
+
+    monkeypatch.setattr(reproduce, "run_many", run_many)
+    args = reproduce.build_parser().parse_args(["mechanism", "--seeds", "0", "1", "--lrs", "0.1"])
+    args.steps, args.batch_size, args.data_kwargs, args.jobs = 10, 4, {}, 1
+    reproduce.compare(depth, args, "test")
+    twins = [cfg for cfg in planned if cfg.model.startswith("cifar_resnet")]
+    assert twins and all(cfg.warmup is warmed for cfg in twins)
+    assert not any(cfg.warmup for cfg in planned if cfg.model.startswith("plain_cnn"))

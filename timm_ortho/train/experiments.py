@@ -78,6 +78,7 @@ from .regimes import baseline_bound, regime_model, regime_optimizer
 from .tensor_data import TensorData, load_tensor_data
 
 __all__ = [
+    "WARMUP_DEPTH",
     "RunConfig",
     "TensorData",
     "best_by_loss",
@@ -87,6 +88,10 @@ __all__ = [
 ]
 
 Method = Literal["l2", "none", "default", "ortho", "ortho_mod"]
+
+WARMUP_DEPTH = 56
+"""Residual twins of this depth or more train with ``warmup=True`` in every suite. He et al. warmed
+up their 110-layer ResNet; giving the warm-up from 56 layers on leaves no deep twin without it."""
 
 
 @dataclass
