@@ -408,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument(
         "--replace",
         action="store_true",
-        help="depth suites: rerun the planned cells and put them, whole, in place of the same cells in "
-        "--out's JSON (the other cells are kept)",
+        help="rerun the planned cells and put them, whole, in place of the same cells in --out's JSON "
+        "(the other cells are kept; the rerun is logged in its budget's reruns)",
     )
     depth.add_argument(
         "--resume",
@@ -515,12 +515,7 @@ def run_depth(args: argparse.Namespace) -> None:
         cells = [cell for cell in cells if cell[1] in args.regimes]
     previous: dict[str, list[dict[str, Any]]] = {"results": [], "grid": []}
     path = args.out / f"{name}.json"
-    if args.replace and args.append:
-        raise SystemExit(
-            "--replace and --append exclude each other: --append keeps complete cells, --replace reruns them"
-        )
-    if args.replace and not path.exists():
-        raise SystemExit(f"--replace: there is no {path} to replace cells in; run the suite without it first")
+    _check_replace(args, path)
     if args.append and path.exists():
         # Cells with all their seeds are kept; a cell a deadline cut short is planned again whole.
         previous, complete = _complete_cells(json.loads(path.read_text()), _depth_key, len(seeds))
@@ -567,21 +562,10 @@ def run_depth(args: argparse.Namespace) -> None:
     results, grid = depth_suite.run_suite(cells, lrs, seeds, args.device, processes, args.deadline, on_result)
     bar.close()
     budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
+    runs = {"results": previous["results"] + results, "grid": previous["grid"] + grid}
     if args.replace:
-        # Only a cell with all its seeds replaces a saved one (a deadline may cut the last cells short).
-        count = collections.Counter(_depth_key(e) for e in results)
-        whole = {cell for cell, n in count.items() if n >= len(seeds)}
-        for cell in sorted(set(count) - whole):
-            print(f"--replace: {cell} was cut short by the deadline; its saved runs are kept")
-        fresh = {"results": [e for e in results if _depth_key(e) in whole]}
-        fresh["grid"] = [e for e in grid if _depth_key(e) in whole]
-        saved = json.loads(path.read_text())
-        merged = replace_cells(saved, fresh, _depth_key)
-        rerun = {"cells": sorted(whole), "runs": len(finished)}
-        rerun.update(code=code_version(), seconds=budget["seconds"], command=" ".join(sys.argv[1:]))
-        saved["budget"].setdefault("reruns", []).append(rerun)
-        budget, previous, results, grid = saved["budget"], merged, [], []
-    rows = depth_suite.write(previous["results"] + results, budget, args.out, name, previous["grid"] + grid)
+        budget, runs = _rerun_in_place(path, results, grid, _depth_key, len(seeds), budget["seconds"])
+    rows = depth_suite.write(runs["results"], budget, args.out, name, runs["grid"])
     (args.out / f"{name}.partial.json").unlink(missing_ok=True)
     print(depth_suite.table(rows))
     if len(finished) < planned:
@@ -616,6 +600,7 @@ def run_convergence(args: argparse.Namespace) -> None:
     if args.lrs:
         cells = [dataclasses.replace(c, lrs=tuple(args.lrs)) for c in cells]
     previous: dict[str, list[dict[str, Any]]] = {"results": [], "grid": []}
+    _check_replace(args, path)
     if args.append and path.exists():
         # Cells with all their seeds are kept; a cell a deadline cut short is planned again (its
         # finished runs come back from the partial file with --resume).
@@ -663,7 +648,10 @@ def run_convergence(args: argparse.Namespace) -> None:
     results, grid = suites.run_cells(cells, seeds, args.device, processes, args.deadline, on_result, saved)
     bar.close()
     budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
-    rows = suites.write(previous["results"] + results, previous["grid"] + grid, budget, args.out, name)
+    runs = {"results": previous["results"] + results, "grid": previous["grid"] + grid}
+    if args.replace:
+        budget, runs = _rerun_in_place(path, results, grid, _cell_key, len(seeds), budget["seconds"])
+    rows = suites.write(runs["results"], runs["grid"], budget, args.out, name)
     print(suites.table(rows), suites.comparisons(rows, suites.BASELINES[name]), sep="\n\n")
     count = collections.Counter(_cell_key(e) for e in results)
     cut = [c for c in cells if count[_cell_key(vars(c))] < len(seeds)]
@@ -686,6 +674,45 @@ def _complete_cells(
     complete = {k for k, n in count.items() if n >= seeds}
     kept = {part: [e for e in record.get(part, []) if key(e) in complete] for part in ("results", "grid")}
     return kept, complete
+
+
+def _check_replace(args: argparse.Namespace, path: Path) -> None:
+    """Refuse ``--replace`` with ``--append``, or without a saved record to replace cells in."""
+    if args.replace and args.append:
+        raise SystemExit(
+            "--replace and --append exclude each other: --append keeps complete cells, --replace reruns them"
+        )
+    if args.replace and not path.exists():
+        raise SystemExit(f"--replace: there is no {path} to replace cells in; run the suite without it first")
+
+
+def _rerun_in_place(
+    path: Path,
+    results: list[dict[str, Any]],
+    grid: list[dict[str, Any]],
+    key: Callable[[dict[str, Any]], Any],
+    seeds: int,
+    seconds: int,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """What ``--replace`` writes: the record saved at ``path`` with the cells this call finished (all
+    ``seeds`` seeds) in place of its own (:func:`replace_cells`), and the rerun (its cells, code,
+    time and command) added to the budget's ``reruns``. Returns (budget, runs)."""
+    count = collections.Counter(key(e) for e in results)
+    whole = {cell for cell, n in count.items() if n >= seeds}
+    for cell in sorted(set(count) - whole):  # a deadline cut it short
+        print(f"--replace: {cell} did not finish all its seeds; its saved runs are kept")
+    fresh = {
+        part: [e for e in runs if key(e) in whole] for part, runs in (("results", results), ("grid", grid))
+    }
+    saved = json.loads(path.read_text())
+    rerun = {
+        "cells": sorted(whole),
+        "code": code_version(),
+        "seconds": seconds,
+        "command": " ".join(sys.argv[1:]),
+    }
+    saved["budget"].setdefault("reruns", []).append(rerun)
+    return saved["budget"], replace_cells(saved, fresh, key)
 
 
 def replace_cells(

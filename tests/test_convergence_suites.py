@@ -96,6 +96,37 @@ def test_a_suite_cut_by_its_deadline_keeps_its_runs_and_append_resume_completes_
     assert "0 cells, 0 runs" in capsys.readouterr().out
 
 
+def test_replace_puts_a_rerun_cell_in_place_of_its_saved_runs_and_keeps_the_others(tmp_path):
+    import json
+
+    import reproduce
+
+    def call(regimes: list[str], lrs: list[str], *extra: str) -> dict:
+        argv = ["regularizer", "--models", "cifar_resnet20", "--regimes", *regimes, "--datasets", "digits"]
+        argv += ["--steps", "2", "--seeds", "0", "1", "--lrs", *lrs, "--jobs", "1", "--device", "cpu"]
+        reproduce.run_convergence(
+            reproduce.build_parser().parse_args([*argv, "--out", str(tmp_path), *extra])
+        )
+        return json.loads((tmp_path / "regularizer.json").read_text())
+
+    none, l2 = "none (MSRA init)", "L2 (MSRA init)"
+    saved = call([none, l2], ["0.05"])
+    rerun = call([none], ["0.01"], "--replace")  # another lr tells the rerun's runs from the saved ones
+
+    def lrs(record: dict, regime: str) -> list[float]:
+        return [e["record"]["config"]["lr"] for e in record["results"] if e["regime"] == regime]
+
+    assert [e["regime"] for e in rerun["results"]] == [e["regime"] for e in saved["results"]]
+    assert lrs(rerun, none) == [0.01, 0.01] and lrs(saved, none) == [0.05, 0.05]
+    assert [e for e in rerun["results"] if e["regime"] == l2] == [
+        e for e in saved["results"] if e["regime"] == l2
+    ]
+    assert [e["record"]["config"]["lr"] for e in rerun["grid"] if e["regime"] == none] == [0.01]
+    (logged,) = rerun["budget"]["reruns"]
+    assert logged["cells"] == [["digits", "cifar_resnet20", none, "converged"]]
+    assert logged["code"].startswith("timm_ortho")
+
+
 def test_comparisons_give_each_regime_against_its_rows_baseline_with_the_spread():
     def row(model, regime, acc, gap=(0.0, 0.0), cos=(0.1, 0.1)):
         return dict(
