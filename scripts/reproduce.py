@@ -156,10 +156,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        diverged = sum(r["diverged"])
+        if diverged == len(r["diverged"]):  # nothing finite to average: say so rather than print nan
+            lines.append(f"| {r['regime']} | {r['lr']:g} | diverged (every seed) | - | - | - | - |")
+            continue
+        kept = [i for i, d in enumerate(r["diverged"]) if not d]
+        pick = {
+            k: [r[k][i] for i in kept]
+            for k in ("train_loss", "val_acc", "cosine", "ratio_before_drop", "ratio_end")
+        }
+        note = f" ({diverged} of {len(r['diverged'])} seeds diverged)" if diverged else ""
         lines.append(
-            f"| {r['regime']} | {r['lr']:g} | {fmt(r['train_loss'])} | {fmt(r['val_acc'])} | "
-            f"{fmt(r['cosine'], '.4f')} | {fmt(r['ratio_before_drop'], '.2e')} | "
-            f"{fmt(r['ratio_end'], '.2e')} |"
+            f"| {r['regime']} | {r['lr']:g} | {fmt(pick['train_loss'])}{note} | {fmt(pick['val_acc'])} | "
+            f"{fmt(pick['cosine'], '.4f')} | {fmt(pick['ratio_before_drop'], '.2e')} | "
+            f"{fmt(pick['ratio_end'], '.2e')} |"
         )
     return "\n".join(lines)
 

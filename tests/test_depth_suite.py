@@ -1,5 +1,5 @@
 """``reproduce.py depth | defaults | deep | bounds``: what ``--append`` plans again, what ``--replace``
-puts in place, and the warm-up the paper-chain suites give deep twins."""
+puts in place, the warm-up the paper-chain suites give deep twins and how their table shows a diverged run."""
 
 import json
 import sys
@@ -128,3 +128,17 @@ def test_paper_chain_suites_warm_up_the_residual_twin_from_56_layers(depth, warm
     twins = [cfg for cfg in planned if cfg.model.startswith("cifar_resnet")]
     assert twins and all(cfg.warmup is warmed for cfg in twins)
     assert not any(cfg.warmup for cfg in planned if cfg.model.startswith("plain_cnn"))
+
+
+def test_paper_chain_table_names_diverged_seeds_instead_of_averaging_nan():
+    nan = float("nan")
+
+    def row(regime: str, diverged: list[bool], loss: list[float]) -> dict:
+        values = dict(train_loss=loss, val_acc=[0.5] * 2, cosine=[0.1] * 2)
+        values.update(ratio_before_drop=[1.0] * 2, ratio_end=[1.0] * 2)
+        return dict(regime=regime, lr=0.03, diverged=diverged, **values)
+
+    text = reproduce.table([row("all", [True, True], [nan, nan]), row("one", [False, True], [1.25, nan])])
+    assert "| all | 0.03 | diverged (every seed) | - |" in text
+    assert "| one | 0.03 | 1.250 (1 of 2 seeds diverged) | 0.500 |" in text
+    assert "nan" not in text
