@@ -100,7 +100,8 @@ def suite_config(model: str, steps: int, batch_size: int, overrides: dict[str, A
 
 
 # The runs that chose the defaults (plain_cnn110 on digits, same budget as the suite): the step bound's
-# form and size, and the modulation with the bound on. ``reproduce.py defaults`` reruns them.
+# form and size, the modulation with the bound on, and the term's strength on the default recipe.
+# ``reproduce.py defaults`` reruns them.
 DEFAULTS_GRID: dict[str, dict[str, Any]] = {
     "shaped, no bound": dict(method="ortho"),
     "shaped, bound 0.005": dict(method="ortho", max_grad_ratio=0.005),
@@ -118,6 +119,9 @@ DEFAULTS_GRID: dict[str, dict[str, Any]] = {
     "ReLU, bound 0.02 + modulation (top)": dict(method="ortho_mod", max_grad_ratio=0.02, act_layer="relu"),
     "ReLU, bound 0.1": dict(method="ortho", max_grad_ratio=0.1, act_layer="relu"),
     "ReLU, bound 0.1 + modulation (top)": dict(method="ortho_mod", max_grad_ratio=0.1, act_layer="relu"),
+    # The term's strength on the default recipe (the paper-chain sweep chose 1e-5 on regime (b)).
+    "defaults (ortho_decay 1e-5)": dict(method="default"),
+    "defaults, ortho_decay 1e-4": dict(method="default", wrapper=dict(ortho_decay=1e-4)),
 }
 
 
