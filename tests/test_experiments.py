@@ -205,6 +205,15 @@ def test_warmup_holds_the_lr_until_the_training_error_falls(data):
     assert run(RunConfig(**{**cfg.__dict__, "warmup": False}), data)["final"]["warmup_steps"] is None
 
 
+def test_the_steps_loss_and_the_training_sets_eval_loss_are_recorded_apart(data):
+    # 20 steps: the last tenth is the last two steps, which the last history window (2 steps) averages.
+    cfg = RunConfig(model="plain_cnn20", method="l2", steps=20, batch_size=8, record_every=2)
+    final, history = (record := run(cfg, data))["final"], record["history"]
+    assert final["step_loss"] == pytest.approx(history[-1]["loss"], rel=1e-6)
+    # train_loss is the eval-mode loss over all 64 training images: not the steps' mean.
+    assert math.isfinite(final["train_loss"]) and final["train_loss"] != final["step_loss"]
+
+
 def test_none_regime_bare_bound_and_train_metrics(data):
     cfg = RunConfig(model="plain_cnn20", method="none", steps=2, batch_size=8, record_every=2)
     record = run(cfg, data)

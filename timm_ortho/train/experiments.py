@@ -381,11 +381,16 @@ def _final_values(
     probe: ErrorModulation | _RecordStepProbe,
     trained: _Trained,
 ) -> dict[str, Any]:
-    """The final values: losses, error moments per layer, validation (also after precise BN)."""
+    """The final values: losses, error moments per layer, validation (also after precise BN).
+
+    Two training losses, kept apart: ``step_loss``, the mean of the last tenth of the steps' losses
+    (train mode, the batches the optimizer saw), and ``train_loss``, the loss over the whole training
+    set in eval mode with the final weights and BN statistics (the one :func:`best_by_loss` compares,
+    and the one that sits beside ``val_loss`` in the generalization gap)."""
     stats, losses, diverged = probe.last_stats(), trained.losses, trained.diverged
     tail = max(1, len(losses) // 10)
     final = {
-        "train_loss": torch.stack(losses[-tail:]).mean().item(),
+        "step_loss": torch.stack(losses[-tail:]).mean().item(),
         "diverged": diverged,
         "layer_names": stats.names,
         "layer_moments": stats.q_after.double().cpu().tolist(),
@@ -407,7 +412,9 @@ def _final_values(
 
 
 def best_by_loss(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The record with the lowest final training loss (diverged runs count as +inf)."""
+    """The record with the lowest final training loss, ``final["train_loss"]``: the whole training
+    set's loss in eval mode at the end of the run (diverged runs count as +inf). No held-out image is
+    read to choose."""
 
     def key(r: dict[str, Any]) -> float:
         value = r["final"]["train_loss"]
