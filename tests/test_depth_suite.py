@@ -12,37 +12,40 @@ import depth_suite
 import reproduce
 
 
-def test_append_plans_again_a_cell_a_deadline_cut_short_and_keeps_the_complete_ones(tmp_path, monkeypatch):
-    complete, cut = depth_suite.CORE[0], depth_suite.CORE[1]
+def _run(regime: str, seed: int, depth: int = 20, tag: str = "saved") -> dict:
+    return {"dataset": "digits", "regime": regime, "depth": depth, "seed": seed, "tag": tag}
 
-    def entry(regime: str, seed: int) -> dict:
-        return {"dataset": "digits", "regime": regime, "depth": 20, "seed": seed}
 
-    saved = {"results": [entry(complete, 0), entry(complete, 1), entry(cut, 0)]}
-    saved["grid"] = [entry(complete, 0), entry(cut, 0)]
-    (tmp_path / "depth.json").write_text(json.dumps(saved))
+def _call_depth(tmp_path, monkeypatch, regimes: list[str], flag: str, runs=([], [])) -> tuple[list, dict]:
+    """``reproduce.py depth`` on ``regimes`` at 20 layers, two seeds, with ``flag``; the training is
+    replaced by ``runs`` (results, grid). Returns the cells it planned and what it wrote."""
     planned, written = [], {}
 
     def run_suite(cells, *args, **kwargs):
         planned.extend((c[0], c[1], c[2]) for c in cells)
-        return [], []
+        return runs
 
     def write(results, budget, out, name, grid=None):
-        written.update(results=results, grid=grid)
+        written.update(results=results, grid=grid, budget=budget)
         return []
 
     monkeypatch.setattr(depth_suite, "run_suite", run_suite)
     monkeypatch.setattr(depth_suite, "write", write)
-    argv = ["depth", "--depths", "20", "--datasets", "digits", "--regimes", complete, cut]
-    argv += ["--seeds", "0", "1", "--jobs", "1", "--device", "cpu", "--append", "--out", str(tmp_path)]
+    argv = ["depth", "--depths", "20", "--datasets", "digits", "--regimes", *regimes]
+    argv += ["--seeds", "0", "1", "--jobs", "1", "--device", "cpu", flag, "--out", str(tmp_path)]
     reproduce.run_depth(reproduce.build_parser().parse_args(argv))
+    return planned, written
+
+
+def test_append_plans_again_a_cell_a_deadline_cut_short_and_keeps_the_complete_ones(tmp_path, monkeypatch):
+    complete, cut = depth_suite.CORE[0], depth_suite.CORE[1]
+    saved = {"results": [_run(complete, 0), _run(complete, 1), _run(cut, 0)]}
+    saved["grid"] = [_run(complete, 0), _run(cut, 0)]
+    (tmp_path / "depth.json").write_text(json.dumps(saved))
+    planned, written = _call_depth(tmp_path, monkeypatch, [complete, cut], "--append")
     assert planned == [("digits", cut, 20)]  # the cut cell again, whole; the complete one not
-    assert written["results"] == [entry(complete, 0), entry(complete, 1)]
-    assert written["grid"] == [entry(complete, 0)]
-
-
-def _run(regime: str, seed: int, depth: int = 20, tag: str = "saved") -> dict:
-    return {"dataset": "digits", "regime": regime, "depth": depth, "seed": seed, "tag": tag}
+    assert written["results"] == [_run(complete, 0), _run(complete, 1)]
+    assert written["grid"] == [_run(complete, 0)]
 
 
 def test_replace_cells_puts_a_rerun_cell_whole_in_its_old_place_and_a_new_one_last():
@@ -77,23 +80,11 @@ def test_replace_reruns_planned_cells_into_the_saved_json_and_keeps_a_cell_cut_s
         "grid": [_run(whole, 0), _run(cut, 0), _run(other, 0)],
     }
     (tmp_path / "depth.json").write_text(json.dumps(saved))
-    written = {}
-
-    def run_suite(cells, *args, **kwargs):
-        assert [c[1] for c in cells] == [whole, cut]
-        # A deadline let the second cell run one seed of two.
-        results = [_run(whole, 0, tag="new"), _run(whole, 1, tag="new"), _run(cut, 0, tag="new")]
-        return results, [_run(whole, 0, tag="new"), _run(cut, 0, tag="new")]
-
-    def write(results, budget, out, name, grid=None):
-        written.update(results=results, grid=grid, budget=budget)
-        return []
-
-    monkeypatch.setattr(depth_suite, "run_suite", run_suite)
-    monkeypatch.setattr(depth_suite, "write", write)
-    argv = ["depth", "--depths", "20", "--datasets", "digits", "--regimes", whole, cut]
-    argv += ["--seeds", "0", "1", "--jobs", "1", "--device", "cpu", "--replace", "--out", str(tmp_path)]
-    reproduce.run_depth(reproduce.build_parser().parse_args(argv))
+    # A deadline let the second cell run one seed of two.
+    results = [_run(whole, 0, tag="new"), _run(whole, 1, tag="new"), _run(cut, 0, tag="new")]
+    runs = results, [_run(whole, 0, tag="new"), _run(cut, 0, tag="new")]
+    planned, written = _call_depth(tmp_path, monkeypatch, [whole, cut], "--replace", runs)
+    assert planned == [("digits", whole, 20), ("digits", cut, 20)]
     assert written["results"] == [
         _run(whole, 0, tag="new"),
         _run(whole, 1, tag="new"),
