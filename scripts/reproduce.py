@@ -1,11 +1,11 @@
 """Reproduce the paper's mechanism figures and choose the method's defaults by measurement.
 
     python scripts/reproduce.py mechanism      # plain_cnn44: (a) l2, (b) ortho, (c) ortho+mod, resnet twin
-    python scripts/reproduce.py trainability   # plain_cnn110 under (a), (b), (c) and cifar_resnet110 (a)
+    python scripts/reproduce.py trainability   # plain_cnn110: (a), (b), (c); cifar_resnet110 (a), warm-up
     python scripts/reproduce.py sweep          # modulation band/mode/reference/schedule and ortho_decay
-    python scripts/reproduce.py all            # the three, about 30 minutes on a 2-core CPU
+    python scripts/reproduce.py all            # the three, about 22 minutes on a 2-core CPU
     python scripts/reproduce.py depth          # accuracy against depth, ablations (scripts/depth_suite.py)
-    python scripts/reproduce.py defaults       # the runs that chose the step bound and modulation defaults
+    python scripts/reproduce.py defaults       # the runs behind the step bound, modulation, ortho_decay
     python scripts/reproduce.py deep           # plain_cnn1202: the step bound's size at 1202 layers (a GPU)
     python scripts/reproduce.py bounds --depths 20 44   # the step bound's size against depth (a CPU)
     python scripts/reproduce.py protocol       # print the commands of the full CIFAR-10 protocol
