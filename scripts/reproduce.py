@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -719,7 +720,7 @@ def _rerun_in_place(
         "cells": sorted(whole),
         "code": code_version(),
         "seconds": seconds,
-        "command": " ".join(sys.argv[1:]),
+        "command": shlex.join(sys.argv[1:]),
     }
     saved["budget"].setdefault("reruns", []).append(rerun)
     return saved["budget"], replace_cells(saved, fresh, key)
