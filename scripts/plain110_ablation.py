@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convergence_suites as suites
+from reproduce import cell_key, replace_cells
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain_cnn110, defaults, no step bound": dict(max_grad_ratio=None),
@@ -62,12 +63,6 @@ def main() -> None:
         for budget in args.budgets
         for label, wrapper in VARIANTS.items()
     ]
-    planned = {(c.dataset, c.model, c.regime, c.budget) for c in cells}
-
-    def rerun(e: dict[str, Any]) -> bool:
-        return (e["dataset"], e["model"], e["regime"], e["budget"]) in planned
-
-    kept = {part: [e for e in saved.get(part, []) if not rerun(e)] for part in ("results", "grid")}
     n_runs = sum(len(c.lrs) + len(args.seeds) - 1 for c in cells)
     bar = tqdm(total=n_runs, desc="plain-110 ablation", unit="run")
     start = time.perf_counter()
@@ -75,7 +70,9 @@ def main() -> None:
     bar.close()
     seconds = round(time.perf_counter() - start)
     budget = {**saved["budget"], "ablation": {"variants": VARIANTS, "seconds": seconds}}
-    rows = suites.write(kept["results"] + results, kept["grid"] + grid, budget, args.out, "models")
+    # A variant run again replaces its earlier runs whole; the twin's and the defaults' runs stay.
+    runs = replace_cells(saved, {"results": results, "grid": grid}, cell_key)
+    rows = suites.write(runs["results"], runs["grid"], budget, args.out, "models")
     print(suites.table(rows), suites.comparisons(rows, suites.BASELINES["models"]), sep="\n\n")
 
 

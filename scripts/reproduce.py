@@ -615,8 +615,8 @@ def run_convergence(args: argparse.Namespace) -> None:
     if args.append and path.exists():
         # Cells with all their seeds are kept; a cell a deadline cut short is planned again (its
         # finished runs come back from the partial file with --resume).
-        previous, complete = _complete_cells(json.loads(path.read_text()), _cell_key, len(seeds))
-        cells = [c for c in cells if _cell_key(vars(c)) not in complete]
+        previous, complete = _complete_cells(json.loads(path.read_text()), cell_key, len(seeds))
+        cells = [c for c in cells if cell_key(vars(c)) not in complete]
         print(f"appending to {len(previous['results'])} finished runs of complete cells in {path}")
     processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
     planned = sum(len(c.lrs) + len(seeds) - 1 for c in cells)
@@ -638,8 +638,8 @@ def run_convergence(args: argparse.Namespace) -> None:
         if not partial_path.exists():
             raise SystemExit(f"--resume: {partial_path} does not exist (nothing was interrupted in --out)")
         saved = json.loads(partial_path.read_text())["results"]
-    planned_cells = {_cell_key(vars(c)) for c in cells}
-    known = sum(_cell_key(e) in planned_cells for e in saved)
+    planned_cells = {cell_key(vars(c)) for c in cells}
+    known = sum(cell_key(e) in planned_cells for e in saved)
     if args.resume:
         print(f"resuming: {known} runs of this plan are saved in {partial_path} and not run again")
     print(f"{name} suite: {len(cells)} cells, {planned} runs on {args.device} in {processes} processes")
@@ -661,11 +661,11 @@ def run_convergence(args: argparse.Namespace) -> None:
     budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
     runs = {"results": previous["results"] + results, "grid": previous["grid"] + grid}
     if args.replace:
-        budget, runs = _rerun_in_place(path, results, grid, _cell_key, len(seeds), budget["seconds"])
+        budget, runs = _rerun_in_place(path, results, grid, cell_key, len(seeds), budget["seconds"])
     rows = suites.write(runs["results"], runs["grid"], budget, args.out, name)
     print(suites.table(rows), suites.comparisons(rows, suites.BASELINES[name]), sep="\n\n")
-    count = collections.Counter(_cell_key(e) for e in results)
-    cut = [c for c in cells if count[_cell_key(vars(c))] < len(seeds)]
+    count = collections.Counter(cell_key(e) for e in results)
+    cut = [c for c in cells if count[cell_key(vars(c))] < len(seeds)]
     if cut:  # keep every finished run for the call that completes them
         suites.write(finished, [], {**budget, "finished_runs": len(finished)}, args.out, f"{name}.partial")
         print(
@@ -758,7 +758,7 @@ def _depth_key(entry: dict[str, Any]) -> tuple[str, str, int]:
     return entry["dataset"], entry["regime"], entry["depth"]
 
 
-def _cell_key(entry: dict[str, Any]) -> tuple[str, str, str, str]:
+def cell_key(entry: dict[str, Any]) -> tuple[str, str, str, str]:
     """A suite cell's identity: (data set, model row, regime, budget)."""
     return entry["dataset"], entry["model"], entry["regime"], entry["budget"]
 

@@ -36,7 +36,7 @@ def test_the_regularizer_plan_at_the_longer_budget_keeps_its_own_label():
     # The same cell at two budgets is two cells: --append keeps the converged runs beside the longer ones.
     import reproduce
 
-    assert len({reproduce._cell_key(vars(c)) for c in cells}) == len(cells)
+    assert len({reproduce.cell_key(vars(c)) for c in cells}) == len(cells)
     args = reproduce.build_parser().parse_args(["regularizer", "--budgets", "4,000 steps"])
     assert args.budgets == ["4,000 steps"]
 
