@@ -140,6 +140,8 @@ def plan_defaults(steps: int, batch_size: int) -> list[Cell]:
 DEEP_GRID: dict[str, dict[str, Any]] = {
     "defaults (bound min(0.01, 1/L) = 0.00083)": dict(method="default"),
     "defaults, bound 0.003": dict(method="default", wrapper=dict(max_grad_ratio=0.003)),
+    # A candidate rule min(0.02, 2/L): twice the default at this depth.
+    "defaults, bound 2/L = 0.0017": dict(method="default", wrapper=dict(max_grad_ratio=2 / 1202)),
     "defaults, bound 0.001": dict(method="default", wrapper=dict(max_grad_ratio=0.001)),
     "defaults, bound 0.0003": dict(method="default", wrapper=dict(max_grad_ratio=0.0003)),
     "defaults, lr 0.02": dict(method="default", lr=0.02),

@@ -35,6 +35,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The default bound min(0.01, 1/L) = 0.0091 was chosen at batch 64; larger ones at this batch 32.
     "plain_cnn110, defaults, step bound 0.02": dict(max_grad_ratio=0.02),
     "plain_cnn110, defaults, step bound 0.05": dict(max_grad_ratio=0.05),
+    # A candidate rule min(0.02, 2/L) for L = 110 target layers.
+    "plain_cnn110, defaults, step bound 2/L = 0.018": dict(max_grad_ratio=2 / 110),
 }
 ABLATIONS = list(VARIANTS)[:2]
 ROW = "plain-110 row"
