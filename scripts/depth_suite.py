@@ -122,6 +122,8 @@ DEFAULTS_GRID: dict[str, dict[str, Any]] = {
     # The term's strength on the default recipe (the paper-chain sweep chose 1e-5 on regime (b)).
     "defaults (ortho_decay 1e-5)": dict(method="default"),
     "defaults, ortho_decay 1e-4": dict(method="default", wrapper=dict(ortho_decay=1e-4)),
+    # A candidate rule min(0.02, 2/L) for the step bound, on the default recipe.
+    "defaults, bound 2/L = 0.018": dict(method="default", wrapper=dict(max_grad_ratio=2 / 110)),
 }
 
 
