@@ -58,6 +58,11 @@ def max_grad_ratio_for(num_layers: int) -> float:
     the largest bound that trains falls with depth, and at 1202 layers 0.01 stays at chance (0.11),
     0.003 reaches 0.24, 0.001 0.47, ``1/L`` = 0.00083 0.505 and 0.0003 0.24 (seed 0; ``1/L`` over
     three seeds 0.43 ± 0.08). Up to 100 layers the cap applies (0.01, as before).
+
+    Chosen at batch 64. At batch 32 the gradients are larger and this bound still scales down nearly
+    every layer at the end of a 300-step run; there ``plain_cnn110`` trails its residual twin by 1.6
+    points, and a bound of 0.02 ties it (``scripts/plain110_ablation.py``, ``scripts/bound_probe.py``;
+    docs/results.md, "Any timm model"). Pass ``max_grad_ratio=0.02`` with small batches.
     """
     return min(MAX_GRAD_RATIO_CAP, 1.0 / max(1, num_layers))
 
