@@ -528,10 +528,14 @@ def run_depth(args: argparse.Namespace) -> None:
     path = args.out / f"{name}.json"
     _check_replace(args, path)
     if args.append and path.exists():
-        # Cells with all their seeds are kept; a cell a deadline cut short is planned again whole.
-        previous, complete = _complete_cells(json.loads(path.read_text()), _depth_key, len(seeds))
+        # Every saved run is kept, but a planned cell without all its seeds (a deadline cut it short)
+        # is planned again whole.
+        planned_keys = {(c[0], c[1], c[2]) for c in cells}
+        previous, complete = _complete_cells(
+            json.loads(path.read_text()), _depth_key, len(seeds), planned_keys
+        )
         cells = [c for c in cells if (c[0], c[1], c[2]) not in complete]
-        print(f"appending to {len(previous['results'])} finished runs of complete cells in {path}")
+        print(f"appending to the {len(previous['results'])} finished runs kept in {path}")
     processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     planned = len(cells) * (len(lrs) + len(seeds) - 1)
@@ -613,11 +617,12 @@ def run_convergence(args: argparse.Namespace) -> None:
     previous: dict[str, list[dict[str, Any]]] = {"results": [], "grid": []}
     _check_replace(args, path)
     if args.append and path.exists():
-        # Cells with all their seeds are kept; a cell a deadline cut short is planned again (its
-        # finished runs come back from the partial file with --resume).
-        previous, complete = _complete_cells(json.loads(path.read_text()), cell_key, len(seeds))
+        # Every saved run is kept, but a planned cell without all its seeds (a deadline cut it
+        # short) is planned again (its finished runs come back from the partial file with --resume).
+        planned_keys = {cell_key(vars(c)) for c in cells}
+        previous, complete = _complete_cells(json.loads(path.read_text()), cell_key, len(seeds), planned_keys)
         cells = [c for c in cells if cell_key(vars(c)) not in complete]
-        print(f"appending to {len(previous['results'])} finished runs of complete cells in {path}")
+        print(f"appending to the {len(previous['results'])} finished runs kept in {path}")
     processes = args.jobs or (4 if args.device == "cuda" else max(1, (os.cpu_count() or 1)))
     planned = sum(len(c.lrs) + len(seeds) - 1 for c in cells)
     budget = dict(
@@ -677,13 +682,17 @@ def run_convergence(args: argparse.Namespace) -> None:
 
 
 def _complete_cells(
-    record: dict[str, Any], key: Callable[[dict[str, Any]], Any], seeds: int
+    record: dict[str, Any], key: Callable[[dict[str, Any]], Any], seeds: int, planned: set[Any]
 ) -> tuple[dict[str, list[dict[str, Any]]], set[Any]]:
-    """What ``--append`` keeps of a suite's saved ``record``: the runs (``results`` and ``grid``) of
-    the cells (identified by ``key``) that have all ``seeds`` seeds, and those cells' keys."""
+    """What ``--append`` keeps of a suite's saved ``record``, and which of the ``planned`` cells
+    (identified by ``key``) are complete, with all ``seeds`` seeds: every run (``results`` and
+    ``grid``) but those of a planned cell that is not complete, which is run again whole. A cell
+    this call does not plan is kept whatever its number of seeds: ``--append`` never drops work it
+    was not asked to redo."""
     count = collections.Counter(key(e) for e in record["results"])
-    complete = {k for k, n in count.items() if n >= seeds}
-    kept = {part: [e for e in record.get(part, []) if key(e) in complete] for part in ("results", "grid")}
+    complete = {k for k in planned if count[k] >= seeds}
+    redone = planned - complete
+    kept = {part: [e for e in record.get(part, []) if key(e) not in redone] for part in ("results", "grid")}
     return kept, complete
 
 

@@ -48,6 +48,20 @@ def test_append_plans_again_a_cell_a_deadline_cut_short_and_keeps_the_complete_o
     assert written["grid"] == [_run(complete, 0)]
 
 
+def test_append_keeps_the_runs_of_cells_it_does_not_plan_whatever_their_seeds(tmp_path, monkeypatch):
+    # A one-seed cell of an earlier call (a size of the deep grid) and a two-seed one: appending a new
+    # regime with two seeds plans the new regime only and writes back every saved run.
+    one_seed, two_seeds, new = depth_suite.CORE[:3]
+    saved = {"results": [_run(one_seed, 0), _run(two_seeds, 0), _run(two_seeds, 1)]}
+    saved["grid"] = [_run(two_seeds, 0)]
+    (tmp_path / "depth.json").write_text(json.dumps(saved))
+    fresh = ([_run(new, 0, tag="new"), _run(new, 1, tag="new")], [_run(new, 0, tag="new")])
+    planned, written = _call_depth(tmp_path, monkeypatch, [new], "--append", fresh)
+    assert planned == [("digits", new, 20)]
+    assert written["results"] == [*saved["results"], *fresh[0]]
+    assert written["grid"] == [*saved["grid"], *fresh[1]]
+
+
 def test_replace_cells_puts_a_rerun_cell_whole_in_its_old_place_and_a_new_one_last():
     a, b, c = depth_suite.CORE[:3]
     saved = {
