@@ -527,7 +527,8 @@ def run_depth(args: argparse.Namespace) -> None:
     previous: dict[str, list[dict[str, Any]]] = {"results": [], "grid": []}
     path = args.out / f"{name}.json"
     _check_replace(args, path)
-    if args.append and path.exists():
+    appending = args.append and path.exists()
+    if appending:
         # Every saved run is kept, but a planned cell without all its seeds (a deadline cut it short)
         # is planned again whole.
         planned_keys = {(c[0], c[1], c[2]) for c in cells}
@@ -578,6 +579,8 @@ def run_depth(args: argparse.Namespace) -> None:
     bar.close()
     budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
     runs = {"results": previous["results"] + results, "grid": previous["grid"] + grid}
+    if appending:
+        budget = _appended_budget(path, budget, [(c[0], c[1], c[2]) for c in cells], budget["seconds"])
     if args.replace:
         budget, runs = _rerun_in_place(path, results, grid, _depth_key, len(seeds), budget["seconds"])
     rows = depth_suite.write(runs["results"], budget, args.out, name, runs["grid"])
@@ -616,7 +619,8 @@ def run_convergence(args: argparse.Namespace) -> None:
         cells = [dataclasses.replace(c, lrs=tuple(args.lrs)) for c in cells]
     previous: dict[str, list[dict[str, Any]]] = {"results": [], "grid": []}
     _check_replace(args, path)
-    if args.append and path.exists():
+    appending = args.append and path.exists()
+    if appending:
         # Every saved run is kept, but a planned cell without all its seeds (a deadline cut it
         # short) is planned again (its finished runs come back from the partial file with --resume).
         planned_keys = {cell_key(vars(c)) for c in cells}
@@ -665,6 +669,8 @@ def run_convergence(args: argparse.Namespace) -> None:
     bar.close()
     budget.update(finished_runs=len(finished), seconds=round(time.perf_counter() - start))
     runs = {"results": previous["results"] + results, "grid": previous["grid"] + grid}
+    if appending:
+        budget = _appended_budget(path, budget, [cell_key(vars(c)) for c in cells], budget["seconds"])
     if args.replace:
         budget, runs = _rerun_in_place(path, results, grid, cell_key, len(seeds), budget["seconds"])
     rows = suites.write(runs["results"], runs["grid"], budget, args.out, name)
@@ -704,6 +710,20 @@ def _check_replace(args: argparse.Namespace, path: Path) -> None:
         )
     if args.replace and not path.exists():
         raise SystemExit(f"--replace: there is no {path} to replace cells in; run the suite without it first")
+
+
+def _appended_budget(path: Path, budget: dict[str, Any], cells: list[Any], seconds: int) -> dict[str, Any]:
+    """What ``--append`` writes as the budget: the record saved at ``path``'s, so that its logs
+    (``reruns``, earlier ``appends``, notes) survive, with this call's settings over it and this call
+    (the cells it ran, its code, time and command) added to ``appends``."""
+    saved = json.loads(path.read_text()).get("budget", {})
+    call = {
+        "cells": sorted(cells),
+        "code": code_version(),
+        "seconds": seconds,
+        "command": shlex.join(sys.argv[1:]),
+    }
+    return {**saved, **budget, "appends": [*saved.get("appends", []), call]}
 
 
 def _rerun_in_place(

@@ -33,6 +33,7 @@ def _call_depth(tmp_path, monkeypatch, regimes: list[str], flag: str, runs=([], 
     monkeypatch.setattr(depth_suite, "write", write)
     argv = ["depth", "--depths", "20", "--datasets", "digits", "--regimes", *regimes]
     argv += ["--seeds", "0", "1", "--jobs", "1", "--device", "cpu", flag, "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", *argv])  # what the record logs as the command
     reproduce.run_depth(reproduce.build_parser().parse_args(argv))
     return planned, written
 
@@ -54,12 +55,20 @@ def test_append_keeps_the_runs_of_cells_it_does_not_plan_whatever_their_seeds(tm
     one_seed, two_seeds, new = depth_suite.CORE[:3]
     saved = {"results": [_run(one_seed, 0), _run(two_seeds, 0), _run(two_seeds, 1)]}
     saved["grid"] = [_run(two_seeds, 0)]
+    rerun_log = [{"cells": [["digits", two_seeds, 20]], "command": "depth --replace"}]
+    saved["budget"] = {"seeds": [0], "reruns": rerun_log, "where": "a note of the first call"}
     (tmp_path / "depth.json").write_text(json.dumps(saved))
     fresh = ([_run(new, 0, tag="new"), _run(new, 1, tag="new")], [_run(new, 0, tag="new")])
     planned, written = _call_depth(tmp_path, monkeypatch, [new], "--append", fresh)
     assert planned == [("digits", new, 20)]
     assert written["results"] == [*saved["results"], *fresh[0]]
     assert written["grid"] == [*saved["grid"], *fresh[1]]
+    # The record's logs survive the call, which is logged beside them; its settings are this call's.
+    budget = written["budget"]
+    assert budget["reruns"] == rerun_log and budget["where"] == "a note of the first call"
+    assert budget["seeds"] == [0, 1]
+    assert [call["cells"] for call in budget["appends"]] == [[("digits", new, 20)]]
+    assert "--append" in budget["appends"][0]["command"]
 
 
 def test_replace_cells_puts_a_rerun_cell_whole_in_its_old_place_and_a_new_one_last():
