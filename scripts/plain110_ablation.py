@@ -1,7 +1,8 @@
 """The models suite's plain-110 row, one ingredient of the defaults at a time: ``plain_cnn110`` with
 ``OrthoModulated(SGD)`` as a user writes it, and the same wrapper without the step bound
-(``max_grad_ratio=None``) or without the modulation (``modulation=False``), against the fair twin
-already in ``<out>/models.json`` (``reproduce.py models --models "plain-110 row" --seeds 0 ... 9``).
+(``max_grad_ratio=None``) or without the modulation (``modulation=False``), and with larger step
+bounds than the default (chosen at batch 64; this row's batch is 32), against the fair twin already
+in ``<out>/models.json`` (``reproduce.py models --models "plain-110 row" --seeds 0 ... 9``).
 
     python scripts/plain110_ablation.py --jobs 2                       # 300 steps, 10 seeds: ~10 min (CPU)
     python scripts/plain110_ablation.py --jobs 2 --budgets converged   # 1,500 steps: ~30 min
