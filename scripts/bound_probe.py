@@ -28,14 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convergence_suites as suites
 
 from timm_ortho import OrthoModulated
-from timm_ortho.defaults import MIN_WEIGHT_NORM
+from timm_ortho.step_bound import bound_factors
 from timm_ortho.train.experiments import run
 from timm_ortho.train.tensor_data import load_tensor_data
 
 
 class BoundObserver:
     """Replaces ``OrthoModulated.bound_gradients`` while active: it records, before bounding, each
-    target layer's factor ``min(1, ratio ||W|| / ||g||)``, then bounds as the wrapper does."""
+    target layer's factor (:func:`~timm_ortho.step_bound.bound_factors`), then bounds as the
+    wrapper does."""
 
     def __init__(self) -> None:
         self.factors: list[torch.Tensor] = []  # one (L,) tensor per step
@@ -47,11 +48,8 @@ class BoundObserver:
         @torch.no_grad()
         def observed(opt: OrthoModulated) -> None:
             selected, ratios = opt._selected(lambda g: g["max_grad_ratio"])
-            if selected:
-                weights = [opt.targets[i].param for i in selected]
-                g = torch.stack([w.grad.float().norm() for w in weights])
-                w = torch.stack([p.float().norm() for p in weights]).clamp_min(MIN_WEIGHT_NORM)
-                factors.append((torch.tensor(ratios) * w / g.clamp_min(1e-30)).clamp(max=1.0))
+            if selected:  # the factors the bound is about to apply
+                factors.append(bound_factors([opt.targets[i].param for i in selected], ratios).cpu())
             original(opt)
 
         OrthoModulated.bound_gradients = observed  # type: ignore[method-assign]

@@ -39,7 +39,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # A candidate rule min(0.02, 2/L) for L = 110 target layers.
     "plain_cnn110, defaults, step bound 2/L = 0.018": dict(max_grad_ratio=2 / 110),
 }
-ABLATIONS = list(VARIANTS)[:2]
+ABLATIONS = ["plain_cnn110, defaults, no step bound", "plain_cnn110, defaults, no modulation"]
 ROW = "plain-110 row"
 
 

@@ -717,13 +717,17 @@ def _appended_budget(path: Path, budget: dict[str, Any], cells: list[Any], secon
     (``reruns``, earlier ``appends``, notes) survive, with this call's settings over it and this call
     (the cells it ran, its code, time and command) added to ``appends``."""
     saved = json.loads(path.read_text()).get("budget", {})
-    call = {
+    return {**saved, **budget, "appends": [*saved.get("appends", []), _call_log(cells, seconds)]}
+
+
+def _call_log(cells: Any, seconds: int) -> dict[str, Any]:
+    """How a record logs a call that changed it: its cells, code, time and command."""
+    return {
         "cells": sorted(cells),
         "code": code_version(),
         "seconds": seconds,
         "command": shlex.join(sys.argv[1:]),
     }
-    return {**saved, **budget, "appends": [*saved.get("appends", []), call]}
 
 
 def _rerun_in_place(
@@ -745,13 +749,7 @@ def _rerun_in_place(
         part: [e for e in runs if key(e) in whole] for part, runs in (("results", results), ("grid", grid))
     }
     saved = json.loads(path.read_text())
-    rerun = {
-        "cells": sorted(whole),
-        "code": code_version(),
-        "seconds": seconds,
-        "command": shlex.join(sys.argv[1:]),
-    }
-    saved["budget"].setdefault("reruns", []).append(rerun)
+    saved["budget"].setdefault("reruns", []).append(_call_log(whole, seconds))
     return saved["budget"], replace_cells(saved, fresh, key)
 
 

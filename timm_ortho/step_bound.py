@@ -25,29 +25,31 @@ from torch import Tensor, nn
 from .chain import check_plain_chain
 from .defaults import MIN_WEIGHT_NORM, max_grad_ratio_for
 
-__all__ = ["auto_max_grad_ratio", "bound_gradients_"]
+__all__ = ["auto_max_grad_ratio", "bound_factors", "bound_gradients_"]
 
 
 @torch.no_grad()
-def bound_gradients_(
+def bound_factors(
     weights: Sequence[Tensor], ratio: float | Sequence[float], grads: Sequence[Tensor] | None = None
-) -> None:
-    """Scale each ``grads[l]`` (default: ``weights[l].grad``) in place to ``||g_l|| <= ratio_l ||W_l||``.
+) -> Tensor:
+    """The factor ``min(1, ratio_l * max(||W_l||, floor) / ||g_l||)`` of each weight, as one vector
+    (``grads`` default to ``weights[l].grad``): what :func:`bound_gradients_` multiplies the
+    gradients by, also for measuring how often the bound binds.
 
     Two foreach norms and one vector expression for all weights: no host-device synchronization,
-    whatever their number. A zero gradient keeps factor 1; a non-finite one stays non-finite (a
-    ``GradScaler`` never lets such a step through). Norms are accumulated in float32 (float64 for
-    float64 weights): a half-precision gradient's norm can overflow its own dtype.
+    whatever their number. A zero gradient gets factor 1; a non-finite one a non-finite or zero
+    factor. Norms are accumulated in float32 (float64 for float64 weights): a half-precision
+    gradient's norm can overflow its own dtype.
     """
     if grads is None:
         grads = [w.grad for w in weights]
     if len(grads) != len(weights) or any(g is None for g in grads):
-        raise ValueError("bound_gradients_ needs one gradient per weight (a weight without .grad was given)")
-    if not weights:
-        return
+        raise ValueError("the step bound needs one gradient per weight (a weight without .grad was given)")
     ratios = [ratio] * len(weights) if isinstance(ratio, (int, float)) else list(ratio)
     if len(ratios) != len(weights):
         raise ValueError(f"{len(ratios)} ratios for {len(weights)} weights")
+    if not weights:
+        return torch.ones(0)
     dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
     g_norm = torch.stack(torch._foreach_norm(list(grads), dtype=dtype))
     w_norm = torch.stack(torch._foreach_norm(list(weights), dtype=dtype)).clamp_min(MIN_WEIGHT_NORM)
@@ -56,7 +58,21 @@ def bound_gradients_(
     else:
         allowed = torch.tensor(ratios, dtype=dtype).to(g_norm.device, non_blocking=True) * w_norm
     # A zero gradient divides into inf or a huge number, clamped to 1: left exactly as it is.
-    factor = (allowed / g_norm.clamp_min(torch.finfo(dtype).tiny)).clamp(max=1.0)
+    return (allowed / g_norm.clamp_min(torch.finfo(dtype).tiny)).clamp(max=1.0)
+
+
+@torch.no_grad()
+def bound_gradients_(
+    weights: Sequence[Tensor], ratio: float | Sequence[float], grads: Sequence[Tensor] | None = None
+) -> None:
+    """Scale each ``grads[l]`` (default: ``weights[l].grad``) in place to ``||g_l|| <= ratio_l ||W_l||``,
+    by :func:`bound_factors`. A non-finite gradient stays non-finite (a ``GradScaler`` never lets
+    such a step through)."""
+    if grads is None:
+        grads = [w.grad for w in weights]
+    factor = bound_factors(weights, ratio, grads)
+    if not weights:
+        return
     torch._foreach_mul_(list(grads), [f.to(g.dtype) for f, g in zip(factor.unbind(), grads, strict=True)])
 
 
