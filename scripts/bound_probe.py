@@ -8,6 +8,7 @@ over the layers (1 = the bound never binds; the product with the lr is the effec
 
     python scripts/bound_probe.py                            # batch 32 and 64, lr 0.02, seeds 0-2: ~3 min
     python scripts/bound_probe.py --batches 32 --ratios 0.0091 0.02 0.05
+    python scripts/bound_probe.py --bound-momentum 0.9       # the bound on the gradients' running average
 
 Single process, single thread; the observation reads each step's norms on the host, so its runs are
 for this probe only (the suites never observe the bound).
@@ -28,15 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convergence_suites as suites
 
 from timm_ortho import OrthoModulated
-from timm_ortho.step_bound import bound_factors
 from timm_ortho.train.experiments import run
 from timm_ortho.train.tensor_data import load_tensor_data
 
 
 class BoundObserver:
-    """Replaces ``OrthoModulated.bound_gradients`` while active: it records, before bounding, each
-    target layer's factor (:func:`~timm_ortho.step_bound.bound_factors`), then bounds as the
-    wrapper does."""
+    """Replaces ``OrthoModulated.bound_gradients`` while active: it bounds as the wrapper does and
+    records each target layer's factor as the ratio of its gradient's norm after to before (exactly
+    1 where the bound leaves a gradient as it is, whatever the bound measures: this step's gradient or,
+    with ``bound_momentum``, the running average)."""
 
     def __init__(self) -> None:
         self.factors: list[torch.Tensor] = []  # one (L,) tensor per step
@@ -47,10 +48,13 @@ class BoundObserver:
 
         @torch.no_grad()
         def observed(opt: OrthoModulated) -> None:
-            selected, ratios = opt._selected(lambda g: g["max_grad_ratio"])
-            if selected:  # the factors the bound is about to apply
-                factors.append(bound_factors([opt.targets[i].param for i in selected], ratios).cpu())
+            selected, _ = opt._selected(lambda g: g["max_grad_ratio"])
+            grads = [opt.targets[i].param.grad for i in selected]
+            before = torch.stack(torch._foreach_norm(grads)) if selected else None
             original(opt)
+            if selected:
+                after = torch.stack(torch._foreach_norm(grads))
+                factors.append(torch.where(before > 0, after / before, torch.ones_like(before)).cpu())
 
         OrthoModulated.bound_gradients = observed  # type: ignore[method-assign]
         return self
@@ -70,6 +74,9 @@ def main() -> None:
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--ratios", type=float, nargs="+", default=[None], help="default: the wrapper's auto")
+    parser.add_argument(
+        "--bound-momentum", type=float, default=None, help="the bound on the gradients' running average"
+    )
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=suites.SHORT_STEPS)
@@ -80,6 +87,8 @@ def main() -> None:
     rows = []
     for batch, ratio, seed in tqdm(plan, desc="bound probe", unit="run"):
         wrapper = {} if ratio is None else dict(max_grad_ratio=ratio)
+        if args.bound_momentum is not None:
+            wrapper["bound_momentum"] = args.bound_momentum
         cfg = suites.suite_config("plain_cnn110", args.steps, method="default", wrapper=wrapper)
         cfg = dataclasses.replace(cfg, batch_size=batch, lr=args.lr, seed=seed)
         with BoundObserver() as seen:

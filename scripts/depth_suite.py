@@ -124,6 +124,8 @@ DEFAULTS_GRID: dict[str, dict[str, Any]] = {
     "defaults, ortho_decay 1e-4": dict(method="default", wrapper=dict(ortho_decay=1e-4)),
     # A candidate rule min(0.02, 2/L) for the step bound, on the default recipe.
     "defaults, bound 2/L = 0.018": dict(method="default", wrapper=dict(max_grad_ratio=2 / 110)),
+    # The default bound on the gradients' running average (its sampling noise averaged out).
+    "defaults, bound on the running average (0.9)": dict(method="default", wrapper=dict(bound_momentum=0.9)),
 }
 
 
@@ -144,6 +146,7 @@ DEEP_GRID: dict[str, dict[str, Any]] = {
     "defaults, bound 0.003": dict(method="default", wrapper=dict(max_grad_ratio=0.003)),
     # A candidate rule min(0.02, 2/L): twice the default at this depth.
     "defaults, bound 2/L = 0.0017": dict(method="default", wrapper=dict(max_grad_ratio=2 / 1202)),
+    "defaults, bound on the running average (0.9)": dict(method="default", wrapper=dict(bound_momentum=0.9)),
     "defaults, bound 0.001": dict(method="default", wrapper=dict(max_grad_ratio=0.001)),
     "defaults, bound 0.0003": dict(method="default", wrapper=dict(max_grad_ratio=0.0003)),
     "defaults, lr 0.02": dict(method="default", lr=0.02),

@@ -38,6 +38,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plain_cnn110, defaults, step bound 0.05": dict(max_grad_ratio=0.05),
     # A candidate rule min(0.02, 2/L) for L = 110 target layers.
     "plain_cnn110, defaults, step bound 2/L = 0.018": dict(max_grad_ratio=2 / 110),
+    # The default bound held to the norm of the gradients' running average, not of one batch's.
+    "plain_cnn110, defaults, bound on the running average (0.9)": dict(bound_momentum=0.9),
 }
 ABLATIONS = ["plain_cnn110, defaults, no step bound", "plain_cnn110, defaults, no modulation"]
 ROW = "plain-110 row"

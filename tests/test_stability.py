@@ -189,6 +189,85 @@ def test_step_bound_validates_and_follows_the_group_field():
         assert float(t.param.grad.norm()) <= 1e-3 * float(t.param.detach().norm()) * (1 + 1e-6)
 
 
+@settings(max_examples=10, deadline=None)
+@given(
+    ratio=st.floats(1e-3, 1.0),
+    beta=st.floats(0.05, 0.99),
+    scales=st.lists(st.floats(1e-2, 1e2), min_size=2, max_size=5),
+    seed=st.integers(0, 10_000),
+)
+def test_averaged_step_bound_matches_a_naive_loop(ratio, beta, scales, seed):
+    """With ``bound_momentum=beta`` each target gradient is ``min(1, ratio ||W|| / ||a||) * g`` for the
+    running average ``a <- beta a + (1 - beta) g`` (``a = g`` first), all in a float64 loop here, over
+    steps whose losses are scaled differently (the average lags a change of scale, the raw bound not)."""
+    model = small_net(seed % 7)
+    opt = OrthoModulated(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        model,
+        ortho_decay=1e-3,
+        max_grad_ratio=ratio,
+        bound_momentum=beta,
+    )
+    averages: dict[str, torch.Tensor] = {}
+    for step, scale in enumerate(scales):
+        opt.zero_grad()
+        loss_of(model, seed + step, scale=scale).backward()
+        opt.apply_orthonormality()
+        expected = {}
+        for t in opt.targets:
+            g, w = t.param.grad.clone(), t.param.detach()
+            a = averages.get(t.name)
+            averages[t.name] = a = g if a is None else beta * a + (1 - beta) * g
+            expected[t.name] = g * min(1.0, ratio * max(float(w.norm()), 1e-3) / float(a.norm()))
+        opt.bound_gradients()
+        for t in opt.targets:
+            torch.testing.assert_close(t.param.grad, expected[t.name], rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(opt.bound_averages.averages[opt.targets.index(t)], averages[t.name])
+        opt.base_optimizer.step()
+
+
+def test_averaged_step_bound_survives_a_checkpoint_and_validates():
+    """A run saved and restored mid-way continues bit for bit (the averages are in the state dict,
+    only when used); a bad ``bound_momentum`` is refused with what it must be."""
+
+    def run(model, opt, steps):
+        for step in steps:
+            opt.zero_grad()
+            loss_of(model, step, torch.float32).backward()
+            opt.step()
+
+    def make(model):
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return OrthoModulated(base, model, max_grad_ratio=0.01, bound_momentum=0.9)
+
+    straight = small_net(dtype=torch.float32)
+    resumed = copy.deepcopy(straight)
+    opt = make(straight)
+    run(straight, opt, range(6))
+    first = make(resumed)
+    run(resumed, first, range(3))
+    saved = copy.deepcopy({"model": resumed.state_dict(), "opt": first.state_dict()})
+    assert len(saved["opt"]["bound_averages"]) == len(first.targets)
+    resumed = small_net(dtype=torch.float32)
+    resumed.load_state_dict(saved["model"])
+    second = make(resumed)
+    second.load_state_dict(saved["opt"])
+    run(resumed, second, range(3, 6))
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert "running average" in opt.summary()
+
+    plain = small_net(dtype=torch.float32)
+    unaveraged = OrthoModulated(torch.optim.SGD(plain.parameters(), lr=0.1), plain, max_grad_ratio=0.01)
+    run(plain, unaveraged, range(2))
+    assert "bound_averages" not in unaveraged.state_dict()  # the base optimizer's own state dict
+    with pytest.raises(ValueError, match="saved for another model"):
+        unaveraged.load_state_dict({**unaveraged.state_dict(), "bound_averages": {99: torch.ones(1)}})
+    for bad in (0, 1.0, -0.5, float("nan"), "0.9", True):
+        with pytest.raises(ValueError, match="bound_momentum"):
+            OrthoModulated(torch.optim.SGD(plain.parameters(), lr=0.1), plain, bound_momentum=bad)
+
+
 # -- precise BN ----------------------------------------------------------------------------------
 
 

@@ -17,9 +17,11 @@ from .defaults import MODULATION_PRESETS
 from .targets import FilterBank, find_targets
 
 __all__ = [
+    "check_bound_momentum",
     "check_decay",
     "check_groups",
     "check_modulation",
+    "check_owned_without_decay",
     "check_ratio",
     "check_same_groups",
     "some",
@@ -82,6 +84,16 @@ def check_ratio(value: float | None, where: str = "") -> None:
         )
 
 
+def check_bound_momentum(value: float | None, where: str = "") -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(
+            f"{where}bound_momentum must be None (the step bound measures each step's gradient) or a number "
+            f"in (0, 1), the coefficient of the running average of the gradients it measures, got {value!r}"
+        )
+
+
 def check_decay(value: float, where: str = "") -> None:
     # `not 0 <= value < inf` is also true for NaN.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
@@ -101,9 +113,33 @@ def check_groups(groups: list[dict[str, Any]]) -> None:
         where = f"param group {i}: "
         check_decay(group.get("ortho_decay", 0.0), where)
         check_ratio(group.get("max_grad_ratio"), where)
+        check_bound_momentum(group.get("bound_momentum"), where)
         lr = group.get("lr")
         if lr is not None and (isinstance(lr, (bool, str)) or not isinstance(lr, (int, float, Tensor))):
             raise ValueError(f"{where}lr must be a number (or a tensor), got {lr!r} ({type(lr).__name__})")
+
+
+def check_owned_without_decay(targets: Sequence[FilterBank], groups: list[dict[str, Any]]) -> None:
+    """Every target is owned by the base optimizer, in a group without weight decay."""
+    owned = {id(p): (i, g) for i, g in enumerate(groups) for p in g["params"]}
+    missing = [t.name for t in targets if id(t.param) not in owned]
+    if missing:
+        raise ValueError(
+            f"the optimizer does not own {len(missing)} target weight(s) of the model: "
+            f"{some(missing)}. Build the optimizer from this model's parameters, or leave these "
+            "weights out with exclude=[...]."
+        )
+    decayed = [(owned[id(t.param)], t.name) for t in targets if owned[id(t.param)][1].get("weight_decay")]
+    if decayed:
+        (index, group), _ = decayed[0]
+        raise ValueError(
+            f"param group {index} applies weight_decay={group['weight_decay']} to {len(decayed)} "
+            f"target weight(s) ({some([name for _, name in decayed])}); the orthonormality term "
+            "replaces weight decay on them. Build the base optimizer from "
+            "timm_ortho.param_groups_for_ortho(model, weight_decay=...) (no decay on the targets, the "
+            "usual decay on the rest), use "
+            "timm_ortho.create_optimizer(model, 'sgd', weight_decay=...), or pass weight_decay=0."
+        )
 
 
 def check_same_groups(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> None:

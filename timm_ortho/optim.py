@@ -37,12 +37,13 @@ from torch.optim import Optimizer
 from .batched import BatchedOrthonormality
 from .chain import ChainCheck, check_plain_chain
 from .checks import (
+    check_bound_momentum,
     check_decay,
     check_groups,
     check_modulation,
+    check_owned_without_decay,
     check_ratio,
     check_same_groups,
-    some,
     trainable_targets,
 )
 from .defaults import (  # re-exported: callers import the defaults from here too
@@ -55,7 +56,7 @@ from .defaults import (  # re-exported: callers import the defaults from here to
 )
 from .forms import resolve_form
 from .groups import param_groups_for_ortho
-from .step_bound import bound_gradients_
+from .step_bound import GradientAverages, bound_gradients_
 from .targets import FilterBank
 
 __all__ = [
@@ -105,6 +106,10 @@ class OrthoModulated(Optimizer):
             (:func:`timm_ortho.defaults.max_grad_ratio_for`), no bound on any other model (it slows
             models with shortcuts, which do not need it). ``None`` turns it off. Stored, as a number
             or None, as the param-group field ``"max_grad_ratio"``.
+        bound_momentum: ``None`` (default): the bound measures each step's gradient. A number ``beta``
+            in (0, 1): it measures the running average ``a_l <- beta a_l + (1 - beta) g_l`` instead,
+            so that a small batch's sampling noise does not tighten it (:mod:`timm_ortho.step_bound`;
+            the averages are saved in the state dict). Param-group field ``"bound_momentum"``.
 
     Target weights with ``requires_grad=False`` are ignored. ``step(closure)`` works with every
     closure optimizer (L-BFGS re-evaluates it): the term and the bound act on the gradients of each
@@ -126,6 +131,7 @@ class OrthoModulated(Optimizer):
         include_depthwise: bool = False,
         modulation: bool | str | dict[str, Any] | Any = DEFAULT_MODULATION,
         max_grad_ratio: float | Literal["auto"] | None = DEFAULT_MAX_GRAD_RATIO,
+        bound_momentum: float | None = None,
         targets: Sequence[FilterBank] | None = None,
     ) -> None:
         # super().__init__() is not called on purpose: params, groups and state stay the base's.
@@ -138,6 +144,7 @@ class OrthoModulated(Optimizer):
         check_decay(ortho_decay)
         if max_grad_ratio != "auto":
             check_ratio(max_grad_ratio)
+        check_bound_momentum(bound_momentum)
         check_modulation(modulation)
         self.form: Literal["coupled", "decoupled"] = resolve_form(optimizer, form)
 
@@ -149,20 +156,13 @@ class OrthoModulated(Optimizer):
         )
         self.targets: list[FilterBank] = trainable_targets(model, targets, selection, include_depthwise)
         self._target_index = {id(t.param): i for i, t in enumerate(self.targets)}
-        self._check_owned_without_decay()
+        check_owned_without_decay(self.targets, self.base_optimizer.param_groups)
 
-        # "auto" settings depend on whether the model is a plain chain: one traced forward decides.
-        settings = {"max_grad_ratio": max_grad_ratio, "modulation": modulation}
-        auto = [name for name, value in settings.items() if isinstance(value, str) and value == "auto"]
-        self.chain: ChainCheck | None = check_plain_chain(model) if auto else None
-        plain = self.chain is not None and self.chain.plain
-        if max_grad_ratio == "auto":
-            max_grad_ratio = max_grad_ratio_for(len(self.targets)) if plain else None
-        if modulation == "auto":  # a chain needs two layers below the classifier for the rule to act
-            chained = sum(t.role != "classifier" for t in self.targets) > 1
-            modulation = "top" if plain and chained else False
+        max_grad_ratio, modulation = self._resolve_auto(model, max_grad_ratio, modulation)
 
         self.defaults.update(ortho_decay=ortho_decay, ortho_step=0, max_grad_ratio=max_grad_ratio)
+        self.defaults["bound_momentum"] = bound_momentum
+        self.bound_averages = GradientAverages()
         for group in self.param_groups:
             self._fill_group_fields(group)
         self._batched = BatchedOrthonormality(self.targets)
@@ -207,35 +207,26 @@ class OrthoModulated(Optimizer):
         self.base_optimizer.defaults = value
 
     # -- construction helpers -------------------------------------------------------------------
-    def _check_owned_without_decay(self) -> None:
-        """Every target is owned by the base optimizer, in a group without weight decay."""
-        owned = {id(p): (i, g) for i, g in enumerate(self.base_optimizer.param_groups) for p in g["params"]}
-        missing = [t.name for t in self.targets if id(t.param) not in owned]
-        if missing:
-            raise ValueError(
-                f"the optimizer does not own {len(missing)} target weight(s) of the model: "
-                f"{some(missing)}. Build the optimizer from this model's parameters, or leave these "
-                "weights out with exclude=[...]."
-            )
-        decayed = [
-            (owned[id(t.param)], t.name) for t in self.targets if owned[id(t.param)][1].get("weight_decay")
-        ]
-        if decayed:
-            (index, group), _ = decayed[0]
-            raise ValueError(
-                f"param group {index} applies weight_decay={group['weight_decay']} to {len(decayed)} "
-                f"target weight(s) ({some([name for _, name in decayed])}); the orthonormality term "
-                "replaces weight decay on them. Build the base optimizer from "
-                "timm_ortho.param_groups_for_ortho(model, weight_decay=...) (no decay on the targets, the "
-                "usual decay on the rest), use "
-                "timm_ortho.create_optimizer(model, 'sgd', weight_decay=...), or pass weight_decay=0."
-            )
+    def _resolve_auto(self, model: nn.Module, max_grad_ratio: Any, modulation: Any) -> tuple[Any, Any]:
+        """The ``"auto"`` settings, which depend on whether the model is a plain chain (one traced
+        forward decides, kept as :attr:`chain`)."""
+        settings = {"max_grad_ratio": max_grad_ratio, "modulation": modulation}
+        auto = [name for name, value in settings.items() if isinstance(value, str) and value == "auto"]
+        self.chain: ChainCheck | None = check_plain_chain(model) if auto else None
+        plain = self.chain is not None and self.chain.plain
+        if max_grad_ratio == "auto":
+            max_grad_ratio = max_grad_ratio_for(len(self.targets)) if plain else None
+        if modulation == "auto":  # a chain needs two layers below the classifier for the rule to act
+            chained = sum(t.role != "classifier" for t in self.targets) > 1
+            modulation = "top" if plain and chained else False
+        return max_grad_ratio, modulation
 
     def _fill_group_fields(self, group: dict[str, Any], step: int = 0) -> None:
         """Give a param group the wrapper's fields it lacks (a new group, or one saved without them)."""
         group.setdefault("ortho_decay", self.defaults["ortho_decay"])
         group.setdefault("ortho_step", step)
         group.setdefault("max_grad_ratio", self.defaults["max_grad_ratio"])
+        group.setdefault("bound_momentum", self.defaults.get("bound_momentum"))
 
     def _make_modulation(self, model: nn.Module, modulation: bool | str | dict[str, Any] | Any):
         if modulation is False or modulation is None:
@@ -321,9 +312,14 @@ class OrthoModulated(Optimizer):
 
     @torch.no_grad()
     def bound_gradients(self) -> None:
-        """Scale target gradients so that ``||grad_l|| <= max_grad_ratio * ||W_l||``; called by step()."""
-        selected, ratios = self._selected(lambda g: g["max_grad_ratio"])
-        bound_gradients_([self.targets[i].param for i in selected], ratios)
+        """Scale target gradients by ``min(1, max_grad_ratio * ||W_l|| / ||grad_l or a_l||)``; by step()."""
+        selected, settings = self._selected(
+            lambda g: None if g["max_grad_ratio"] is None else (g["max_grad_ratio"], g.get("bound_momentum"))
+        )
+        params = [self.targets[i].param for i in selected]
+        grads = [p.grad for p in params]
+        reference = self.bound_averages.update(selected, grads, [beta for _, beta in settings])
+        bound_gradients_(params, [ratio for ratio, _ in settings], grads, reference)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
@@ -383,6 +379,8 @@ class OrthoModulated(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state = self.base_optimizer.state_dict()
+        if self.bound_averages.averages:  # absent otherwise: the base optimizer's own state dict
+            state["bound_averages"] = self.bound_averages.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             state = post_hook(self, state) or state
         return state
@@ -396,7 +394,11 @@ class OrthoModulated(Optimizer):
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
         check_same_groups(state_dict, self.param_groups)
+        state_dict = dict(state_dict)
+        averages = state_dict.pop("bound_averages", {})
+        self.bound_averages.check_loadable(averages, len(self.targets))
         self.base_optimizer.load_state_dict(state_dict)
+        self.bound_averages.load_state_dict(averages, [t.param for t in self.targets])
         for group in self.param_groups:
             self._fill_group_fields(group)
             check_decay(group["ortho_decay"])
@@ -443,6 +445,8 @@ class OrthoModulated(Optimizer):
         if self.chain is not None:
             parts.append(f"{'a' if self.chain.plain else 'not a'} plain chain ({self.chain.reason})")
         bound = f"step bound max_grad_ratio={ratio:.3g}" if ratio is not None else "no step bound"
+        if ratio is not None and self.defaults.get("bound_momentum") is not None:
+            bound += f" on the gradients' running average (bound_momentum={self.defaults['bound_momentum']})"
         mod = self.modulation
         rule = "no error modulation" if mod is None else f"error modulation on (reference={mod.reference!r})"
         parts.append(f"{bound}, {rule}")
