@@ -38,7 +38,7 @@ def _layout(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict]:
         fields = {
             k: v
             for k, v in group.items()
-            if k != "params" and not k.startswith("ortho_") and k != "max_grad_ratio"
+            if k != "params" and not k.startswith("ortho_") and k not in ("max_grad_ratio", "bound_momentum")
         }
         for p in group["params"]:
             layout[names[id(p)]] = fields

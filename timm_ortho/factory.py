@@ -43,6 +43,7 @@ ORTHO_PREFIX = "ortho_"
 ORTHO_OPTIONS = (
     "ortho_decay",
     "max_grad_ratio",
+    "bound_momentum",
     "form",
     "modulation",
     "include",
@@ -153,6 +154,7 @@ def create_optimizer(
     ortho_decay: float = DEFAULT_ORTHO_DECAY,
     modulation: bool | str | dict[str, Any] = DEFAULT_MODULATION,
     max_grad_ratio: float | Literal["auto"] | None = DEFAULT_MAX_GRAD_RATIO,
+    bound_momentum: float | None = None,
     form: str = DEFAULT_FORM,
     target_kwargs: dict[str, Any] | None = None,
     **timm_kwargs: Any,
@@ -165,7 +167,8 @@ def create_optimizer(
             with or without the ``ortho_`` prefix.
         lr, weight_decay, momentum: as in ``create_optimizer_v2``. ``weight_decay`` reaches only the
             parameters timm decays that are not targets (e.g. a ViT's position embedding).
-        ortho_decay, modulation, max_grad_ratio, form: see :class:`~timm_ortho.OrthoModulated`.
+        ortho_decay, modulation, max_grad_ratio, bound_momentum, form: see
+            :class:`~timm_ortho.OrthoModulated`.
         target_kwargs: ``include``, ``exclude``, ``skip_stem``, ... (see :func:`~timm_ortho.find_targets`),
             or ``targets`` (an already-found list).
         **timm_kwargs: everything else ``create_optimizer_v2`` takes (``layer_decay``,
@@ -194,6 +197,7 @@ def create_optimizer(
         ortho_decay=ortho_decay,
         modulation=modulation,
         max_grad_ratio=max_grad_ratio,
+        bound_momentum=bound_momentum,
         form=form,
         targets=[t for t in targets if t.param.requires_grad],
     )
