@@ -126,6 +126,8 @@ DEFAULTS_GRID: dict[str, dict[str, Any]] = {
     "defaults, bound 2/L = 0.018": dict(method="default", wrapper=dict(max_grad_ratio=2 / 110)),
     # The default bound on the gradients' running average (its sampling noise averaged out).
     "defaults, bound on the running average (0.9)": dict(method="default", wrapper=dict(bound_momentum=0.9)),
+    # The default bound held on the step lr * g at lr 0.1 (the grid's larger lr) rather than on g.
+    "defaults, bound on the step at lr 0.1": dict(method="default", wrapper=dict(bound_reference_lr=0.1)),
 }
 
 
@@ -147,6 +149,7 @@ DEEP_GRID: dict[str, dict[str, Any]] = {
     # A candidate rule min(0.02, 2/L): twice the default at this depth.
     "defaults, bound 2/L = 0.0017": dict(method="default", wrapper=dict(max_grad_ratio=2 / 1202)),
     "defaults, bound on the running average (0.9)": dict(method="default", wrapper=dict(bound_momentum=0.9)),
+    "defaults, bound on the step at lr 0.1": dict(method="default", wrapper=dict(bound_reference_lr=0.1)),
     "defaults, bound 0.001": dict(method="default", wrapper=dict(max_grad_ratio=0.001)),
     "defaults, bound 0.0003": dict(method="default", wrapper=dict(max_grad_ratio=0.0003)),
     "defaults, lr 0.02": dict(method="default", lr=0.02),

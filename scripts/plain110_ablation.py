@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "plain_cnn110, defaults, step bound 2/L = 0.018": dict(max_grad_ratio=2 / 110),
     # The default bound held to the norm of the gradients' running average, not of one batch's.
     "plain_cnn110, defaults, bound on the running average (0.9)": dict(bound_momentum=0.9),
+    # The default bound held on the step lr * g at lr 0.1 (the grid's larger lr) rather than on g.
+    "plain_cnn110, defaults, bound on the step at lr 0.1": dict(bound_reference_lr=0.1),
 }
 ABLATIONS = ["plain_cnn110, defaults, no step bound", "plain_cnn110, defaults, no modulation"]
 ROW = "plain-110 row"

@@ -268,6 +268,49 @@ def test_averaged_step_bound_survives_a_checkpoint_and_validates():
             OrthoModulated(torch.optim.SGD(plain.parameters(), lr=0.1), plain, bound_momentum=bad)
 
 
+@settings(max_examples=10, deadline=None)
+@given(
+    ratio=st.floats(1e-3, 1.0),
+    reference=st.floats(1e-3, 1.0),
+    lrs=st.lists(st.floats(1e-4, 1.0), min_size=1, max_size=3),
+    decoupled=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_step_bound_at_a_reference_lr_holds_the_step(ratio, reference, lrs, decoupled, seed):
+    """With ``bound_reference_lr`` the gradient's bound is ``ratio * reference / lr`` at the group's
+    current lr (a float64 loop here), so the step ``lr * g`` is held to ``reference * ratio * ||W||``;
+    in the decoupled form the term's update is held to the same."""
+    model = small_net(seed % 7)
+    make = torch.optim.AdamW if decoupled else torch.optim.SGD
+    base = make(model.parameters(), lr=lrs[0], weight_decay=0.0)
+    opt = OrthoModulated(base, model, ortho_decay=1e-2, max_grad_ratio=ratio, bound_reference_lr=reference)
+    for step, lr in enumerate(lrs):
+        opt.param_groups[0]["lr"] = lr  # as a scheduler changes it
+        opt.zero_grad()
+        loss_of(model, seed + step).backward()
+        weights = {t.name: t.param.detach().clone() for t in opt.targets}
+        opt.apply_orthonormality()
+        for t in opt.targets:
+            moved = (t.param.detach() - weights[t.name]).norm()  # decoupled: the term's update
+            assert float(moved) <= reference * ratio * float(weights[t.name].norm()) * (1 + 1e-6)
+        expected = {}
+        for t in opt.targets:
+            g, w = t.param.grad, t.param.detach()
+            expected[t.name] = g * min(1.0, ratio * reference / lr * float(w.norm()) / float(g.norm()))
+        opt.bound_gradients()
+        for t in opt.targets:
+            torch.testing.assert_close(t.param.grad, expected[t.name], rtol=1e-6, atol=1e-12)
+        opt.base_optimizer.step()
+    opt.param_groups[0]["lr"] = 0.0  # no step: no bound (and no division by zero)
+    loss_of(model, seed).backward()
+    before = [t.param.grad.clone() for t in opt.targets]
+    opt.bound_gradients()
+    assert all(torch.equal(t.param.grad, g) for t, g in zip(opt.targets, before, strict=True))
+    for bad in (0, -0.1, float("inf"), float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="bound_reference_lr"):
+            OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, bound_reference_lr=bad)
+
+
 # -- precise BN ----------------------------------------------------------------------------------
 
 

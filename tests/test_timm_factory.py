@@ -21,6 +21,7 @@ from torch import nn
 
 from timm_ortho import OrthoModulated, create_optimizer, create_ortho_optimizer
 from timm_ortho.factory import ORTHO_OPTIONS, routed
+from timm_ortho.optim import GROUP_FIELDS
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,7 @@ def _layout(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict]:
     layout = {}
     for group in opt.param_groups:
         fields = {
-            k: v
-            for k, v in group.items()
-            if k != "params" and not k.startswith("ortho_") and k not in ("max_grad_ratio", "bound_momentum")
+            k: v for k, v in group.items() if k != "params" and k != "ortho_step" and k not in GROUP_FIELDS
         }
         for p in group["params"]:
             layout[names[id(p)]] = fields

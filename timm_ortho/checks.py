@@ -12,12 +12,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from .defaults import MODULATION_PRESETS
 from .targets import FilterBank, find_targets
 
 __all__ = [
-    "check_bound_momentum",
+    "check_base_optimizer",
+    "check_bound_options",
     "check_decay",
     "check_groups",
     "check_modulation",
@@ -84,13 +86,41 @@ def check_ratio(value: float | None, where: str = "") -> None:
         )
 
 
-def check_bound_momentum(value: float | None, where: str = "") -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+def check_bound_options(momentum: float | None, reference_lr: float | None, where: str = "") -> None:
+    """The step bound's ``bound_momentum`` and ``bound_reference_lr``."""
+    number = lambda v: not isinstance(v, bool) and isinstance(v, (int, float))  # noqa: E731
+    if momentum is not None and not (number(momentum) and 0 < momentum < 1):
         raise ValueError(
-            f"{where}bound_momentum must be None (the step bound measures each step's gradient) or a number "
-            f"in (0, 1), the coefficient of the running average of the gradients it measures, got {value!r}"
+            f"{where}bound_momentum must be None (the step bound measures each step's gradient) or a "
+            f"number in (0, 1), the coefficient of the running average of the gradients it measures, "
+            f"got {momentum!r}"
+        )
+    if reference_lr is not None and not (number(reference_lr) and 0 < reference_lr < float("inf")):
+        raise ValueError(
+            f"{where}bound_reference_lr must be None (the step bound holds the gradient) or a finite "
+            f"learning rate > 0 at which max_grad_ratio holds (the bound then holds the step), "
+            f"got {reference_lr!r}"
+        )
+
+
+def check_base_optimizer(optimizer: Any, wrapper: type, wrapper_attribute: str) -> None:
+    """The base optimizer is a bare torch optimizer, not already wrapped (by ``wrapper``, which
+    leaves a weak reference to itself in ``wrapper_attribute``) or prepared by Accelerate."""
+    if isinstance(optimizer, wrapper):
+        raise ValueError("the optimizer is already wrapped by OrthoModulated; wrap the base optimizer once")
+    if type(optimizer).__module__.startswith("accelerate"):
+        raise ValueError(
+            "the optimizer was already passed through accelerator.prepare(); wrap the bare optimizer "
+            "first, then prepare the wrapper: accelerator.prepare(model, OrthoModulated(opt, model), ...)"
+        )
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    ref = getattr(optimizer, wrapper_attribute, None)
+    if ref is not None and ref() is not None:
+        # A second wrapper would apply the term and hook the model a second time.
+        raise ValueError(
+            f"this {type(optimizer).__name__} is already wrapped by an OrthoModulated; wrap a base optimizer "
+            "once (build a new base optimizer for a second wrapper)"
         )
 
 
@@ -113,7 +143,7 @@ def check_groups(groups: list[dict[str, Any]]) -> None:
         where = f"param group {i}: "
         check_decay(group.get("ortho_decay", 0.0), where)
         check_ratio(group.get("max_grad_ratio"), where)
-        check_bound_momentum(group.get("bound_momentum"), where)
+        check_bound_options(group.get("bound_momentum"), group.get("bound_reference_lr"), where)
         lr = group.get("lr")
         if lr is not None and (isinstance(lr, (bool, str)) or not isinstance(lr, (int, float, Tensor))):
             raise ValueError(f"{where}lr must be a number (or a tensor), got {lr!r} ({type(lr).__name__})")

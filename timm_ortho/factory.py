@@ -44,6 +44,7 @@ ORTHO_OPTIONS = (
     "ortho_decay",
     "max_grad_ratio",
     "bound_momentum",
+    "bound_reference_lr",
     "form",
     "modulation",
     "include",
@@ -155,6 +156,7 @@ def create_optimizer(
     modulation: bool | str | dict[str, Any] = DEFAULT_MODULATION,
     max_grad_ratio: float | Literal["auto"] | None = DEFAULT_MAX_GRAD_RATIO,
     bound_momentum: float | None = None,
+    bound_reference_lr: float | None = None,
     form: str = DEFAULT_FORM,
     target_kwargs: dict[str, Any] | None = None,
     **timm_kwargs: Any,
@@ -167,7 +169,7 @@ def create_optimizer(
             with or without the ``ortho_`` prefix.
         lr, weight_decay, momentum: as in ``create_optimizer_v2``. ``weight_decay`` reaches only the
             parameters timm decays that are not targets (e.g. a ViT's position embedding).
-        ortho_decay, modulation, max_grad_ratio, bound_momentum, form: see
+        ortho_decay, modulation, max_grad_ratio, bound_momentum, bound_reference_lr, form: see
             :class:`~timm_ortho.OrthoModulated`.
         target_kwargs: ``include``, ``exclude``, ``skip_stem``, ... (see :func:`~timm_ortho.find_targets`),
             or ``targets`` (an already-found list).
@@ -198,6 +200,7 @@ def create_optimizer(
         modulation=modulation,
         max_grad_ratio=max_grad_ratio,
         bound_momentum=bound_momentum,
+        bound_reference_lr=bound_reference_lr,
         form=form,
         targets=[t for t in targets if t.param.requires_grad],
     )

@@ -37,7 +37,8 @@ from torch.optim import Optimizer
 from .batched import BatchedOrthonormality
 from .chain import ChainCheck, check_plain_chain
 from .checks import (
-    check_bound_momentum,
+    check_base_optimizer,
+    check_bound_options,
     check_decay,
     check_groups,
     check_modulation,
@@ -56,7 +57,7 @@ from .defaults import (  # re-exported: callers import the defaults from here to
 )
 from .forms import resolve_form
 from .groups import param_groups_for_ortho
-from .step_bound import GradientAverages, bound_gradients_
+from .step_bound import GradientAverages, bound_gradients_, group_ratio
 from .targets import FilterBank
 
 __all__ = [
@@ -70,6 +71,8 @@ __all__ = [
 Form = Literal["auto", "coupled", "decoupled"]
 
 _log = logging.getLogger("timm_ortho")
+# The wrapper's settings, kept as fields of every param group (besides "ortho_step", its step count).
+GROUP_FIELDS = ("ortho_decay", "max_grad_ratio", "bound_momentum", "bound_reference_lr")
 _WRAPPER = "_timm_ortho_wrapper"  # the base optimizer's attribute: a weak reference to its wrapper
 
 
@@ -110,6 +113,10 @@ class OrthoModulated(Optimizer):
             in (0, 1): it measures the running average ``a_l <- beta a_l + (1 - beta) g_l`` instead,
             so that a small batch's sampling noise does not tighten it (:mod:`timm_ortho.step_bound`;
             the averages are saved in the state dict). Param-group field ``"bound_momentum"``.
+        bound_reference_lr: ``None`` (default): the bound holds the gradient to ``max_grad_ratio``.
+            A learning rate ``lr_ref``: it holds the step instead, ``lr * ||g_l|| <= lr_ref *
+            max_grad_ratio * ||W_l||`` at the group's current ``lr`` (the bound measured at ``lr_ref``,
+            whatever the lr and its schedule). Param-group field ``"bound_reference_lr"``.
 
     Target weights with ``requires_grad=False`` are ignored. ``step(closure)`` works with every
     closure optimizer (L-BFGS re-evaluates it): the term and the bound act on the gradients of each
@@ -132,10 +139,11 @@ class OrthoModulated(Optimizer):
         modulation: bool | str | dict[str, Any] | Any = DEFAULT_MODULATION,
         max_grad_ratio: float | Literal["auto"] | None = DEFAULT_MAX_GRAD_RATIO,
         bound_momentum: float | None = None,
+        bound_reference_lr: float | None = None,
         targets: Sequence[FilterBank] | None = None,
     ) -> None:
         # super().__init__() is not called on purpose: params, groups and state stay the base's.
-        _check_base(optimizer)
+        check_base_optimizer(optimizer, OrthoModulated, _WRAPPER)
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"model must be the nn.Module whose weights the optimizer trains, got {type(model).__name__}"
@@ -144,7 +152,7 @@ class OrthoModulated(Optimizer):
         check_decay(ortho_decay)
         if max_grad_ratio != "auto":
             check_ratio(max_grad_ratio)
-        check_bound_momentum(bound_momentum)
+        check_bound_options(bound_momentum, bound_reference_lr)
         check_modulation(modulation)
         self.form: Literal["coupled", "decoupled"] = resolve_form(optimizer, form)
 
@@ -161,7 +169,7 @@ class OrthoModulated(Optimizer):
         max_grad_ratio, modulation = self._resolve_auto(model, max_grad_ratio, modulation)
 
         self.defaults.update(ortho_decay=ortho_decay, ortho_step=0, max_grad_ratio=max_grad_ratio)
-        self.defaults["bound_momentum"] = bound_momentum
+        self.defaults.update(bound_momentum=bound_momentum, bound_reference_lr=bound_reference_lr)
         self.bound_averages = GradientAverages()
         for group in self.param_groups:
             self._fill_group_fields(group)
@@ -223,10 +231,9 @@ class OrthoModulated(Optimizer):
 
     def _fill_group_fields(self, group: dict[str, Any], step: int = 0) -> None:
         """Give a param group the wrapper's fields it lacks (a new group, or one saved without them)."""
-        group.setdefault("ortho_decay", self.defaults["ortho_decay"])
+        for key in GROUP_FIELDS:
+            group.setdefault(key, self.defaults.get(key))
         group.setdefault("ortho_step", step)
-        group.setdefault("max_grad_ratio", self.defaults["max_grad_ratio"])
-        group.setdefault("bound_momentum", self.defaults.get("bound_momentum"))
 
     def _make_modulation(self, model: nn.Module, modulation: bool | str | dict[str, Any] | Any):
         if modulation is False or modulation is None:
@@ -297,11 +304,7 @@ class OrthoModulated(Optimizer):
     def _bound_decoupled(self, selected: list[int], updates: list[Tensor]) -> None:
         """The step bound on the decoupled term's updates (``lr * ratio`` per group)."""
         bounded, limits = self._selected(
-            lambda g: (
-                None
-                if g["max_grad_ratio"] is None or g["ortho_decay"] == 0
-                else g["max_grad_ratio"] * float(g["lr"])
-            )
+            lambda g: None if g["ortho_decay"] == 0 or (r := group_ratio(g)) is None else r * float(g["lr"])
         )
         if not bounded:
             return
@@ -314,7 +317,7 @@ class OrthoModulated(Optimizer):
     def bound_gradients(self) -> None:
         """Scale target gradients by ``min(1, max_grad_ratio * ||W_l|| / ||grad_l or a_l||)``; by step()."""
         selected, settings = self._selected(
-            lambda g: None if g["max_grad_ratio"] is None else (g["max_grad_ratio"], g.get("bound_momentum"))
+            lambda g: None if (r := group_ratio(g)) is None else (r, g.get("bound_momentum"))
         )
         params = [self.targets[i].param for i in selected]
         grads = [p.grad for p in params]
@@ -476,24 +479,4 @@ class OrthoModulated(Optimizer):
             f"{type(self).__name__} (\n{base}\n    targets: {len(self.targets)} weights, form: {self.form}, "
             f"ortho_decay: {decays[0] if len(decays) == 1 else decays}, "
             f"step bound: {'off' if ratio is None else ratio}, modulation: {modulation}\n)"
-        )
-
-
-def _check_base(optimizer: Any) -> None:
-    """The base optimizer is a bare torch optimizer, not already wrapped or prepared."""
-    if isinstance(optimizer, OrthoModulated):
-        raise ValueError("the optimizer is already wrapped by OrthoModulated; wrap the base optimizer once")
-    if type(optimizer).__module__.startswith("accelerate"):
-        raise ValueError(
-            "the optimizer was already passed through accelerator.prepare(); wrap the bare optimizer "
-            "first, then prepare the wrapper: accelerator.prepare(model, OrthoModulated(opt, model), ...)"
-        )
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    ref = getattr(optimizer, _WRAPPER, None)
-    if ref is not None and ref() is not None:
-        # A second wrapper would apply the term and hook the model a second time.
-        raise ValueError(
-            f"this {type(optimizer).__name__} is already wrapped by an OrthoModulated; wrap a base optimizer "
-            "once (build a new base optimizer for a second wrapper)"
         )

@@ -28,6 +28,7 @@ optimizer (call it after ``backward`` and, under a ``GradScaler``, after ``unsca
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from .chain import check_plain_chain
 from .defaults import MIN_WEIGHT_NORM, max_grad_ratio_for
 
-__all__ = ["GradientAverages", "auto_max_grad_ratio", "bound_factors", "bound_gradients_"]
+__all__ = ["GradientAverages", "auto_max_grad_ratio", "bound_factors", "bound_gradients_", "group_ratio"]
 
 
 @torch.no_grad()
@@ -94,6 +95,17 @@ def bound_gradients_(
     if not weights:
         return
     torch._foreach_mul_(list(grads), [f.to(g.dtype) for f, g in zip(factor.unbind(), grads, strict=True)])
+
+
+def group_ratio(group: dict[str, Any]) -> float | None:
+    """The bound's ratio in a param group: ``max_grad_ratio`` (None: no bound), times ``lr_ref / lr``
+    where ``bound_reference_lr`` is set, so that the step ``lr * ||g_l||`` is held to ``lr_ref *
+    max_grad_ratio * ||W_l||`` whatever the lr; a group at ``lr = 0`` takes no step and is not bounded."""
+    ratio, reference = group["max_grad_ratio"], group.get("bound_reference_lr")
+    if ratio is None or reference is None:
+        return ratio
+    lr = float(group["lr"])
+    return ratio * reference / lr if lr > 0 else None
 
 
 class GradientAverages:
