@@ -79,6 +79,9 @@ def test_unknown_model_suggests_close_names(tmp_path, capsys):
         ("--workers", "-1"),
         ("--img-size", "0"),
         ("--max-grad-ratio", "-0.01"),
+        ("--bound-momentum", "0"),
+        ("--bound-momentum", "1"),
+        ("--bound-momentum", "1.5"),
     ],
 )
 def test_numbers_out_of_range_are_refused(tmp_path, capsys, flag, value):

@@ -309,6 +309,7 @@ def test_step_bound_at_a_reference_lr_holds_the_step(ratio, reference, lrs, deco
     for bad in (0, -0.1, float("inf"), float("nan"), "0.1", True):
         with pytest.raises(ValueError, match="bound_reference_lr"):
             OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.1), model, bound_reference_lr=bad)
+    assert "on the step, as at lr" in opt.summary()
 
 
 # -- precise BN ----------------------------------------------------------------------------------

@@ -448,8 +448,10 @@ class OrthoModulated(Optimizer):
         if self.chain is not None:
             parts.append(f"{'a' if self.chain.plain else 'not a'} plain chain ({self.chain.reason})")
         bound = f"step bound max_grad_ratio={ratio:.3g}" if ratio is not None else "no step bound"
-        if ratio is not None and self.defaults.get("bound_momentum") is not None:
-            bound += f" on the gradients' running average (bound_momentum={self.defaults['bound_momentum']})"
+        if ratio is not None:
+            beta, lr_ref = self.defaults.get("bound_momentum"), self.defaults.get("bound_reference_lr")
+            bound += "" if beta is None else f" on the gradients' running average (bound_momentum={beta})"
+            bound += "" if lr_ref is None else f" on the step, as at lr {lr_ref} (bound_reference_lr)"
         mod = self.modulation
         rule = "no error modulation" if mod is None else f"error modulation on (reference={mod.reference!r})"
         parts.append(f"{bound}, {rule}")

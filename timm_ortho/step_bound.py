@@ -18,6 +18,11 @@ The norm held to the bound may instead be that of a running average of the gradi
 A small batch's gradient carries sampling noise whose norm adds to the signal's; averaging over about
 ``1 / (1 - beta)`` steps removes most of it (by ``sqrt((1 - beta) / (1 + beta))`` for independent
 noise), so the bound then limits the consistent part of the step, as the momentum update averages it.
+Or the bound may hold the step rather than the gradient (``bound_reference_lr``, :func:`group_ratio`):
+``lr * ||g_l|| <= lr_ref * ratio_l * ||W_l||`` at the group's current ``lr``, looser below ``lr_ref``.
+Both are off by default. On ``plain_cnn110`` the average is about a quarter of one gradient's norm
+from the first step on, so the averaged bound is about four times looser throughout: it helps at a
+small lr and batch and fails at lr 0.1, where the default trains (docs/results.md, "Any timm model").
 
 :class:`~timm_ortho.OrthoModulated` applies it inside ``step()`` (``max_grad_ratio``), after the
 orthonormality term; :func:`bound_gradients_` does the same for any list of weights, with any

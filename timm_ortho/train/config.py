@@ -115,6 +115,17 @@ class TrainConfig(DataConfig):
             ge=0,
         ),
     ] = DEFAULT_MAX_GRAD_RATIO
+    bound_momentum: Annotated[
+        float | None,
+        cli(
+            "hold the step bound to a running average of the gradients with this coefficient (e.g. "
+            "0.9) instead of each batch's: for small batches at a small lr, not at lr 0.1 "
+            "(docs/optimizer.md)",
+            metavar="BETA",
+            gt=0,
+            le=1,
+        ),
+    ] = None
     ortho_exclude: Annotated[
         list[str] | None, cli("fnmatch patterns of weights left to --weight-decay", metavar="PATTERN")
     ] = None

@@ -59,6 +59,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> tuple[Any,
         form=cfg.ortho_form,
         modulation=cfg.modulation_setting(),
         max_grad_ratio=cfg.max_grad_ratio or None,
+        bound_momentum=cfg.bound_momentum,
         target_kwargs={"targets": targets},
     )
     return optimizer, *_method_probe(cfg, model, optimizer)
@@ -71,6 +72,8 @@ def _method_probe(cfg: TrainConfig, model: nn.Module, optimizer: Any) -> tuple[A
 
     ratio = optimizer.defaults["max_grad_ratio"]  # "auto" resolved by the wrapper from the model
     bound = f"|grad| <= {ratio:.3g} |W| per layer" if ratio else "off"
+    if ratio and cfg.bound_momentum:
+        bound = bound.replace("|grad|", f"|running average of grad, beta {cfg.bound_momentum:g}|")
     probe = optimizer.modulation
     if probe is not None:
         m = probe

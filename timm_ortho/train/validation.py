@@ -47,6 +47,8 @@ def _check_fields(cfg: TrainConfig) -> None:
             below = v < low if inclusive else v <= low
             if not isinstance(v, (int, float)) or not math.isfinite(v) or below or v > high:
                 raise ConfigError(f"{flag_of(name)} must be {rule}, got {value}")
+    if cfg.bound_momentum is not None and cfg.bound_momentum >= 1:  # (0, 1): an average needs new gradients
+        raise ConfigError(f"--bound-momentum must be a number in (0, 1), e.g. 0.9, got {cfg.bound_momentum}")
     if cfg.precise_bn is not None and cfg.precise_bn < 0:
         raise ConfigError(f"--precise-bn takes a number of batches >= 0 (0: off), got {cfg.precise_bn}")
     if cfg.epochs < 1 and cfg.iterations is None:
