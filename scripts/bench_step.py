@@ -112,7 +112,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     return run
 
 
-VARIANTS = ("sgd+wd", "mod", "term", "term+bound", "term+mod", "defaults")
+VARIANTS = ("sgd+wd", "mod", "term", "term+bound", "term+mod", "defaults", "defaults+avg")
 LABELS = {
     "sgd+wd": "SGD + weight decay (baseline)",
     "mod": "modulation + SGD + wd",
@@ -120,6 +120,7 @@ LABELS = {
     "term+bound": "term + step bound",
     "term+mod": "term + modulation",
     "defaults": "defaults (auto: on a plain chain term + bound + modulation)",
+    "defaults+avg": "defaults, bound_momentum=0.9",
 }
 # CPU, plain_cnn56, batch 64, 32 px (issue targets): the term alone and the default wrapper.
 TARGETS = {"term": 1.03, "defaults": 1.05}
@@ -141,8 +142,10 @@ def variants(name: str, batch: int, size: int, **kwargs) -> dict[str, Callable[[
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
             if label == "mod":
                 ErrorModulation(model)  # hooks stay on this model for the whole run
-        elif label == "defaults":  # exactly what a user types
-            opt = timm_ortho.OrthoModulated(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), model)
+        elif label.startswith("defaults"):  # exactly what a user types
+            base = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            options = dict(bound_momentum=0.9) if label == "defaults+avg" else {}
+            opt = timm_ortho.OrthoModulated(base, model, **options)
         else:
             # timm's "momentum": the baseline's SGD (momentum 0.9, no Nesterov), without L2.
             opt = timm_ortho.create_optimizer(
