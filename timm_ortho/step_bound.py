@@ -105,7 +105,8 @@ def bound_gradients_(
 def group_ratio(group: dict[str, Any]) -> float | None:
     """The bound's ratio in a param group: ``max_grad_ratio`` (None: no bound), times ``lr_ref / lr``
     where ``bound_reference_lr`` is set, so that the step ``lr * ||g_l||`` is held to ``lr_ref *
-    max_grad_ratio * ||W_l||`` whatever the lr; a group at ``lr = 0`` takes no step and is not bounded."""
+    max_grad_ratio * ||W_l||`` whatever the lr; a group at ``lr = 0`` takes no step and is not bounded.
+    Reads the lr on the host (a tensor lr is copied there) only where ``bound_reference_lr`` is set."""
     ratio, reference = group["max_grad_ratio"], group.get("bound_reference_lr")
     if ratio is None or reference is None:
         return ratio
