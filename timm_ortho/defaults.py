@@ -62,9 +62,10 @@ def max_grad_ratio_for(num_layers: int) -> float:
     Chosen at batch 64. At batch 32 the gradients are larger and this bound still scales down nearly
     every layer at the end of a 300-step run; there ``plain_cnn110`` trails its residual twin by 1.6
     points; at lr 0.02 a looser bound (0.02, or this one on the gradients' running average,
-    ``bound_momentum=0.9``) ties it, and at lr 0.1 every looser bound measured fails where this one
-    trains (``scripts/plain110_ablation.py``, ``scripts/bound_probe.py``; docs/results.md, "Any timm
-    model"). With small batches, train at lr 0.02 with ``bound_momentum=0.9``.
+    ``bound_momentum=0.9``) ties it, and every bound measured that is looser at lr 0.1 fails there,
+    where this one trains (``scripts/plain110_ablation.py``, ``scripts/bound_probe.py``;
+    docs/results.md, "Any timm model"). With small batches, train at lr 0.02 with
+    ``bound_momentum=0.9``.
     """
     return min(MAX_GRAD_RATIO_CAP, 1.0 / max(1, num_layers))
 
