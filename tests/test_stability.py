@@ -263,6 +263,8 @@ def test_averaged_step_bound_survives_a_checkpoint_and_validates():
     assert "bound_averages" not in unaveraged.state_dict()  # the base optimizer's own state dict
     with pytest.raises(ValueError, match="saved for another model"):
         unaveraged.load_state_dict({**unaveraged.state_dict(), "bound_averages": {99: torch.ones(1)}})
+    with pytest.raises(ValueError, match="saved for another model"):  # an index in range, the wrong shape
+        unaveraged.load_state_dict({**unaveraged.state_dict(), "bound_averages": {0: torch.ones(1)}})
     for bad in (0, 1.0, -0.5, float("nan"), "0.9", True):
         with pytest.raises(ValueError, match="bound_momentum"):
             OrthoModulated(torch.optim.SGD(plain.parameters(), lr=0.1), plain, bound_momentum=bad)

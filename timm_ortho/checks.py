@@ -76,10 +76,15 @@ def check_modulation(value: Any) -> None:
     )
 
 
+def _is_number(value: Any) -> bool:
+    """A Python int or float, not a bool (``True`` would pass as 1)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
 def check_ratio(value: float | None, where: str = "") -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+    if not _is_number(value) or not 0 < value < float("inf"):
         raise ValueError(
             f"{where}max_grad_ratio must be None (no step bound), 'auto' (min(0.01, 1/L) on a plain chain of "
             f"L target layers, none elsewhere; only when wrapping) or a finite number > 0, got {value!r}"
@@ -88,14 +93,13 @@ def check_ratio(value: float | None, where: str = "") -> None:
 
 def check_bound_options(momentum: float | None, reference_lr: float | None, where: str = "") -> None:
     """The step bound's ``bound_momentum`` and ``bound_reference_lr``."""
-    number = lambda v: not isinstance(v, bool) and isinstance(v, (int, float))  # noqa: E731
-    if momentum is not None and not (number(momentum) and 0 < momentum < 1):
+    if momentum is not None and not (_is_number(momentum) and 0 < momentum < 1):
         raise ValueError(
             f"{where}bound_momentum must be None (the step bound measures each step's gradient) or a "
             f"number in (0, 1), the coefficient of the running average of the gradients it measures, "
             f"got {momentum!r}"
         )
-    if reference_lr is not None and not (number(reference_lr) and 0 < reference_lr < float("inf")):
+    if reference_lr is not None and not (_is_number(reference_lr) and 0 < reference_lr < float("inf")):
         raise ValueError(
             f"{where}bound_reference_lr must be None (the step bound holds the gradient) or a finite "
             f"learning rate > 0 at which max_grad_ratio holds (the bound then holds the step), "
@@ -126,7 +130,7 @@ def check_base_optimizer(optimizer: Any, wrapper: type, wrapper_attribute: str) 
 
 def check_decay(value: float, where: str = "") -> None:
     # `not 0 <= value < inf` is also true for NaN.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+    if not _is_number(value) or not 0 <= value < float("inf"):
         raise ValueError(
             f"{where}ortho_decay must be a finite, non-negative number (0 turns the term off), got {value!r}"
         )

@@ -401,7 +401,7 @@ class OrthoModulated(Optimizer):
         check_same_groups(state_dict, self.param_groups)
         state_dict = dict(state_dict)
         averages = state_dict.pop("bound_averages", {})
-        self.bound_averages.check_loadable(averages, len(self.targets))
+        self.bound_averages.check_loadable(averages, [t.param for t in self.targets])
         self.base_optimizer.load_state_dict(state_dict)
         self.bound_averages.load_state_dict(averages, [t.param for t in self.targets])
         for group in self.param_groups:

@@ -141,7 +141,7 @@ class GradientAverages:
             if beta is None:
                 continue
             grad, average = grads[k], self.averages.get(i)
-            if average is None or average.shape != grad.shape:  # the first step: a_l = g_l
+            if average is None:  # the first step: a_l = g_l
                 dtype = torch.promote_types(grad.dtype, torch.float32)
                 self.averages[i] = average = grad.detach().to(dtype, copy=True)
             else:
@@ -157,11 +157,15 @@ class GradientAverages:
         return dict(self.averages)
 
     @staticmethod
-    def check_loadable(saved: dict[int, Tensor], num_targets: int) -> None:
-        if any(not 0 <= int(i) < num_targets for i in saved):
+    def check_loadable(saved: dict[int, Tensor], params: Sequence[Tensor]) -> None:
+        """Every saved average belongs to a target of the same shape (checked before anything loads)."""
+        fits = lambda i, a: 0 <= i < len(params) and a.shape == params[i].shape  # noqa: E731
+        wrong = [int(i) for i, a in saved.items() if not fits(int(i), a)]
+        if wrong:
             raise ValueError(
-                f"this optimizer state has step-bound averages for target indices {sorted(saved)}, but the "
-                f"wrapper has {num_targets} targets: it was saved for another model or target selection"
+                f"this optimizer state has step-bound averages for target indices {sorted(wrong)} that this "
+                f"wrapper's {len(params)} targets do not match in number or shape: it was saved for another "
+                "model or target selection"
             )
 
     def load_state_dict(self, saved: dict[int, Tensor], params: Sequence[Tensor]) -> None:

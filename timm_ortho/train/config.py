@@ -123,7 +123,7 @@ class TrainConfig(DataConfig):
             "(docs/optimizer.md)",
             metavar="BETA",
             gt=0,
-            le=1,
+            lt=1,
         ),
     ] = None
     ortho_exclude: Annotated[

@@ -28,11 +28,12 @@ def cli(
     ge: float | None = None,
     gt: float | None = None,
     le: float = math.inf,
+    lt: float | None = None,
     **argparse_kwargs: Any,
 ) -> dict[str, Any]:
     """The command-line side of a :class:`TrainConfig` field, as ``Annotated[type, cli(...)]``.
 
-    ``group`` opens a new argparse group at this field; ``ge``/``gt`` and ``le`` give the range of a
+    ``group`` opens a new argparse group at this field; ``ge``/``gt`` and ``le``/``lt`` give the range of a
     number (of each number of a list; ``None`` passes), which argparse does not check (``nan``,
     ``-1``): :func:`~timm_ortho.train.validation.validate_config` does. ``flags`` adds short or
     timm-style spellings (a long one replaces the flag derived from the name); ``aliases`` maps extra
@@ -40,7 +41,10 @@ def cli(
     ``add_argument`` over what the type hint implies. A field without it gets a flag from its name
     and type alone. Every option without a help text shows its default.
     """
-    bounds = None if ge is None and gt is None else (gt if ge is None else ge, le, ge is not None)
+    if ge is None and gt is None:
+        bounds = None
+    else:  # (low, high, low included, high included)
+        bounds = (gt if ge is None else ge, le if lt is None else lt, ge is not None, lt is None)
     return {"help": help or "(default: %(default)s)", "group": group, "bounds": bounds, **argparse_kwargs}
 
 

@@ -37,18 +37,17 @@ def _check_fields(cfg: TrainConfig) -> None:
             raise ConfigError(f"{flag_of(name)} must be one of {choices}, got {value!r}")
         if value is None or value == "auto" or spec["bounds"] is None:  # "auto": resolved when built
             continue
-        low, high, inclusive = spec["bounds"]
+        low, high, inclusive, high_inclusive = spec["bounds"]
         if implied.get("type") is int:
-            rule, high, inclusive = f"at least {low}", math.inf, True
+            rule, high, inclusive, high_inclusive = f"at least {low}", math.inf, True, True
         else:
-            upper = "" if high == math.inf else f" and <= {high:g}"
+            upper = "" if high == math.inf else f" and {'<=' if high_inclusive else '<'} {high:g}"
             rule = f"a finite number {'>=' if inclusive else '>'} {low:g}{upper}"
         for v in value if isinstance(value, list) else [value]:
             below = v < low if inclusive else v <= low
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or below or v > high:
+            above = v > high if high_inclusive else v >= high
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or below or above:
                 raise ConfigError(f"{flag_of(name)} must be {rule}, got {value}")
-    if cfg.bound_momentum is not None and cfg.bound_momentum >= 1:  # (0, 1): an average needs new gradients
-        raise ConfigError(f"--bound-momentum must be a number in (0, 1), e.g. 0.9, got {cfg.bound_momentum}")
     if cfg.precise_bn is not None and cfg.precise_bn < 0:
         raise ConfigError(f"--precise-bn takes a number of batches >= 0 (0: off), got {cfg.precise_bn}")
     if cfg.epochs < 1 and cfg.iterations is None:
