@@ -163,15 +163,25 @@ BOUND_SIZES = (0.003, 0.01, 0.03, 0.1, 0.3)
 BOUNDS_GRID: dict[str, dict[str, Any]] = {
     f"defaults, bound {r}": dict(method="default", wrapper=dict(max_grad_ratio=r)) for r in BOUND_SIZES
 }
+BOUND_PER_DEPTH = "defaults, bound 1/L"
+"""The rule ``1/L`` without the 0.01 cap that ``min(0.01, 1/L)`` puts on chains under 100 layers
+(``plain_cnnN`` has ``L = N`` target layers: 0.05 at 20 layers, 0.023 at 44)."""
 
 
-def plan_bounds(steps: int, batch_size: int, depths: list[int]) -> list[Cell]:
-    """The :data:`BOUNDS_GRID` runs on digits at each of ``depths``."""
-    return [
-        ("digits", label, depth, suite_config(f"plain_cnn{depth}", steps, batch_size, overrides))
-        for depth in depths
-        for label, overrides in BOUNDS_GRID.items()
-    ]
+def plan_bounds(steps: int, batch_size: int, depths: list[int], datasets: list[str]) -> list[Cell]:
+    """The :data:`BOUNDS_GRID` sizes and :data:`BOUND_PER_DEPTH` on each data set at each of ``depths``."""
+    cells = []
+    for name in datasets:
+        for depth in depths:
+            grid = {
+                **BOUNDS_GRID,
+                BOUND_PER_DEPTH: dict(method="default", wrapper=dict(max_grad_ratio=1 / depth)),
+            }
+            for label, overrides in grid.items():
+                cells.append(
+                    (name, label, depth, suite_config(f"plain_cnn{depth}", steps, batch_size, overrides))
+                )
+    return cells
 
 
 def plan_deep(steps: int, batch_size: int, datasets: list[str]) -> list[Cell]:
@@ -261,7 +271,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "| NaN |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    labels = dict.fromkeys([*REGIMES, *DEFAULTS_GRID, *DEEP_GRID, *BOUNDS_GRID])
+    labels = dict.fromkeys([*REGIMES, *DEFAULTS_GRID, *DEEP_GRID, *BOUNDS_GRID, BOUND_PER_DEPTH])
     order = {label: i for i, label in enumerate(labels)}
     for r in sorted(rows, key=lambda r: (r["dataset"], r["depth"], order[r["regime"]])):
         seeds = " / ".join(f"{v:.3f}" for v in r["acc_precise"])

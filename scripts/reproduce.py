@@ -466,7 +466,8 @@ def run_one(suite: str, args: argparse.Namespace, data: TensorData) -> None:
 def main() -> None:
     args = build_parser().parse_args()
     if args.suite in ("depth", "defaults", "deep", "bounds"):
-        args.datasets = args.datasets or ["digits", "synthetic"]
+        # The bounds grid was first run on digits alone; its command without --datasets still is.
+        args.datasets = args.datasets or (["digits"] if args.suite == "bounds" else ["digits", "synthetic"])
         run_depth(args)
         return
     if args.suite in ("models", "regularizer", "hardness"):
@@ -514,7 +515,7 @@ def run_depth(args: argparse.Namespace) -> None:
     if name == "defaults":
         cells = depth_suite.plan_defaults(steps, batch)
     elif name == "bounds":
-        cells = depth_suite.plan_bounds(steps, batch, args.depths)
+        cells = depth_suite.plan_bounds(steps, batch, args.depths, args.datasets)
     elif name == "deep":
         cells = depth_suite.plan_deep(steps, batch, args.datasets)
     else:
