@@ -22,8 +22,8 @@ and 110 layers and on timm ``resnet18``, trained to the converged budget with
 - *none*: MSRA init, no regularizer at all;
 - *ortho + mod*: *ortho* with the error modulation (plain chains only: elsewhere it is off anyway);
 
-every regime with the step bound the wrapper's ``"auto"`` gives the model (``min(0.01, 1/L)`` on plain
-chains, none on the others), so that the regimes differ in the regularizer alone; on digits and on
+every regime with the same step bound (:func:`recorded_bound`: ``min(0.01, 1/L)`` on plain chains,
+none on the others), so that the regimes differ in the regularizer alone; on digits and on
 the harder synthetic set (:data:`DATASETS`, chosen by ``hardness``). ``--budgets "4,000 steps"`` runs
 the same plan at :data:`LONG_STEPS`, for the rows the hard set leaves still fitting at 1,500.
 
@@ -146,6 +146,21 @@ def plan_models(datasets: list[str], budgets: list[str]) -> list[Cell]:
 
 # -- the regularizer at convergence ----------------------------------------------------------------
 
+
+def recorded_bound(model: str) -> float | None:
+    """The step bound every regime of the regularizer and hardness suites gets: ``min(0.01, 1/L)`` on
+    ``plain_cnnL`` (``L`` target layers), none on other models.
+
+    It is what the wrapper's ``"auto"`` gave when these suites were recorded; ``"auto"`` is now ``1/L``
+    at every depth (:func:`timm_ortho.defaults.max_grad_ratio_for`), looser under 100 layers. The
+    suites keep the bound they were run with, so that their records stay reproducible bit for bit:
+    it is a setting the regimes share, not the quantity they compare.
+    """
+    if not model.startswith("plain_cnn"):
+        return None
+    return min(0.01, 1.0 / int(model.removeprefix("plain_cnn")))
+
+
 REGULARIZER_REGIMES: dict[str, dict[str, Any]] = {
     "L2 (MSRA init)": dict(method="l2"),
     "ortho (orthonormal init)": dict(method="ortho"),
@@ -174,7 +189,11 @@ def plan_regularizer(
                     if regime_overrides["method"] == "ortho_mod" and not model.startswith("plain_cnn"):
                         continue
                     cfg = suite_config(
-                        model, BUDGETS[budget], max_grad_ratio="auto", **overrides, **regime_overrides
+                        model,
+                        BUDGETS[budget],
+                        max_grad_ratio=recorded_bound(model),
+                        **overrides,
+                        **regime_overrides,
                     )
                     cells.append(Cell(name, label, regime, budget, cfg, data, SGD_LRS))
     return cells
@@ -202,7 +221,9 @@ def plan_hardness() -> list[Cell]:
     for name, data in HARDNESS_CANDIDATES.items():
         for model in ("cifar_resnet20", "plain_cnn20"):
             for regime in ("l2", "none"):
-                cfg = suite_config(model, CONVERGED_STEPS, method=regime, max_grad_ratio="auto")
+                cfg = suite_config(
+                    model, CONVERGED_STEPS, method=regime, max_grad_ratio=recorded_bound(model)
+                )
                 cells.append(Cell(name, model, regime, "converged", cfg, data, (0.1,)))
     return cells
 

@@ -110,14 +110,14 @@ def test_auto_turns_the_bound_and_the_modulation_on_for_plain_chains_only(caplog
     with caplog.at_level(logging.INFO, logger="timm_ortho"):
         plain = _wrap(timm.create_model("plain_cnn20", num_classes=3))
         residual = _wrap(timm.create_model("cifar_resnet20", num_classes=3))
-    assert plain.defaults["max_grad_ratio"] == max_grad_ratio_for(len(plain.targets)) == 0.01
+    assert plain.defaults["max_grad_ratio"] == max_grad_ratio_for(len(plain.targets)) == 1 / 20
     assert plain.modulation is not None and plain.modulation.reference == "top"
     assert residual.defaults["max_grad_ratio"] is None
     assert all(g["max_grad_ratio"] is None for g in residual.param_groups)
     assert residual.modulation is None
     lines = [r.getMessage() for r in caplog.records if r.name == "timm_ortho"]
     assert len(lines) == 2  # one INFO line per wrapper
-    assert "PlainCnn: " in lines[0] and "a plain chain" in lines[0] and "max_grad_ratio=0.01" in lines[0]
+    assert "PlainCnn: " in lines[0] and "a plain chain" in lines[0] and "max_grad_ratio=0.05" in lines[0]
     assert "not a plain chain" in lines[1] and "no step bound, no error modulation" in lines[1]
 
 

@@ -420,18 +420,18 @@ def test_step_bound_lets_a_zero_initialized_layer_start_moving():
 
 @given(layers=st.integers(1, 5000))
 def test_default_step_bound_shrinks_as_one_over_depth(layers):
-    from timm_ortho.defaults import MAX_GRAD_RATIO_CAP, max_grad_ratio_for
+    from timm_ortho.defaults import max_grad_ratio_for
 
     ratio = max_grad_ratio_for(layers)
-    assert ratio == min(MAX_GRAD_RATIO_CAP, 1.0 / layers)  # hand-derived: min(0.01, 1/L)
-    assert ratio * layers <= 1.0 + 1e-12  # aligned per-layer steps move the chain by at most ~1
-    assert (ratio == MAX_GRAD_RATIO_CAP) == (layers <= 100)
+    assert ratio == 1.0 / layers  # hand-derived: 1/L at every depth, no cap on shallow chains
+    assert ratio * layers == pytest.approx(1.0)  # aligned per-layer steps move the chain by about 1
+    assert max_grad_ratio_for(layers + 1) < ratio  # deeper, tighter
 
 
 def test_auto_step_bound_follows_the_number_of_target_layers():
     shallow = small_net()
     opt = OrthoModulated(torch.optim.SGD(shallow.parameters(), lr=0.1), shallow)  # the default: "auto"
-    assert opt.param_groups[0]["max_grad_ratio"] == 0.01
+    assert opt.param_groups[0]["max_grad_ratio"] == 1 / len(opt.targets)
     deep = nn.Sequential(*(nn.Linear(4, 4) for _ in range(250)))
     opt = OrthoModulated(torch.optim.SGD(deep.parameters(), lr=0.1), deep, max_grad_ratio="auto")
     assert len(opt.targets) == 250

@@ -647,7 +647,7 @@ def test_precise_bn_is_on_for_plain_nets_and_recomputes_the_statistics(tmp_path,
 
     plain = train(tiny(tmp_path, experiment="plain"))
     assert "precise BN over up to 100 batches" in plain.summary["method"]
-    assert "step bound |grad| <= 0.01 |W| per layer" in plain.summary["method"]
+    assert "step bound |grad| <= 0.05 |W| per layer" in plain.summary["method"]  # 1/L, L = 20
     # The returned model carries statistics recomputed from scratch over N batches (the loader has 8):
     # the counter restarts at 0 and counts only those.
     assert all(int(m.num_batches_tracked) == 8 for m in bn_layers(plain.model))

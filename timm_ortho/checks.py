@@ -86,7 +86,7 @@ def check_ratio(value: float | None, where: str = "") -> None:
         return
     if not _is_number(value) or not 0 < value < float("inf"):
         raise ValueError(
-            f"{where}max_grad_ratio must be None (no step bound), 'auto' (min(0.01, 1/L) on a plain chain of "
+            f"{where}max_grad_ratio must be None (no step bound), 'auto' (1/L on a plain chain of "
             f"L target layers, none elsewhere; only when wrapping) or a finite number > 0, got {value!r}"
         )
 

@@ -105,7 +105,7 @@ class OrthoModulated(Optimizer):
             the term's update ``lr * dR/dW`` is bounded to ``lr * max_grad_ratio * ||W_l||`` on its
             own, as the gradient is). It bounds the relative change of each filter bank and keeps
             the cubic term in check when a weight's scale has grown. ``"auto"`` (default): on a
-            plain chain ``min(0.01, 1 / L)`` for ``L`` target layers
+            plain chain ``1 / L`` for ``L`` target layers
             (:func:`timm_ortho.defaults.max_grad_ratio_for`), no bound on any other model (it slows
             models with shortcuts, which do not need it). ``None`` turns it off. Stored, as a number
             or None, as the param-group field ``"max_grad_ratio"``.

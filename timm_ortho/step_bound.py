@@ -173,6 +173,6 @@ class GradientAverages:
 
 
 def auto_max_grad_ratio(model: nn.Module, num_layers: int) -> float | None:
-    """``max_grad_ratio="auto"`` for ``model`` with ``num_layers`` bounded layers: ``min(0.01, 1/L)``
-    on a plain chain (:func:`~timm_ortho.chain.check_plain_chain`), ``None`` (no bound) otherwise."""
+    """``max_grad_ratio="auto"`` for ``model`` with ``num_layers`` bounded layers: ``1/L`` on a
+    plain chain (:func:`~timm_ortho.chain.check_plain_chain`), ``None`` (no bound) otherwise."""
     return max_grad_ratio_for(num_layers) if check_plain_chain(model).plain else None

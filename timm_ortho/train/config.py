@@ -108,8 +108,8 @@ class TrainConfig(DataConfig):
         float | Literal["auto"] | None,
         cli(
             "step bound: every regularized weight's gradient is scaled so that |grad| <= RATIO |W| "
-            "(per layer, inside the optimizer step); auto: min(0.01, 1/L) for L regularized layers; "
-            "0 turns it off",
+            "(per layer, inside the optimizer step); auto: 1/L on a plain chain of L regularized layers, "
+            "none on other models; 0 turns it off",
             type=number_or_auto,
             metavar="RATIO",
             ge=0,

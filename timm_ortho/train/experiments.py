@@ -111,7 +111,7 @@ class RunConfig:
     """ErrorModulation options for ``"ortho_mod"`` (empty: the library defaults)."""
     max_grad_ratio: float | Literal["auto"] | None = None
     """The step bound for every regime but ``"default"`` (None: off; ``"auto"``: the wrapper's choice
-    for the model, ``min(0.01, 1/L)`` on plain chains and off elsewhere)."""
+    for the model, ``1/L`` on plain chains and off elsewhere)."""
     act_layer: str | None = None
     """The model's ``act_layer`` (None: the model's default)."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
