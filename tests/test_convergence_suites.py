@@ -27,6 +27,18 @@ def test_the_regularizer_plan_has_every_regime_and_modulation_on_chains_only():
     assert not any(c.cfg.warmup for c in cells if c.model.startswith("plain_cnn"))
 
 
+def test_the_regularizer_and_hardness_suites_keep_the_bound_they_were_recorded_with():
+    # min(0.01, 1/L) on plain chains (the wrapper's "auto" when recorded; "auto" is 1/L now), none elsewhere.
+    from timm_ortho.defaults import max_grad_ratio_for
+
+    bounds = {c.model: c.cfg.max_grad_ratio for c in suites.plan_regularizer(["digits"])}
+    assert bounds["plain_cnn20 (ReLU)"] == bounds["plain_cnn44 (shaped)"] == 0.01
+    assert bounds["plain_cnn110 (shaped)"] == max_grad_ratio_for(110) == 1 / 110  # the rules agree here
+    assert max_grad_ratio_for(20) == 1 / 20  # and differ here
+    assert bounds["cifar_resnet20"] is bounds["resnet18"] is None
+    assert {c.cfg.max_grad_ratio for c in suites.plan_hardness()} == {0.01, None}
+
+
 def test_the_regularizer_plan_at_the_longer_budget_keeps_its_own_label():
     cells = suites.plan_regularizer(["hard"], ["converged", "4,000 steps"])
     by_budget = {b: [c for c in cells if c.budget == b] for b in ("converged", "4,000 steps")}
