@@ -59,9 +59,10 @@ def max_grad_ratio_for(num_layers: int) -> float:
     layers, which slowed their first steps (plain_cnn20 overfitting one batch at lr 0.1: loss
     0.76 after 12 steps against 0.09 with ``1/L`` and 0.15 for SGD with weight decay, 3 seeds;
     ``scripts/first_steps.py``). Against it at 20 and 44 layers (``reproduce.py bounds``, the lr grid
-    0.02 / 0.1): ``1/L`` is 0.7 and 0.6 points higher at 20 layers (digits 5 seeds, the synthetic set 3
-    seeds, batch 64), 0.3 lower at batch 32 (inside the spread), and within 0.2 points at 44 layers; at
-    lr 0.02 it is the better of the two in every case. From 100 layers on the two rules are the same
+    0.02 / 0.1): ``1/L`` is 0.6 to 0.8 points higher at 20 layers (digits 5 seeds and the synthetic set
+    3 seeds at batch 64; 1,500 steps of batch 32, 3 seeds), 0.3 lower at 300 steps of batch 32 (inside
+    the spread), and within 0.3 points at 44 layers; at lr 0.02 it is the better of the two in every
+    case. From 100 layers on the two rules are the same
     (the 110- and 1202-layer records are unchanged).
 
     Chosen at batch 64. At batch 32 the gradients are larger and this bound still scales down nearly
