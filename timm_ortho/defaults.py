@@ -53,11 +53,12 @@ def max_grad_ratio_for(num_layers: int) -> float:
     ``3 / L``: above 0.3 at 20 layers, about 0.1 at 44, 0.02-0.05 at 110 (0.005-0.02 train the shaped
     chain to 97-98 %, 0.05 reaches 82 %, 0.1 54 %, no bound 88 %), and at 1202 layers 0.01 stays at
     chance (0.11), 0.003 reaches 0.24, 0.001 0.47, ``1/L`` = 0.00083 0.505 and 0.0003 0.24. So ``1/L``
-    keeps the same margin, about 3, at every depth.
+    stays a few times inside that edge at every depth (``r * L`` at the edge: 6 or more at 20 layers,
+    about 4 at 44, 2-5 at 110, 1-4 at 1202).
 
-    The former rule, ``min(0.01, 1/L)``, held chains under 100 layers to 0.01, a margin of 30 at 20
-    layers, which slowed their first steps (plain_cnn20 overfitting one batch at lr 0.1: loss
-    0.76 after 12 steps against 0.09 with ``1/L`` and 0.15 for SGD with weight decay, 3 seeds;
+    The former rule, ``min(0.01, 1/L)``, held chains under 100 layers to 0.01, 30 or more times inside
+    the edge at 20 layers, which slowed their first steps (plain_cnn20 overfitting one batch at lr
+    0.1: loss 0.76 after 12 steps against 0.09 with ``1/L`` and 0.15 for SGD with weight decay, 3 seeds;
     ``scripts/first_steps.py``). Against it at 20 and 44 layers (``reproduce.py bounds``, the lr grid
     0.02 / 0.1): ``1/L`` is 0.6 to 0.8 points higher at 20 layers (digits 5 seeds and the synthetic set
     3 seeds at batch 64; 1,500 steps of batch 32, 3 seeds), 0.3 lower at 300 steps of batch 32 (inside
