@@ -164,8 +164,8 @@ BOUNDS_GRID: dict[str, dict[str, Any]] = {
     f"defaults, bound {r}": dict(method="default", wrapper=dict(max_grad_ratio=r)) for r in BOUND_SIZES
 }
 BOUND_PER_DEPTH = "defaults, bound 1/L"
-"""The rule ``1/L`` without the 0.01 cap that ``min(0.01, 1/L)`` puts on chains under 100 layers
-(``plain_cnnN`` has ``L = N`` target layers: 0.05 at 20 layers, 0.023 at 44)."""
+"""The rule ``1/L``, the default now, without the 0.01 cap that the former ``min(0.01, 1/L)`` put on
+chains under 100 layers (``plain_cnnN`` has ``L = N`` target layers: 0.05 at 20 layers, 0.023 at 44)."""
 
 
 def plan_bounds(steps: int, batch_size: int, depths: list[int], datasets: list[str]) -> list[Cell]:

@@ -33,7 +33,7 @@ from reproduce import cell_key, replace_cells
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain_cnn110, defaults, no step bound": dict(max_grad_ratio=None),
     "plain_cnn110, defaults, no modulation": dict(modulation=False),
-    # The default bound min(0.01, 1/L) = 0.0091 was chosen at batch 64; larger ones at this batch 32.
+    # The default bound 1/L = 0.0091 was chosen at batch 64; larger ones at this batch 32.
     "plain_cnn110, defaults, step bound 0.02": dict(max_grad_ratio=0.02),
     "plain_cnn110, defaults, step bound 0.05": dict(max_grad_ratio=0.05),
     # A candidate rule min(0.02, 2/L) for L = 110 target layers.
