@@ -154,7 +154,8 @@ def recorded_bound(model: str) -> float | None:
     It is what the wrapper's ``"auto"`` gave when these suites were recorded; ``"auto"`` is now ``1/L``
     at every depth (:func:`timm_ortho.defaults.max_grad_ratio_for`), looser under 100 layers. The
     suites keep the bound they were run with, so that their records stay reproducible bit for bit:
-    it is a setting the regimes share, not the quantity they compare.
+    it is a setting the regimes share, not the quantity they compare. ``scripts/first_steps.py``
+    compares the default with it.
     """
     if not model.startswith("plain_cnn"):
         return None

@@ -29,22 +29,21 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from convergence_suites import recorded_bound
 from tqdm import tqdm
 
 import timm_ortho
-from timm_ortho.targets import find_targets
 
-REGIMES: dict[str, Callable[[torch.nn.Module, float], torch.optim.Optimizer]] = {
-    "SGD + weight decay": lambda model, lr: torch.optim.SGD(
+# name -> (model, its timm name, lr) -> optimizer
+REGIMES: dict[str, Callable[[torch.nn.Module, str, float], torch.optim.Optimizer]] = {
+    "SGD + weight decay": lambda model, name, lr: torch.optim.SGD(
         model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4
     ),
-    "defaults": lambda model, lr: timm_ortho.OrthoModulated(
+    "defaults": lambda model, name, lr: timm_ortho.OrthoModulated(
         torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), model
     ),
-    "former bound min(0.01, 1/L)": lambda model, lr: timm_ortho.OrthoModulated(
-        torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
-        model,
-        max_grad_ratio=min(0.01, 1 / len(find_targets(model))),
+    "former bound min(0.01, 1/L)": lambda model, name, lr: timm_ortho.OrthoModulated(
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), model, max_grad_ratio=recorded_bound(name)
     ),
 }
 
@@ -54,7 +53,7 @@ def losses(model_name: str, regime: str, seed: int, steps: int, lr: float) -> li
     torch.manual_seed(seed)
     model = timm.create_model(model_name, num_classes=10)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    opt = REGIMES[regime](model, lr)
+    opt = REGIMES[regime](model, model_name, lr)
     curve = []
     for _ in range(steps):
         loss = F.cross_entropy(model(x), y)

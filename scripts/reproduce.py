@@ -507,6 +507,9 @@ def run_depth(args: argparse.Namespace) -> None:
         rows = depth_suite.write(record["results"], record["budget"], args.out, name, record.get("grid"))
         print(depth_suite.table(rows))
         return
+    unknown = sorted(set(args.datasets) - set(depth_suite.DATASETS))
+    if unknown:  # "hard" is the regularizer suite's set
+        raise SystemExit(f"--datasets: {name} runs on {sorted(depth_suite.DATASETS)}, not {unknown}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     steps, batch = args.steps or 300, args.batch_size or 64

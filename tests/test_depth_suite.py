@@ -127,6 +127,12 @@ def test_replace_refuses_append_and_a_missing_record(tmp_path):
         reproduce.run_depth(reproduce.build_parser().parse_args(base))
 
 
+def test_depth_suites_refuse_the_regularizer_suites_data_set_with_one_line(tmp_path):
+    args = reproduce.build_parser().parse_args(["bounds", "--datasets", "hard", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"bounds runs on \['digits', 'synthetic'\], not \['hard'\]"):
+        reproduce.run_depth(args)
+
+
 @pytest.mark.parametrize("depth, warmed", [(44, False), (110, True)])
 def test_paper_chain_suites_warm_up_the_residual_twin_from_56_layers(depth, warmed, monkeypatch):
     planned = []

@@ -63,8 +63,8 @@ def max_grad_ratio_for(num_layers: int) -> float:
     0.02 / 0.1): ``1/L`` is 0.6 to 0.8 points higher at 20 layers (digits 5 seeds and the synthetic set
     3 seeds at batch 64; 1,500 steps of batch 32, 3 seeds), 0.3 lower at 300 steps of batch 32 (inside
     the spread), and within 0.3 points at 44 layers; at lr 0.02 it is the better of the two in every
-    case. From 100 layers on the two rules are the same
-    (the 110- and 1202-layer records are unchanged).
+    case. From 100 layers on the two rules are the same (the 110- and 1202-layer records are
+    unchanged).
 
     Chosen at batch 64. At batch 32 the gradients are larger and this bound still scales down nearly
     every layer at the end of a 300-step run; there ``plain_cnn110`` trails its residual twin by 1.6
