@@ -150,6 +150,17 @@ def test_paper_chain_suites_warm_up_the_residual_twin_from_56_layers(depth, warm
     assert not any(cfg.warmup for cfg in planned if cfg.model.startswith("plain_cnn"))
 
 
+def test_deep_grid_runs_its_twin_entry_on_the_residual_net_without_the_warm_up():
+    cells = depth_suite.plan_deep(10, 4, ["digits"])
+    by_label = {label: cfg for _, label, _, cfg in cells}
+    assert set(by_label) == set(depth_suite.DEEP_GRID)  # the grid's constants are not consumed
+    twin = by_label["residual twin, MSRA + L2, no warm-up"]
+    assert (twin.model, twin.method, twin.warmup) == ("cifar_resnet1202", "l2", False)
+    plain = [cfg for label, cfg in by_label.items() if label != "residual twin, MSRA + L2, no warm-up"]
+    assert all(cfg.model == "plain_cnn1202" and not cfg.warmup for cfg in plain)
+    assert "family" in depth_suite.DEEP_GRID["residual twin, MSRA + L2, no warm-up"]
+
+
 def test_paper_chain_table_names_diverged_seeds_instead_of_averaging_nan():
     nan = float("nan")
 
