@@ -142,7 +142,8 @@ def plan_defaults(steps: int, batch_size: int) -> list[Cell]:
 # The 1202-layer question: does a smaller step bound let the deepest chain learn at the suite's
 # budget? A bound of ``r`` per layer moves the function by about ``r * sqrt(L)`` to ``r * L`` for ``L``
 # layers stepping in random to aligned directions, so the bound that worked at 110 layers (0.01) is
-# 3 to 10 times too large at 1202. ``reproduce.py deep`` runs these (plain_cnn1202, a GPU).
+# 3 to 10 times too large at 1202. ``reproduce.py deep`` runs these (plain_cnn1202, a GPU), and
+# the residual twin without its warm-up.
 DEEP_GRID: dict[str, dict[str, Any]] = {
     "defaults (bound min(0.01, 1/L) = 0.00083)": dict(method="default"),
     "defaults, bound 0.003": dict(method="default", wrapper=dict(max_grad_ratio=0.003)),

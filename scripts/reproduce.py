@@ -6,7 +6,7 @@
     python scripts/reproduce.py all            # the three, about 22 minutes on a 2-core CPU
     python scripts/reproduce.py depth          # accuracy against depth, ablations (scripts/depth_suite.py)
     python scripts/reproduce.py defaults       # the runs behind the step bound, modulation, ortho_decay
-    python scripts/reproduce.py deep           # plain_cnn1202: the step bound's size at 1202 layers (a GPU)
+    python scripts/reproduce.py deep           # 1202 layers: the step bound's size; the twin without warm-up
     python scripts/reproduce.py bounds --depths 20 44   # the step bound's size against depth (a CPU)
     python scripts/reproduce.py protocol       # print the commands of the full CIFAR-10 protocol
     python scripts/reproduce.py paper --data-dir <cifar-10-batches-py>   # run it: Fig. 5's table
