@@ -78,9 +78,14 @@ def plan(
     for name, depth, labels in groups:
         for label in labels:
             family, overrides = REGIMES[label]
-            model = f"plain_cnn{depth}" if family == "plain" else f"cifar_resnet{depth}"
+            model = model_for(family, depth)
             cells.append((name, label, depth, suite_config(model, steps, batch_size, overrides)))
     return cells
+
+
+def model_for(family: str, depth: int) -> str:
+    """The timm name of a family's net at ``depth``: the plain chain or its residual twin."""
+    return f"plain_cnn{depth}" if family == "plain" else f"cifar_resnet{depth}"
 
 
 def suite_config(model: str, steps: int, batch_size: int, overrides: dict[str, Any]) -> RunConfig:
@@ -158,7 +163,8 @@ DEEP_GRID: dict[str, dict[str, Any]] = {
     # error is below 80 %) may never end, so this says whether the warm-up is what holds the twin back.
     "residual twin, MSRA + L2, no warm-up": dict(family="resnet", method="l2", warmup=False),
 }
-"""The 1202-layer runs; ``family="resnet"`` makes an entry the residual twin, ``cifar_resnet1202``."""
+"""The 1202-layer runs, RunConfig overrides on ``plain_cnn1202``; an entry's ``family`` (a
+:data:`REGIMES` family, ``"plain"`` when absent) picks the net, ``"resnet"`` the residual twin."""
 
 
 # The same question at depths a CPU can run: how the step bound's size that trains well moves with
@@ -195,8 +201,7 @@ def plan_deep(steps: int, batch_size: int, datasets: list[str]) -> list[Cell]:
     for name in datasets:
         for label, entry in DEEP_GRID.items():
             overrides = dict(entry)
-            family = overrides.pop("family", "plain")
-            model = "cifar_resnet1202" if family == "resnet" else "plain_cnn1202"
+            model = model_for(overrides.pop("family", "plain"), 1202)
             cells.append((name, label, 1202, suite_config(model, steps, batch_size, overrides)))
     return cells
 

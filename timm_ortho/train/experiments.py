@@ -199,8 +199,9 @@ class _Warmup:
     """He et al.'s warm-up (ResNet-110 on CIFAR-10): lr 0.01 until the training error is below 80 %.
 
     The error is the mean over the last 10 training batches; the warm-up lasts until that error is
-    below 80 % and at least 1 % of the steps, and ends for good once left. At a short budget it may never end (``cifar_resnet1202`` in 300 steps): the run is then
-    at lr 0.01 throughout, whatever lr it was given.
+    below 80 % and at least 1 % of the steps, and ends for good once left. At a short budget it may
+    never end (``cifar_resnet1202`` in 300 steps): the run is then at lr 0.01 throughout, whatever
+    lr it was given.
     """
 
     def __init__(self, steps: int) -> None:
