@@ -270,6 +270,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 seeds=[e["record"]["config"]["seed"] for e in entries],
                 acc=acc,
                 acc_precise=precise,
+                diverged_seeds=[bool(e["record"]["final"]["diverged"]) for e in entries],
                 diverged=sum(bool(e["record"]["final"]["diverged"]) for e in entries),
                 train_loss=[_final(e, "train_loss") for e in entries],
                 seconds=sum(e["record"]["seconds"] for e in entries),
@@ -287,7 +288,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     labels = dict.fromkeys([*REGIMES, *DEFAULTS_GRID, *DEEP_GRID, *BOUNDS_GRID, BOUND_PER_DEPTH])
     order = {label: i for i, label in enumerate(labels)}
     for r in sorted(rows, key=lambda r: (r["dataset"], r["depth"], order[r["regime"]])):
-        seeds = " / ".join(f"{v:.3f}" for v in r["acc_precise"])
+        # A diverged run is scored 0 in the means (it classifies nothing) but named in the per-seed
+        # column, so that "0.000" never reads as a run that trained to chance.
+        flags = r.get("diverged_seeds", [False] * len(r["acc_precise"]))
+        per_seed = zip(r["acc_precise"], flags, strict=True)
+        seeds = " / ".join("NaN" if bad else f"{v:.3f}" for v, bad in per_seed)
         lines.append(
             f"| {r['dataset']} | {r['depth']} | {r['regime']} | {r.get('lr', 0.1):g} | "
             f"{mean_sd(r['acc'])} | "

@@ -173,3 +173,21 @@ def test_paper_chain_table_names_diverged_seeds_instead_of_averaging_nan():
     assert "| all | 0.03 | diverged (every seed) | - |" in text
     assert "| one | 0.03 | 1.250 (1 of 2 seeds diverged) | 0.500 |" in text
     assert "nan" not in text
+
+
+def test_depth_table_names_a_diverged_seed_in_the_per_seed_column_and_scores_it_zero_in_the_mean():
+    def entry(seed: int, diverged: bool, acc: float) -> dict:
+        final = dict(val_acc=acc, val_acc_precise=acc, train_loss=0.5, diverged=diverged)
+        record = dict(config=dict(lr=0.1, seed=seed), final=final, seconds=1.0)
+        return dict(dataset="digits", regime="method, defaults", depth=20, record=record)
+
+    rows = depth_suite.summarize([entry(0, False, 0.9), entry(1, True, 0.0), entry(2, False, 0.6)])
+    assert rows[0]["diverged_seeds"] == [False, True, False]
+    line = depth_suite.table(rows).splitlines()[-1]
+    # the mean counts the diverged seed as 0: (0.9 + 0 + 0.6) / 3 = 0.5
+    expected = "| digits | 20 | method, defaults | 0.1 | 0.500 ± 0.458 | 0.500 ± 0.458 "
+    expected += "| 0.900 / NaN / 0.600 | 1 |"
+    assert line == expected
+    # a row summarized before the flags were kept reads as it did
+    del rows[0]["diverged_seeds"]
+    assert "| 0.900 / 0.000 / 0.600 | 1 |" in depth_suite.table(rows)
