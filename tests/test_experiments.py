@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +236,59 @@ def test_label_noise_moves_the_chosen_training_labels_only():
     assert torch.equal(clean.x_train, noisy.x_train) and "25%" in noisy.source
     with pytest.raises(ValueError, match="label_noise"):
         load_tensor_data(img_size=8, n_train=20, n_val=4, label_noise=1.0)
+
+
+_KILLED_SUITE = '''
+import os, signal, sys, threading, time
+from pathlib import Path
+from timm_ortho.train.experiments import RunConfig
+from timm_ortho.train.many_runs import run_many
+
+def workers():
+    """This process's pool workers (not the resource tracker), from /proc."""
+    found = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except FileNotFoundError:  # ended between the two reads
+                pass
+    return found
+
+def kill_myself_once_the_workers_run():
+    while len(workers()) < 2:
+        time.sleep(0.1)
+    time.sleep(float(sys.argv[2]))  # into their runs (or still importing: either must end)
+    Path(sys.argv[1]).write_text(" ".join(map(str, workers())))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if __name__ == "__main__":
+    threading.Thread(target=kill_myself_once_the_workers_run, daemon=True).start()
+    endless = RunConfig(model="plain_cnn20", method="ortho", steps=10**7, batch_size=8, record_every=10**7)
+    run_many([endless, endless], {"img_size": 8, "n_train": 64, "n_val": 32}, jobs=2)
+'''
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not yet reaped by its new parent, has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from /proc")
+@pytest.mark.parametrize("delay", [0.0, 8.0], ids=["while-starting", "mid-run"])
+def test_a_suite_killed_by_a_signal_takes_its_worker_processes_with_it(tmp_path, delay):
+    script, pids = tmp_path / "suite.py", tmp_path / "workers"
+    script.write_text(_KILLED_SUITE)
+    done = subprocess.run([sys.executable, str(script), str(pids), str(delay)], timeout=120, check=False)
+    assert done.returncode == -signal.SIGKILL
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) == 2
+    give_up = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < give_up:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in workers), "a worker outlived its killed suite"

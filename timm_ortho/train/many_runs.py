@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +35,23 @@ def _run_job(
     if threads is not None:
         torch.set_num_threads(threads)
     return run(cfg, _cached_data(**data_kwargs), device)
+
+
+def _exit_with_parent(parent: int, poll_seconds: float = 1.0) -> None:
+    """Worker initializer: end this worker as soon as ``parent``, the process that started it, is gone
+    (it is given, not read here, because the parent may already be gone when a worker starts).
+
+    A suite stopped by a signal to its own process (``kill``, a job scheduler's SIGTERM, a timeout)
+    does not stop its pool: each worker would go on with its current run, up to half an hour at 1202
+    layers, holding a core that the next call needs. The watch is one system call a second in a
+    sleeping thread; it touches nothing a run computes, so the records are the same bit for bit."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)  # reparented: the suite is gone and nobody will read this run's record
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def run_many(
@@ -78,7 +96,10 @@ def run_many(
 
     threads = max(1, (os.cpu_count() or 1) // jobs) if device == "cpu" else 1
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    )
+    with pool:
         futures = {
             pool.submit(_run_job, cfg, kwargs, device, deadline_at, threads): i
             for i, (cfg, kwargs) in enumerate(zip(configs, per_run, strict=True))
