@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -291,4 +292,7 @@ def test_a_suite_killed_by_a_signal_takes_its_worker_processes_with_it(tmp_path,
     give_up = time.monotonic() + 30
     while any(_alive(pid) for pid in workers) and time.monotonic() < give_up:
         time.sleep(0.2)
-    assert not any(_alive(pid) for pid in workers), "a worker outlived its killed suite"
+    outlived = [pid for pid in workers if _alive(pid)]
+    for pid in outlived:  # endless runs: never leave them to the rest of the test session
+        os.kill(pid, signal.SIGKILL)
+    assert not outlived, "a worker outlived its killed suite"
