@@ -147,8 +147,8 @@ def plan_defaults(steps: int, batch_size: int) -> list[Cell]:
 # The 1202-layer question: does a smaller step bound let the deepest chain learn at the suite's
 # budget? A bound of ``r`` per layer moves the function by about ``r * sqrt(L)`` to ``r * L`` for ``L``
 # layers stepping in random to aligned directions, so the bound that worked at 110 layers (0.01) is
-# 3 to 10 times too large at 1202. ``reproduce.py deep`` runs these (plain_cnn1202, a GPU), and
-# the residual twin without its warm-up.
+# 3 to 10 times too large at 1202. ``reproduce.py deep`` runs these (plain_cnn1202; 7-27 minutes a
+# run on a 2-core CPU), and the residual twin without its warm-up.
 DEEP_GRID: dict[str, dict[str, Any]] = {
     "defaults (bound min(0.01, 1/L) = 0.00083)": dict(method="default"),
     "defaults, bound 0.003": dict(method="default", wrapper=dict(max_grad_ratio=0.003)),
@@ -261,6 +261,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (name, label, depth), entries in groups.items():
         acc = [_final(e, "val_acc") for e in entries]
         precise = [_final(e, "val_acc_precise") for e in entries]
+        flags = [bool(e["record"]["final"]["diverged"]) for e in entries]
         rows.append(
             dict(
                 dataset=name,
@@ -270,8 +271,8 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 seeds=[e["record"]["config"]["seed"] for e in entries],
                 acc=acc,
                 acc_precise=precise,
-                diverged_seeds=[bool(e["record"]["final"]["diverged"]) for e in entries],
-                diverged=sum(bool(e["record"]["final"]["diverged"]) for e in entries),
+                diverged_seeds=flags,
+                diverged=sum(flags),
                 train_loss=[_final(e, "train_loss") for e in entries],
                 seconds=sum(e["record"]["seconds"] for e in entries),
             )
