@@ -11,7 +11,7 @@
     python scripts/reproduce.py protocol       # print the commands of the full CIFAR-10 protocol
     python scripts/reproduce.py paper --data-dir <cifar-10-batches-py>   # run it: Fig. 5's table
     python scripts/reproduce.py models         # any timm model: defaults vs the bare optimizer (CPU, ~4 h)
-    python scripts/reproduce.py regularizer    # L2 vs ortho vs none, converged (CPU, ~4.1 h in 4 calls)
+    python scripts/reproduce.py regularizer    # L2 vs ortho vs none, converged (CPU, 3.3 h idle, in 4 calls)
     python scripts/reproduce.py hardness       # the pilot that chose the regularizer suite's harder set
 
 Options shared by all suites: ``--data-dir`` (a ``cifar-10-batches-py`` folder; default: the
