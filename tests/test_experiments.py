@@ -280,7 +280,10 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads a process's children from /proc")
+@pytest.mark.skipif(
+    not Path(f"/proc/self/task/{os.getpid()}/children").exists(),
+    reason="reads a process's children from /proc (a kernel without CONFIG_PROC_CHILDREN has none)",
+)
 @pytest.mark.parametrize("delay", [0.0, 8.0], ids=["while-starting", "mid-run"])
 def test_a_suite_killed_by_a_signal_takes_its_worker_processes_with_it(tmp_path, delay):
     script, pids = tmp_path / "suite.py", tmp_path / "workers"
