@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,48 @@ def test_lr_grid_resumes_from_known_runs_without_running_them_again(data):
     assert resumed.lr == full.lr and resumed.grid == full.grid  # the same choice from the saved grid
     assert [r["config"]["seed"] for r in finished] == [6]  # only the missing run ran and was reported
     assert finished[0]["final"]["train_loss"] == full.seeds[1]["final"]["train_loss"]
+
+
+def test_lr_grid_starts_a_cells_seeds_once_its_own_grid_is_done_not_every_cells():
+    from timm_ortho.train.many_runs import run_lr_grid
+
+    # Two processes: the slow cell's grid run (about 7 s) occupies one, the fast cell (two runs of a
+    # few ms) goes through the other. Seeds queued only after every cell's grid would wait for the
+    # slow run, leaving a process idle; here the fast cell's seed ends before the slow grid run.
+    kwargs = {"img_size": 8, "n_train": 64, "n_val": 32}
+    slow = RunConfig(model="plain_cnn20", method="l2", steps=800, batch_size=8, record_every=800)
+    fast = RunConfig(model="plain_cnn20", method="l2", steps=2, batch_size=8, record_every=2)
+    order = []
+    slow_cell, fast_cell = run_lr_grid(
+        [(slow, kwargs), (fast, kwargs)],
+        [0.01],
+        [5, 6],
+        jobs=2,
+        on_result=lambda i, r: order.append((i, r["config"]["seed"])),
+    )
+    assert sorted(order) == [(0, 5), (0, 6), (1, 5), (1, 6)]
+    assert order.index((1, 6)) < order.index((0, 5))
+    # The records are those of the same run alone in this process, on a worker's share of the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))
+    try:
+        alone = run(replace(fast, lr=0.01, seed=6), load_tensor_data(**kwargs))
+    finally:
+        torch.set_num_threads(threads)
+    assert fast_cell.seeds[1]["final"] == alone["final"]
+    assert slow_cell.lr == fast_cell.lr == 0.01
+
+
+def test_a_failing_run_stops_the_queue_and_keeps_the_runs_under_way():
+    kwargs = {"img_size": 8, "n_train": 64, "n_val": 32}
+    good = RunConfig(model="plain_cnn20", method="l2", steps=300, batch_size=8, record_every=300)
+    bad = replace(good, model="no_such_model")
+    reported = []
+    with pytest.raises(KeyError, match="no_such_model"):
+        run_many([bad] + [good] * 6, kwargs, jobs=2, on_result=lambda i, r: reported.append(i))
+    # The good run that was under way when the bad one failed ended and was reported (its work is
+    # kept for a resume); the runs still queued were cancelled, not run and thrown away.
+    assert 1 <= len(reported) < 6
 
 
 def test_warmup_holds_the_lr_until_the_training_error_falls(data):

@@ -1,10 +1,15 @@
 """Many measurement runs at once: in worker processes (:func:`run_many`) and over an lr grid with
 further seeds at the chosen lr (:func:`run_lr_grid`), the machinery of every suite behind
 ``scripts/reproduce.py``. One run is :func:`timm_ortho.train.experiments.run`.
+
+Runs go through one queue (:func:`_run_jobs`): a run that depends on others (a cell's further seeds
+on its lr grid) is queued as soon as those have finished, so no process waits at the end of a batch
+of runs for another's last one. A run that raises stops the queue without losing the runs under way.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import threading
@@ -54,6 +59,75 @@ def _exit_with_parent(parent: int, poll_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+Job = tuple[Any, RunConfig, dict[str, Any]]
+"""One run to do: ``(key, config, data_kwargs)``; the key comes back with its record."""
+
+
+def _run_jobs(
+    jobs_to_run: Sequence[Job],
+    device: str,
+    processes: int,
+    deadline_at: float | None,
+    on_finish: Callable[[Any, dict[str, Any] | None], Sequence[Job]],
+) -> None:
+    """Run ``jobs_to_run`` and the further jobs that ``on_finish(key, record)`` returns as each one ends
+    (record None: not started, past ``deadline_at``), in ``processes`` worker processes or, for 1, here.
+
+    Jobs start in the order they were given, later ones after the earlier ones: a job that
+    ``on_finish`` adds waits behind those already queued, but not for every one of them to end, so
+    no process idles while another works through the end of a batch. If a run raises, the jobs not
+    yet started are cancelled, the runs under way are finished and passed to ``on_finish`` (their
+    work is kept; the jobs they add are not started), and the error is raised.
+    """
+    if processes <= 1:
+        queue = collections.deque(jobs_to_run)
+        while queue:
+            key, cfg, kwargs = queue.popleft()
+            queue.extend(on_finish(key, _run_job(cfg, kwargs, device, deadline_at, None)))
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    threads = max(1, (os.cpu_count() or 1) // processes) if device == "cpu" else 1
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(
+        max_workers=processes, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)
+    )
+    pending: dict[concurrent.futures.Future, Any] = {}
+
+    def submit(jobs: Sequence[Job]) -> None:
+        for key, cfg, kwargs in jobs:
+            pending[pool.submit(_run_job, cfg, kwargs, device, deadline_at, threads)] = key
+
+    def cancel_queued() -> None:  # a started run cannot be cancelled: it ends and is collected
+        for future in pending:
+            future.cancel()
+
+    with pool:
+        failure: BaseException | None = None
+        try:
+            submit(jobs_to_run)
+            while pending:
+                done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    key = pending.pop(future)
+                    if future.cancelled():
+                        continue
+                    if future.exception() is not None:
+                        if failure is None:
+                            failure = future.exception()
+                            cancel_queued()
+                        continue
+                    more = on_finish(key, future.result())
+                    if failure is None:
+                        submit(more)
+        except BaseException:  # here, in this process (Ctrl-C, a full disk): leave no queued run behind
+            cancel_queued()
+            raise
+        if failure is not None:
+            raise failure
+
+
 def run_many(
     configs: Sequence[RunConfig],
     data_kwargs: dict[str, Any] | Sequence[dict[str, Any]],
@@ -79,34 +153,22 @@ def run_many(
     per_run = [data_kwargs] * len(configs) if isinstance(data_kwargs, dict) else list(data_kwargs)
     if len(per_run) != len(configs):
         raise ValueError(f"{len(per_run)} data_kwargs for {len(configs)} configs")
-    deadline_at = None if deadline is None else time.time() + deadline
     records: list[dict[str, Any] | None] = [None] * len(configs)
 
-    def finished(index: int, record: dict[str, Any] | None) -> None:
+    def finished(index: int, record: dict[str, Any] | None) -> list[Job]:
         records[index] = record
         if record is not None and on_result is not None:
             on_result(index, record)
+        return []
 
-    if jobs <= 1:
-        for i, (cfg, kwargs) in enumerate(zip(configs, per_run, strict=True)):
-            finished(i, _run_job(cfg, kwargs, device, deadline_at, None))
-        return records
-    import concurrent.futures
-    import multiprocessing
-
-    threads = max(1, (os.cpu_count() or 1) // jobs) if device == "cpu" else 1
-    context = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)
-    )
-    with pool:
-        futures = {
-            pool.submit(_run_job, cfg, kwargs, device, deadline_at, threads): i
-            for i, (cfg, kwargs) in enumerate(zip(configs, per_run, strict=True))
-        }
-        for future in concurrent.futures.as_completed(futures):
-            finished(futures[future], future.result())
+    work = [(i, cfg, kwargs) for i, (cfg, kwargs) in enumerate(zip(configs, per_run, strict=True))]
+    _run_jobs(work, device, jobs, _deadline_at(deadline), finished)
     return records
+
+
+def _deadline_at(deadline: float | None) -> float | None:
+    """The wall-clock time ``deadline`` seconds from now (None: no deadline)."""
+    return None if deadline is None else time.time() + deadline
 
 
 @dataclass
@@ -119,37 +181,6 @@ class GridResult:
     """The records at that lr, one per seed (the first seed's from the grid); None: not run (deadline)."""
     grid: list[dict[str, Any] | None]
     """The first seed's records at every lr of the grid, in grid order."""
-
-
-def _run_phase(
-    plan: list[tuple[int, RunConfig]],
-    data: Sequence[dict[str, Any]],
-    device: str,
-    jobs: int,
-    deadline: float | None,
-    on_result: Callable[[int, dict[str, Any]], None] | None,
-    known: Callable[[int, RunConfig], dict[str, Any] | None] | None,
-) -> list[dict[str, Any] | None]:
-    """One phase of :func:`run_lr_grid`: the runs ``(cell index, config)`` of ``plan`` that ``known`` does
-    not already hold, together in ``jobs`` processes; the records in ``plan``'s order."""
-    records = [None if known is None else known(i, cfg) for i, cfg in plan]
-    missing = [k for k, r in enumerate(records) if r is None]
-
-    def finished(index: int, record: dict[str, Any]) -> None:
-        if on_result is not None:
-            on_result(plan[missing[index]][0], record)
-
-    ran = run_many(
-        [plan[k][1] for k in missing],
-        [data[plan[k][0]] for k in missing],
-        device,
-        jobs,
-        deadline=deadline,
-        on_result=finished,
-    )
-    for k, record in zip(missing, ran, strict=True):
-        records[k] = record
-    return records
 
 
 def run_lr_grid(
@@ -166,40 +197,69 @@ def run_lr_grid(
     """Every cell ``(config, data_kwargs)`` at each lr of ``lrs`` on the first seed, then the other seeds
     at the lr whose final training loss was lowest (diverged runs count as +inf).
 
-    The selection reads no held-out data. Both phases run every cell's runs together in ``jobs``
-    processes; ``on_result(cell index, record)`` is called as each run finishes. ``deadline``: seconds
-    from now after which no run starts (its record is None; a cell whose grid did not finish runs no
-    further seeds). ``known(cell index, config)``: a record saved by an earlier, interrupted call for
-    that exact run, or None; known runs are not run again (nor passed to ``on_result``), so a suite
-    resumes where it stopped and makes the same lr choices.
+    The selection reads no held-out data. Every cell's grid runs are queued first, in cell order; a
+    cell's further seeds are queued as soon as its own grid has finished, so they start while other
+    cells' grids still run (no process waits for the slowest grid run of the whole suite). The
+    records do not depend on that order: each run is seeded and runs alone in its process.
+    ``on_result(cell index, record)`` is called as each run finishes. ``deadline``: seconds from now
+    after which no run starts (its record is None; a cell whose grid did not finish runs no further
+    seeds). ``known(cell index, config)``: a record saved by an earlier, interrupted call for that
+    exact run, or None; known runs are not run again (nor passed to ``on_result``), so a suite resumes
+    where it stopped and makes the same lr choices.
     """
     if not lrs or not seeds:
         raise ValueError("run_lr_grid needs at least one lr and one seed")
-    stop_at = None if deadline is None else time.time() + deadline
-    data = [data_kwargs for _, data_kwargs in cells]
+    grids: list[list[dict[str, Any] | None]] = [[None] * len(lrs) for _ in cells]
+    grid_left = [len(lrs)] * len(cells)
+    chosen: list[int | None] = [None] * len(cells)
+    more: list[list[dict[str, Any] | None]] = [[None] * (len(seeds) - 1) for _ in cells]
 
-    def phase(plan: list[tuple[int, RunConfig]]) -> list[dict[str, Any] | None]:
-        left = None if stop_at is None else max(0.0, stop_at - time.time())
-        return _run_phase(plan, data, device, jobs, left, on_result, known)
+    def todo(jobs: list[Job]) -> list[Job]:
+        """The jobs ``known`` does not hold; the known ones are filed as finished, without a report."""
+        left = []
+        for job in jobs:
+            record = None if known is None else known(job[0][0], job[1])
+            if record is None:
+                left.append(job)
+            else:
+                left += file(job[0], record)
+        return left
 
-    first = [(i, replace(cfg, lr=lr, seed=seeds[0])) for i, (cfg, _) in enumerate(cells) for lr in lrs]
-    grid = phase(first)
-    per_cell = [grid[i * len(lrs) : (i + 1) * len(lrs)] for i in range(len(cells))]
-    best = [
-        None if any(r is None for r in records) else records.index(best_by_loss(records))  # type: ignore[arg-type]
-        for records in per_cell
+    def file(key: tuple[int, str, int], record: dict[str, Any] | None) -> list[Job]:
+        """File a finished run; for a cell's last grid run, the seed jobs at its chosen lr."""
+        i, kind, k = key
+        if kind == "seed":
+            more[i][k] = record
+            return []
+        grids[i][k] = record
+        grid_left[i] -= 1
+        if grid_left[i] or any(r is None for r in grids[i]):
+            return []
+        best = grids[i].index(best_by_loss(grids[i]))  # type: ignore[arg-type]
+        chosen[i] = best
+        cfg, data_kwargs = cells[i]
+        return todo(
+            [
+                ((i, "seed", k), replace(cfg, lr=lrs[best], seed=seed), data_kwargs)
+                for k, seed in enumerate(seeds[1:])
+            ]
+        )
+
+    def finished(key: tuple[int, str, int], record: dict[str, Any] | None) -> list[Job]:
+        if record is not None and on_result is not None:
+            on_result(key[0], record)
+        return file(key, record)
+
+    first = [
+        ((i, "grid", k), replace(cfg, lr=lr, seed=seeds[0]), data_kwargs)
+        for i, (cfg, data_kwargs) in enumerate(cells)
+        for k, lr in enumerate(lrs)
     ]
-    rest = [
-        (i, replace(cfg, lr=lrs[b], seed=seed))
-        for i, ((cfg, _), b) in enumerate(zip(cells, best, strict=True))
-        if b is not None
-        for seed in seeds[1:]
-    ]
-    more = iter(phase(rest))
+    _run_jobs(todo(first), device, jobs, _deadline_at(deadline), finished)
     results = []
-    for records, b in zip(per_cell, best, strict=True):
+    for records, b, rest in zip(grids, chosen, more, strict=True):
         if b is None:
             results.append(GridResult(float("nan"), [None] * len(seeds), records))
-            continue
-        results.append(GridResult(lrs[b], [records[b], *(next(more) for _ in seeds[1:])], records))
+        else:
+            results.append(GridResult(lrs[b], [records[b], *rest], records))
     return results
