@@ -175,6 +175,9 @@ def test_lr_grid_runs_every_lr_on_the_first_seed_then_the_best_on_the_others(dat
     assert cell.lr == best["config"]["lr"]
     assert cell.seeds[0] is best and cell.seeds[1]["config"]["seed"] == 6
     assert cell.seeds[1]["config"]["lr"] == cell.lr and len(finished) == 3
+    # Past the deadline no run starts, and a cell without its whole grid runs no further seed.
+    (cut,) = run_lr_grid([(cfg, kwargs)], [0.01, 1e-9], [5, 6], deadline=0.0)
+    assert math.isnan(cut.lr) and cut.grid == [None, None] and cut.seeds == [None, None]
 
 
 def test_lr_grid_resumes_from_known_runs_without_running_them_again(data):

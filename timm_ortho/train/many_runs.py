@@ -84,7 +84,18 @@ def _run_jobs(
         while queue:
             key, cfg, kwargs = queue.popleft()
             queue.extend(on_finish(key, _run_job(cfg, kwargs, device, deadline_at, None)))
-        return
+    else:
+        _run_in_pool(jobs_to_run, device, processes, deadline_at, on_finish)
+
+
+def _run_in_pool(
+    jobs_to_run: Sequence[Job],
+    device: str,
+    processes: int,
+    deadline_at: float | None,
+    on_finish: Callable[[Any, dict[str, Any] | None], Sequence[Job]],
+) -> None:
+    """:func:`_run_jobs` in ``processes`` spawned worker processes, each with its share of the cores."""
     import concurrent.futures
     import multiprocessing
 
@@ -209,57 +220,78 @@ def run_lr_grid(
     """
     if not lrs or not seeds:
         raise ValueError("run_lr_grid needs at least one lr and one seed")
-    grids: list[list[dict[str, Any] | None]] = [[None] * len(lrs) for _ in cells]
-    grid_left = [len(lrs)] * len(cells)
-    chosen: list[int | None] = [None] * len(cells)
-    more: list[list[dict[str, Any] | None]] = [[None] * (len(seeds) - 1) for _ in cells]
+    plan = _GridPlan(cells, lrs, seeds, known)
 
-    def todo(jobs: list[Job]) -> list[Job]:
+    def finished(key: GridKey, record: dict[str, Any] | None) -> list[Job]:
+        if record is not None and on_result is not None:
+            on_result(key[0], record)
+        return plan.file(key, record)
+
+    _run_jobs(plan.todo(plan.first_jobs()), device, jobs, _deadline_at(deadline), finished)
+    return plan.results()
+
+
+GridKey = tuple[int, str, int]
+"""A run of :func:`run_lr_grid`: ``(cell index, "grid" or "seed", index in the lr grid or the
+further seeds)``."""
+
+
+class _GridPlan:
+    """:func:`run_lr_grid`'s records as they come in, and the runs each one makes due."""
+
+    def __init__(
+        self,
+        cells: Sequence[tuple[RunConfig, dict[str, Any]]],
+        lrs: Sequence[float],
+        seeds: Sequence[int],
+        known: Callable[[int, RunConfig], dict[str, Any] | None] | None,
+    ) -> None:
+        self.cells, self.lrs, self.seeds, self.known = cells, lrs, seeds, known
+        self.grids: list[list[dict[str, Any] | None]] = [[None] * len(lrs) for _ in cells]
+        self.grid_left = [len(lrs)] * len(cells)
+        self.chosen: list[int | None] = [None] * len(cells)
+        self.more: list[list[dict[str, Any] | None]] = [[None] * (len(seeds) - 1) for _ in cells]
+
+    def first_jobs(self) -> list[Job]:
+        """Every cell's grid: each lr on the first seed, in cell order."""
+        return [
+            ((i, "grid", k), replace(cfg, lr=lr, seed=self.seeds[0]), data_kwargs)
+            for i, (cfg, data_kwargs) in enumerate(self.cells)
+            for k, lr in enumerate(self.lrs)
+        ]
+
+    def todo(self, jobs: list[Job]) -> list[Job]:
         """The jobs ``known`` does not hold; the known ones are filed as finished, without a report."""
         left = []
         for job in jobs:
-            record = None if known is None else known(job[0][0], job[1])
-            if record is None:
-                left.append(job)
-            else:
-                left += file(job[0], record)
+            record = None if self.known is None else self.known(job[0][0], job[1])
+            left += [job] if record is None else self.file(job[0], record)
         return left
 
-    def file(key: tuple[int, str, int], record: dict[str, Any] | None) -> list[Job]:
-        """File a finished run; for a cell's last grid run, the seed jobs at its chosen lr."""
+    def file(self, key: GridKey, record: dict[str, Any] | None) -> list[Job]:
+        """File a finished run (None: not started); for a cell's last grid run, the jobs of its
+        further seeds at the lr with the lowest final training loss."""
         i, kind, k = key
         if kind == "seed":
-            more[i][k] = record
+            self.more[i][k] = record
             return []
-        grids[i][k] = record
-        grid_left[i] -= 1
-        if grid_left[i] or any(r is None for r in grids[i]):
+        grid = self.grids[i]
+        grid[k] = record
+        self.grid_left[i] -= 1
+        if self.grid_left[i] or any(r is None for r in grid):
             return []
-        best = grids[i].index(best_by_loss(grids[i]))  # type: ignore[arg-type]
-        chosen[i] = best
-        cfg, data_kwargs = cells[i]
-        return todo(
-            [
-                ((i, "seed", k), replace(cfg, lr=lrs[best], seed=seed), data_kwargs)
-                for k, seed in enumerate(seeds[1:])
-            ]
+        best = self.chosen[i] = grid.index(best_by_loss(grid))  # type: ignore[arg-type]
+        cfg, data_kwargs = self.cells[i]
+        further = enumerate(self.seeds[1:])
+        return self.todo(
+            [((i, "seed", k), replace(cfg, lr=self.lrs[best], seed=seed), data_kwargs) for k, seed in further]
         )
 
-    def finished(key: tuple[int, str, int], record: dict[str, Any] | None) -> list[Job]:
-        if record is not None and on_result is not None:
-            on_result(key[0], record)
-        return file(key, record)
-
-    first = [
-        ((i, "grid", k), replace(cfg, lr=lr, seed=seeds[0]), data_kwargs)
-        for i, (cfg, data_kwargs) in enumerate(cells)
-        for k, lr in enumerate(lrs)
-    ]
-    _run_jobs(todo(first), device, jobs, _deadline_at(deadline), finished)
-    results = []
-    for records, b, rest in zip(grids, chosen, more, strict=True):
-        if b is None:
-            results.append(GridResult(float("nan"), [None] * len(seeds), records))
-        else:
-            results.append(GridResult(lrs[b], [records[b], *rest], records))
-    return results
+    def results(self) -> list[GridResult]:
+        out = []
+        for grid, best, more in zip(self.grids, self.chosen, self.more, strict=True):
+            if best is None:
+                out.append(GridResult(float("nan"), [None] * len(self.seeds), grid))
+            else:
+                out.append(GridResult(self.lrs[best], [grid[best], *more], grid))
+        return out
