@@ -52,11 +52,10 @@ from timm_ortho.train.experiments import (
     WARMUP_DEPTH,
     RunConfig,
     TensorData,
-    best_by_loss,
     code_version,
     load_tensor_data,
 )
-from timm_ortho.train.many_runs import run_lr_grid, run_many
+from timm_ortho.train.many_runs import run_lr_grid
 
 REGIMES = {
     "(a) MSRA + L2": ("plain", "l2"),
@@ -71,13 +70,13 @@ def compare(depth: int, args: argparse.Namespace, name: str) -> dict[str, Any]:
     """Each regime at the best lr of the grid (first seed), then the other seeds at that lr."""
     runs = len(REGIMES) * (len(args.lrs) + len(args.seeds) - 1)
     bar = tqdm(total=runs, desc=name, unit="run")
-    plans = {}
-    for label, (family, method) in REGIMES.items():
+    cells = []
+    for family, method in REGIMES.values():
         model = f"plain_cnn{depth}" if family == "plain" else f"cifar_resnet{depth}"
         # Residual twins from 56 layers on train as He et al. trained ResNet-110: with the warm-up.
         warmup = family == "resnet" and depth >= WARMUP_DEPTH
         # The paper's exact Conv-BN-ReLU chain (the models' default activation is depth-shaped).
-        plans[label] = dict(
+        cfg = RunConfig(
             model=model,
             method=method,
             steps=args.steps,
@@ -85,27 +84,14 @@ def compare(depth: int, args: argparse.Namespace, name: str) -> dict[str, Any]:
             act_layer="relu",
             warmup=warmup,
         )
-    grid_cfgs = [RunConfig(**plan, lr=lr, seed=args.seeds[0]) for plan in plans.values() for lr in args.lrs]
-    grid = run_many(grid_cfgs, args.data_kwargs, args.device, args.jobs, on_result=lambda *_: bar.update())
-    per_regime = {label: grid[i * len(args.lrs) : (i + 1) * len(args.lrs)] for i, label in enumerate(plans)}
-    best = {label: best_by_loss(records) for label, records in per_regime.items()}
-    seed_cfgs = [
-        RunConfig(**plans[label], lr=best[label]["config"]["lr"], seed=seed)
-        for label in plans
-        for seed in args.seeds[1:]
-    ]
-    extra = run_many(seed_cfgs, args.data_kwargs, args.device, args.jobs, on_result=lambda *_: bar.update())
+        cells.append((cfg, args.data_kwargs))
+    outcome = run_lr_grid(
+        cells, args.lrs, args.seeds, args.device, args.jobs, on_result=lambda *_: bar.update()
+    )
     bar.close()
     results: dict[str, Any] = {}
-    n_extra = len(args.seeds) - 1
-    for i, (label, (family, method)) in enumerate(REGIMES.items()):
-        seeds = [best[label], *extra[i * n_extra : (i + 1) * n_extra]]
-        results[label] = {
-            "grid": per_regime[label],
-            "seeds": seeds,
-            "lr": best[label]["config"]["lr"],
-            "key": family + method,
-        }
+    for (label, (family, method)), cell in zip(REGIMES.items(), outcome, strict=True):
+        results[label] = {"grid": cell.grid, "seeds": cell.seeds, "lr": cell.lr, "key": family + method}
     return results
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from timm_ortho.train import many_runs
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import depth_suite
 import reproduce
@@ -137,11 +139,11 @@ def test_depth_suites_refuse_the_regularizer_suites_data_set_with_one_line(tmp_p
 def test_paper_chain_suites_warm_up_the_residual_twin_from_56_layers(depth, warmed, monkeypatch):
     planned = []
 
-    def run_many(cfgs, *args, **kwargs):
-        planned.extend(cfgs)
-        return [{"config": {"lr": cfg.lr}, "final": {"train_loss": 1.0, "diverged": False}} for cfg in cfgs]
+    def run_job(cfg, *args):  # one run in this process (jobs=1), recorded instead of trained
+        planned.append(cfg)
+        return {"config": {"lr": cfg.lr}, "final": {"train_loss": 1.0, "diverged": False}}
 
-    monkeypatch.setattr(reproduce, "run_many", run_many)
+    monkeypatch.setattr(many_runs, "_run_job", run_job)
     args = reproduce.build_parser().parse_args(["mechanism", "--seeds", "0", "1", "--lrs", "0.1"])
     args.steps, args.batch_size, args.data_kwargs, args.jobs = 10, 4, {}, 1
     reproduce.compare(depth, args, "test")
