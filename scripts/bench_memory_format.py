@@ -90,7 +90,7 @@ def project(paths: list[Path], ratios: dict[tuple[str, str], float]) -> None:
         record = json.loads(path.read_text())
         runs = {}
         for e in record["results"] + record.get("grid", []):  # the grid repeats the first seed's runs
-            key = json.dumps([e["dataset"], e["model"], e["regime"], e["budget"], e["record"]["config"]])
+            key = suites.run_key(e["dataset"], e["model"], e["regime"], e["budget"], e["record"]["config"])
             runs[key] = (e["model"], e["regime"], e["record"]["seconds"])
         missing = {(m, r) for m, r, _ in runs.values()} - set(ratios)
         if missing:
@@ -103,6 +103,14 @@ def project(paths: list[Path], ratios: dict[tuple[str, str], float]) -> None:
             f"  {path}: {len(runs)} runs, wall {wall} s; runs' seconds / 2: {now / 60:.1f} min contiguous, "
             f"{then / 60:.1f} min channels-last ({then / now:.3f})"
         )
+
+
+def _is_suite_json(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("results"), list) and "budget" in record
 
 
 def main() -> None:
@@ -119,6 +127,9 @@ def main() -> None:
         parser.error(
             f"unknown model label(s) {sorted(unknown)}; choose from {list(suites.REGULARIZER_MODELS)}"
         )
+    for path in args.project:  # checked before minutes of timing, not after
+        if not path.is_file() or not _is_suite_json(path):
+            parser.error(f"--project {path}: not a JSON written by `reproduce.py regularizer` (--out)")
     torch.set_num_threads(1)  # a suite worker's share of a 2-core CPU
     ratios: dict[tuple[str, str], float] = {}
     print(f"{'model':24s} {'regime':26s} {'contiguous':>11s} {'channels-last':>14s} {'ratio':>6s}")

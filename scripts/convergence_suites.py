@@ -247,13 +247,13 @@ def run_cells(
     there (same cell, lr and seed) is taken from it instead of run again.
     """
     by_run = {
-        _run_key(e["dataset"], e["model"], e["regime"], e["budget"], e["record"]["config"]): e
+        run_key(e["dataset"], e["model"], e["regime"], e["budget"], e["record"]["config"]): e
         for e in saved or []
     }
 
     def known(index: int, cfg: RunConfig) -> dict[str, Any] | None:
         c = cells[index]
-        found = by_run.get(_run_key(c.dataset, c.model, c.regime, c.budget, dataclasses.asdict(cfg)))
+        found = by_run.get(run_key(c.dataset, c.model, c.regime, c.budget, dataclasses.asdict(cfg)))
         return None if found is None else found["record"]
 
     def entry(index: int, record: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +282,7 @@ def run_cells(
     return results, grid
 
 
-def _run_key(dataset: str, model: str, regime: str, budget: str, config: dict[str, Any]) -> str:
+def run_key(dataset: str, model: str, regime: str, budget: str, config: dict[str, Any]) -> str:
     """One run's identity: its cell and its whole configuration (lr and seed included)."""
     return json.dumps([dataset, model, regime, budget, config], sort_keys=True, default=str)
 

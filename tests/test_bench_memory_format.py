@@ -50,3 +50,17 @@ def test_the_projection_scales_each_run_by_its_model_and_regime(tmp_path, capsys
     assert f"{260 / 2 / 60:.1f} min contiguous, {(100 + 60) / 2 / 60:.1f} min channels-last" in out
     bench.project([path], {("a", "L2"): 0.5})
     assert "not measured here: [('b', 'none')]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [None, "not json", '{"a": 1}'])
+def test_a_file_that_is_not_a_suite_json_is_refused_before_any_timing(content, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "regularizer.json"
+    if content is not None:
+        path.write_text(content)
+    timed = []
+    monkeypatch.setattr(bench, "measure", lambda *args: timed.append(args))
+    monkeypatch.setattr(sys, "argv", ["bench_memory_format.py", "--project", str(path)])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "not a JSON written by `reproduce.py regularizer`" in capsys.readouterr().err
+    assert timed == []

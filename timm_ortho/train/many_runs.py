@@ -10,7 +10,9 @@ of runs for another's last one. A run that raises stops the queue without losing
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
+import multiprocessing
 import os
 import threading
 import time
@@ -84,26 +86,9 @@ def _run_jobs(
         while queue:
             key, cfg, kwargs = queue.popleft()
             queue.extend(on_finish(key, _run_job(cfg, kwargs, device, deadline_at, None)))
-    else:
-        _run_in_pool(jobs_to_run, device, processes, deadline_at, on_finish)
-
-
-def _run_in_pool(
-    jobs_to_run: Sequence[Job],
-    device: str,
-    processes: int,
-    deadline_at: float | None,
-    on_finish: Callable[[Any, dict[str, Any] | None], Sequence[Job]],
-) -> None:
-    """:func:`_run_jobs` in ``processes`` spawned worker processes, each with its share of the cores."""
-    import concurrent.futures
-    import multiprocessing
-
+        return
     threads = max(1, (os.cpu_count() or 1) // processes) if device == "cpu" else 1
-    context = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(
-        max_workers=processes, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)
-    )
+    pool = _worker_pool(processes)
     pending: dict[concurrent.futures.Future, Any] = {}
 
     def submit(jobs: Sequence[Job]) -> None:
@@ -137,6 +122,16 @@ def _run_in_pool(
             raise
         if failure is not None:
             raise failure
+
+
+def _worker_pool(processes: int) -> concurrent.futures.ProcessPoolExecutor:
+    """``processes`` spawned workers, each ending with this process (:func:`_exit_with_parent`)."""
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=processes,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    )
 
 
 def run_many(
